@@ -1,0 +1,1980 @@
+"""Vaurien, the Chaos TCP proxy.
+
+Vaurien sits between an application and a backend (MySQL, PostgreSQL, Redis,
+memcached, an HTTP API...) and, on demand, delays, breaks, hangs, cuts or
+corrupts the traffic, so that automated tests can prove that the application
+survives the failures that otherwise surface only in production.
+
+The whole product is this one standard-library module: copy it, vendor it, run
+it with ``python vaurien.py`` or ``python -m vaurien``.
+
+How it is built (each role is a class or a function below, in this order):
+
+- Settings: handler settings are documented in the handler's docstring, under
+  a ``Settings:`` line, one ``name (type, default X): help`` line each.  That
+  docstring is parsed once into a schema which types and validates every value,
+  whether it comes from an ini file (strings), the control API (JSON) or a
+  Python call (keywords), at the moment it is set.
+- Handlers: plain functions ``handler(source, dest, to_backend, name,
+  settings, proxy)`` called by the pump each time ``source`` has data or EOF.
+  ``proxy.get_data(source)`` returns that data (``b''`` at EOF).  Handlers
+  write with ``dest.sendall(data, delay=0)``, which never blocks.  Returning
+  ``False`` ends the connection; returning ``HOLD_EOF`` keeps the pump from
+  relaying an EOF; anything else goes on.  A handler may carry traits, set
+  with ``@traits``: ``backend=False`` (do not connect to the backend for it)
+  and ``on_connect`` (called when a connection opens under it).
+- Behavior: a mix like ``20:delay,10:errors``; every new connection draws one
+  handler from it, in accept order, and keeps it.  A handler set through the
+  control API overrides the mix, for every connection, live ones included,
+  from their next chunk on.
+- The pump (``Side``, ``Connection``): one thread per connection, one selector
+  over the client and backend sockets.  Reads go through the handler in force;
+  writes are queued on the destination ``Side`` (with an optional due time)
+  and flushed when its socket is writable, so neither direction ever waits on
+  the other.  A direction stops reading while its destination holds more than
+  ``HIGH_WATER`` bytes: memory stays bounded when a peer stops reading.  EOF
+  is relayed as ``shutdown(SHUT_WR)`` (half-close), after the data before it.
+- ``Proxy``: a ``socketserver.ThreadingTCPServer`` that draws, then hands each
+  accepted socket to a ``Connection`` thread.  It also owns the handler
+  registry, the behavior, and the optional control API.
+- ``ControlServer``: an ``http.server`` thread serving the JSON control API.
+- ``Client``, ``start_proxy``, ``stop_proxy``: drive a proxy from tests.
+- Configuration and command line: the ini file, ``main()``, ``--demo``.
+"""
+
+import argparse
+import collections
+import configparser
+import contextlib
+import errno
+import heapq
+import http.client
+import http.server
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+__version__ = '3.0.0'
+__all__ = ['Proxy', 'Client', 'start_proxy', 'stop_proxy', 'traits',
+           'HOLD_EOF', 'VaurienError', 'ConfigError', 'main']
+
+log = logging.getLogger('vaurien')
+
+#: Return this from a handler to keep the pump from relaying an EOF.
+HOLD_EOF = 'hold-eof'
+
+CHUNK = 65536            # bytes read at once from a socket
+HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being read
+LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
+CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
+MAX_BODY = 64 * 1024     # bytes, largest control API request body
+DIRECTIONS = ('to_backend', 'to_client', 'both')
+
+
+class VaurienError(Exception):
+    """A control API call failed, or a proxy could not be started."""
+
+
+class ConfigError(VaurienError):
+    """A user mistake in a setting, a behavior, an option or a config file."""
+
+
+# ---------------------------------------------------------------------------
+# Settings: typed, validated, documented in the handler's docstring
+# ---------------------------------------------------------------------------
+
+_SETTING_LINE = re.compile(
+    r'^\s*(?P<name>[a-z_][a-z0-9_]*) \((?P<type>[^,]+), default (?P<default>.*?)\):'
+    r'\s*(?P<help>.*)$')
+_BOUNDS = re.compile(r'^(?P<type>int|float) (?:(?P<low>[-\d.]+)\.\.(?P<high>[-\d.]+)'
+                     r'|>= (?P<min>[-\d.]+))$')
+_TRUE = ('true', 'yes', 'on', '1')
+_FALSE = ('false', 'no', 'off', '0')
+
+
+def parse_value(text):
+    """Type a value from an ini file or a command line: int, float, bool, else str."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    return text
+
+
+class Setting:
+    """One documented setting of a handler: its type, bounds, default and help."""
+
+    def __init__(self, name, kind, default, help):
+        self.name, self.help = name, help
+        self.low = self.high = None
+        self.choices = None
+        bounds = _BOUNDS.match(kind)
+        if bounds:
+            self.type = bounds['type']
+            if bounds['min'] is not None:
+                self.low = float(bounds['min'])
+            else:
+                self.low, self.high = float(bounds['low']), float(bounds['high'])
+        elif '|' in kind:
+            self.type, self.choices = 'choice', kind.split('|')
+        else:
+            self.type = kind
+        self.kind = kind
+        self.default = self.convert(default)
+
+    def convert(self, value):
+        """Return `value` typed and checked, or raise ValueError saying why."""
+        wanted = 'expected %s' % self.kind
+        if self.type in ('int', 'float'):
+            if isinstance(value, str):
+                value = parse_value(value.strip())
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(wanted)
+            if self.type == 'int':
+                if value != int(value):
+                    raise ValueError(wanted)
+                value = int(value)
+            else:
+                value = float(value)
+            if not math.isfinite(value) or (self.low is not None and value < self.low) \
+                    or (self.high is not None and value > self.high):
+                raise ValueError(wanted)
+            return value
+        if self.type == 'bool':
+            if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+                return value.lower() in _TRUE
+            if not isinstance(value, bool):
+                raise ValueError(wanted)
+            return value
+        if not isinstance(value, str):
+            raise ValueError('expected a string' if self.type == 'str' else wanted)
+        if self.choices and value not in self.choices:
+            raise ValueError('expected one of ' + ', '.join(self.choices))
+        return value
+
+    def describe(self):
+        return '%s (%s, default %s): %s' % (self.name, self.kind, self.default, self.help)
+
+
+def parse_settings_doc(doc):
+    """Read the ``Settings:`` block of a handler docstring into {name: Setting}."""
+    schema = {}
+    lines = inspect.cleandoc(doc or '').splitlines()
+    if 'Settings:' not in lines:
+        return None
+    for line in lines[lines.index('Settings:') + 1:]:
+        match = _SETTING_LINE.match(line)
+        if match:
+            schema[match['name']] = Setting(match['name'], match['type'].strip(),
+                                            match['default'], match['help'])
+        elif line.strip() and not line.startswith(' ') and schema:
+            break
+        elif schema and line.strip():
+            last = schema[list(schema)[-1]]
+            last.help += ' ' + line.strip()
+    return schema
+
+
+def summary_of(func):
+    """The first line of a function's docstring."""
+    doc = inspect.cleandoc(func.__doc__ or '')
+    return doc.splitlines()[0] if doc else ''
+
+
+def applies(direction, to_backend):
+    """True when a handler set for `direction` acts on this chunk."""
+    return direction == 'both' or (direction == 'to_backend') == to_backend
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------
+
+def traits(backend=True, on_connect=None):
+    """Decorate a handler with how connections that open under it start.
+
+    backend: when False, the proxy does not connect to the backend for a
+      connection that opens under this handler (it still connects later, on
+      the first byte a handler sends there).
+    on_connect: ``on_connect(client, backend, name, settings, proxy)`` is
+      called when a connection opens under this handler, before any data;
+      it may answer (a greeting) and returns False to end the connection.
+    """
+    def mark(func):
+        func.backend = backend
+        func.on_connect = on_connect
+        return func
+    return mark
+
+
+def normal(source, dest, to_backend, name, settings, proxy):
+    """Transparent: relays every byte both ways, unchanged."""
+    dest.sendall(proxy.get_data(source))
+
+
+def delay(source, dest, to_backend, name, settings, proxy):
+    """Delays each chunk by `sleep` seconds from its arrival, keeping order.
+
+    A stream of chunks is shifted in time, not slowed to one chunk per delay,
+    and the other direction keeps flowing meanwhile.
+
+    Settings:
+      sleep (float >= 0, default 1): seconds each chunk is held.
+      jitter (float >= 0, default 0): up to this many seconds more or less, drawn per chunk.
+      direction (to_backend|to_client|both, default to_backend): the traffic delayed.
+    """
+    data = proxy.get_data(source)
+    if not applies(settings['direction'], to_backend):
+        return dest.sendall(data)
+    wait = settings['sleep']
+    if settings['jitter']:
+        wait = max(0.0, wait + source.connection.random.uniform(
+            -settings['jitter'], settings['jitter']))
+    dest.sendall(data, delay=wait)
+
+
+# -- errors: protocol-aware error answers ------------------------------------
+
+_HTTP_METHODS = re.compile(rb'^(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/')
+_MEMCACHE_WORDS = frozenset(
+    b'get gets gat gats set add replace append prepend cas delete incr decr touch '
+    b'stats version flush_all verbosity quit mg ms md ma mn me'.split())
+_PG_SSL_REQUEST = 80877103
+_PG_GSS_REQUEST = 80877104
+_PG_PROTOCOL_3 = 196608
+
+
+def detect_protocol(data):
+    """Guess the protocol from a client's first bytes.
+
+    HTTP by its request line; PostgreSQL by its startup or SSL request
+    packet; Redis by a RESP array (``*``) or an upper-case inline command;
+    memcached by a lower-case command word (``get foo`` is memcached: Redis
+    clients send RESP arrays, memcached commands are lower case); else raw.
+    MySQL and SMTP clients say nothing first: name them with `protocol`.
+    """
+    if _HTTP_METHODS.match(data):
+        return 'http'
+    if len(data) >= 8:
+        length, code = struct.unpack('!II', data[:8])
+        if code in (_PG_SSL_REQUEST, _PG_GSS_REQUEST, _PG_PROTOCOL_3) and length >= 8:
+            return 'postgresql'
+    if data.startswith(b'*'):
+        return 'redis'
+    word = data.split(None, 1)[0] if data.strip() else b''
+    if word in _MEMCACHE_WORDS:
+        return 'memcache'
+    if word.isalpha() and word.isupper() and data.endswith(b'\n'):
+        return 'redis'
+    return 'raw'
+
+
+def http_error(status, message):
+    """A complete HTTP/1.1 error response that closes the connection."""
+    reason = http.client.responses.get(status, 'Error')
+    body = ((message or reason) + '\n').encode()
+    return ('HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n'
+            'Content-Length: %d\r\nConnection: close\r\n\r\n'
+            % (status, reason, len(body))).encode() + body
+
+
+def mysql_error(code, message):
+    """A MySQL ERR packet sent in place of the server greeting (no SQLSTATE)."""
+    payload = b'\xff' + struct.pack('<H', code) + message.encode()
+    return struct.pack('<I', len(payload))[:3] + b'\x00' + payload
+
+
+def postgresql_error(code, message):
+    """A PostgreSQL FATAL ErrorResponse."""
+    fields = b''.join(kind + text.encode() + b'\x00' for kind, text in (
+        (b'S', 'FATAL'), (b'V', 'FATAL'), (b'C', code), (b'M', message)))
+    return b'E' + struct.pack('!I', len(fields) + 5) + fields + b'\x00'
+
+
+_ERROR_DEFAULTS = {  # protocol: (code, message)
+    'redis': ('', 'ERR Service Unavailable'),
+    'memcache': ('', 'Service Unavailable'),
+    'mysql': ('1040', 'Too many connections'),
+    'postgresql': ('53300', 'sorry, too many clients already'),
+    'smtp': ('421', '4.3.2 Service not available, closing transmission channel'),
+    'raw': ('', ''),
+}
+
+
+def error_answer(protocol, settings, rng):
+    """The bytes `errors` answers with, for `protocol`."""
+    if protocol == 'http':
+        return http_error(settings['status'], settings['message'])
+    code, message = _ERROR_DEFAULTS[protocol]
+    code, message = settings['code'] or code, settings['message'] or message
+    if protocol == 'redis':
+        return b'-' + message.encode() + b'\r\n'
+    if protocol == 'memcache':
+        return b'SERVER_ERROR ' + message.encode() + b'\r\n'
+    if protocol == 'mysql':
+        return mysql_error(int(code), message)
+    if protocol == 'postgresql':
+        return postgresql_error(code, message)
+    if protocol == 'smtp':
+        return ('%s %s\r\n' % (code, message)).encode()
+    return message.encode() if message else rng.randbytes(settings['size'])
+
+
+def _errors_greeting(client, backend, name, settings, proxy):
+    """Servers that speak first (MySQL, SMTP) get their error as the greeting."""
+    if settings['protocol'] in ('mysql', 'smtp'):
+        client.sendall(error_answer(settings['protocol'], settings, client.connection.random))
+        client.close()
+        return False
+
+
+@traits(backend=False, on_connect=_errors_greeting)
+def errors(source, dest, to_backend, name, settings, proxy):
+    """Reads the request, forwards nothing, answers with a protocol error, closes.
+
+    With protocol auto, the client's first bytes tell HTTP, PostgreSQL, Redis
+    and memcached apart (else raw); MySQL and SMTP speak first, so name them:
+    they then get the error as the greeting, without waiting for the client.
+    http: a complete HTTP/1.1 response with `status`, Content-Length and
+    Connection: close.  redis: ``-ERR ...``.  memcache: ``SERVER_ERROR ...``.
+    mysql: an ERR packet, 1040 Too many connections.  postgresql: answers an
+    SSLRequest with N, then a FATAL ErrorResponse, SQLSTATE 53300.
+    smtp: a 421 reply.  raw: `message`, or `size` random bytes.
+
+    Settings:
+      protocol (auto|http|redis|memcache|mysql|postgresql|smtp|raw, default auto): the protocol answered.
+      status (int 100..599, default 503): HTTP status code.
+      message (str, default ): error text; empty for the protocol's usual one.
+      code (str, default ): MySQL error number, PostgreSQL SQLSTATE or SMTP reply code; empty for the default.
+      size (int 0..1048576, default 64): random bytes answered for raw, when `message` is empty.
+    """
+    data = proxy.get_data(source)
+    if not to_backend:
+        return HOLD_EOF  # whatever the backend says is dropped
+    if not data:
+        return False
+    protocol = settings['protocol']
+    if protocol == 'auto':
+        protocol = detect_protocol(data)
+    if protocol == 'postgresql' and data[4:8] in (struct.pack('!I', _PG_SSL_REQUEST),
+                                                  struct.pack('!I', _PG_GSS_REQUEST)):
+        source.sendall(b'N')  # no TLS: the client goes on with its StartupMessage
+        return None
+    source.sendall(error_answer(protocol, settings, source.connection.random))
+    source.close()
+    return None
+
+
+@traits(backend=False)
+def hang(source, dest, to_backend, name, settings, proxy):
+    """Reads and discards what arrives, never answers; ends when the client leaves."""
+    if proxy.get_data(source):
+        return None
+    return False if to_backend else HOLD_EOF
+
+
+def _close_now(client, backend, name, settings, proxy):
+    return False
+
+
+@traits(backend=False, on_connect=_close_now)
+def blackout(source, dest, to_backend, name, settings, proxy):
+    """Closes the connection at once; nothing reaches the backend."""
+    return False
+
+
+def _abort_at_connect(client, backend, name, settings, proxy):
+    if settings['when'] == 'connect':
+        client.abort()
+        return False
+
+
+@traits(on_connect=_abort_at_connect)
+def abort(source, dest, to_backend, name, settings, proxy):
+    """Resets the client's connection (RST): it sees "connection reset by peer".
+
+    request: the client's first chunk is forwarded to the backend, then the
+    client is reset, so it never gets the reply.  response: the request goes
+    through and the reply is replaced by the reset.  connect: the connection
+    is reset as soon as it is accepted.
+
+    Settings:
+      when (request|response|connect, default request): the moment of the reset.
+    """
+    data = proxy.get_data(source)
+    if to_backend:
+        dest.sendall(data)
+        if settings['when'] == 'response':
+            return None
+    (source if to_backend else dest).abort()
+    return False
+
+
+def _send_paced(source, dest, to_backend, name, pieces):
+    """Queue (piece, seconds) pairs on `dest`, each piece `seconds` after the last."""
+    state = source.connection.state((name, to_backend))
+    now = time.monotonic()
+    at = max(now, state.get('free_at', now))
+    for piece, seconds in pieces:
+        dest.sendall(piece, delay=at - now)
+        at += seconds
+    state['free_at'] = at
+
+
+def bandwidth(source, dest, to_backend, name, settings, proxy):
+    """Limits the throughput to `rate` bytes per second, smoothly.
+
+    Data goes out in pieces of a tenth of a second of traffic at most.
+
+    Settings:
+      rate (int >= 1, default 10240): bytes per second.
+      direction (to_backend|to_client|both, default to_client): the traffic limited.
+    """
+    data = proxy.get_data(source)
+    if not applies(settings['direction'], to_backend):
+        return dest.sendall(data)
+    rate = settings['rate']
+    step = max(1, rate // 10)
+    view = memoryview(data)
+    _send_paced(source, dest, to_backend, name, (
+        (view[i:i + step], len(view[i:i + step]) / rate) for i in range(0, len(data), step)))
+
+
+def slicer(source, dest, to_backend, name, settings, proxy):
+    """Splits data into small pieces sent apart; every byte arrives, in order.
+
+    Settings:
+      size (int >= 1, default 64): average bytes per piece.
+      variation (int >= 0, default 0): pieces are `size` plus or minus up to this many bytes.
+      delay (float >= 0, default 0.001): seconds between pieces.
+      direction (to_backend|to_client|both, default to_client): the traffic sliced.
+    """
+    data = proxy.get_data(source)
+    if not applies(settings['direction'], to_backend):
+        return dest.sendall(data)
+    rng, size, spread = source.connection.random, settings['size'], settings['variation']
+    pieces, start = [], 0
+    while start < len(data):
+        end = start + max(1, size + rng.randint(-spread, spread))
+        pieces.append((data[start:end], settings['delay']))
+        start = end
+    _send_paced(source, dest, to_backend, name, pieces)
+
+
+def slow_close(source, dest, to_backend, name, settings, proxy):
+    """Relays normally, but holds each close (EOF) back for `delay` seconds.
+
+    Settings:
+      delay (float >= 0, default 1): seconds the close waits.
+    """
+    data = proxy.get_data(source)
+    if data:
+        dest.sendall(data)
+    else:
+        dest.shutdown(delay=settings['delay'])
+
+
+def _start_timeout(client, backend, name, settings, proxy):
+    """Arm the connection's timeout once, whichever handler event comes first."""
+    conn = client.connection
+    state = conn.state(name)
+    if not state and settings['timeout'] > 0:
+        state['armed'] = True
+        conn.call_later(settings['timeout'], lambda: conn.handler_name == name and conn.close())
+
+
+@traits(on_connect=_start_timeout)
+def timeout(source, dest, to_backend, name, settings, proxy):
+    """Swallows data (and EOF) and closes the connection after `timeout` seconds.
+
+    The clock starts when the connection opens (or when this handler first
+    sees it, if it was set while the connection was open).
+
+    Settings:
+      timeout (float >= 0, default 1): seconds until the close; 0 never closes.
+      direction (to_backend|to_client|both, default both): the traffic swallowed.
+    """
+    client, backend = (source, dest) if to_backend else (dest, source)
+    _start_timeout(client, backend, name, settings, proxy)
+    data = proxy.get_data(source)
+    if not applies(settings['direction'], to_backend):
+        return dest.sendall(data)
+    return HOLD_EOF
+
+
+def limit_data(source, dest, to_backend, name, settings, proxy):
+    """Relays `bytes` bytes in the given direction, then closes the connection.
+
+    Settings:
+      bytes (int >= 0, default 1024): bytes relayed before the close.
+      direction (to_backend|to_client|both, default to_client): the traffic counted.
+    """
+    data = proxy.get_data(source)
+    if not applies(settings['direction'], to_backend):
+        return dest.sendall(data)
+    state = source.connection.state((name, to_backend))
+    room = settings['bytes'] - state.get('sent', 0)
+    dest.sendall(data[:room])
+    state['sent'] = state.get('sent', 0) + min(room, len(data))
+    if len(data) >= room:
+        return False
+
+
+def _transient_errors(settings, proxy):
+    """The settings of `errors` as configured, with transient's protocol."""
+    return dict(proxy.handlers['errors'].settings, protocol=settings['protocol'])
+
+
+def _is_failing(conn, settings):
+    epoch_index, epoch_time = conn.proxy.epoch
+    if settings['period'] > 0:
+        return conn.opened - epoch_time < settings['period']
+    return conn.index - epoch_index < settings['count']
+
+
+def _transient_connect(client, backend, name, settings, proxy):
+    if _is_failing(client.connection, settings):
+        return _errors_greeting(client, backend, 'errors', _transient_errors(settings, proxy), proxy)
+
+
+@traits(on_connect=_transient_connect)
+def transient(source, dest, to_backend, name, settings, proxy):
+    """The first `count` connections get `errors`, later ones pass: a restart.
+
+    Counting starts when the handler (or a behavior holding it) is set, or
+    when the proxy starts.  The errors are those of the `errors` handler, with
+    its settings, in `protocol`.
+
+    Settings:
+      count (int >= 0, default 3): connections that fail.
+      period (float >= 0, default 0): when above 0, the connections opened in the first `period` seconds fail instead.
+      protocol (auto|http|redis|memcache|mysql|postgresql|smtp|raw, default auto): the protocol of the errors.
+    """
+    if _is_failing(source.connection, settings):
+        return errors(source, dest, to_backend, 'errors', _transient_errors(settings, proxy), proxy)
+    return normal(source, dest, to_backend, name, settings, proxy)
+
+
+def _flap_connect(client, backend, name, settings, proxy):
+    up, down = settings['up'], settings['down']
+    phase = (time.monotonic() - proxy.epoch[1]) % (up + down)
+    if phase < up:
+        return None
+    if settings['mode'] == 'refuse':
+        proxy.refuse_for(up + down - phase)
+    client.abort()
+    return False
+
+
+@traits(on_connect=_flap_connect)
+def flap(source, dest, to_backend, name, settings, proxy):
+    """Alternates `up` seconds of service with `down` seconds of outage.
+
+    The cycle starts when the handler is set (or the proxy starts).  In an
+    outage, new connections are reset (blackout), or the listener closes until
+    the outage ends so that connects are refused (refuse; the connection that
+    found the outage is reset).  Connections opened while up keep working.
+
+    Settings:
+      up (float >= 0.001, default 5): seconds of service.
+      down (float >= 0.001, default 5): seconds of outage.
+      mode (refuse|blackout, default blackout): what new connections meet in an outage.
+    """
+    return normal(source, dest, to_backend, name, settings, proxy)
+
+
+def corrupt(source, dest, to_backend, name, settings, proxy):
+    """Flips one random bit in a `ratio` of the bytes relayed.
+
+    Settings:
+      ratio (float 0..1, default 0.01): share of the bytes corrupted.
+      direction (to_backend|to_client|both, default to_client): the traffic corrupted.
+    """
+    data = proxy.get_data(source)
+    ratio = settings['ratio']
+    if not data or not ratio or not applies(settings['direction'], to_backend):
+        return dest.sendall(data)
+    rng, mutable = source.connection.random, bytearray(data)
+    position = -1
+    while True:
+        # geometric skips: each byte is hit with probability `ratio`
+        position += 1 if ratio >= 1 else 1 + int(math.log(1.0 - rng.random()) / math.log(1.0 - ratio))
+        if position >= len(mutable):
+            break
+        mutable[position] ^= 1 << rng.randrange(8)
+    dest.sendall(bytes(mutable))
+
+
+BUILTIN_HANDLERS = (normal, delay, errors, hang, blackout, abort, bandwidth, slicer,
+                    slow_close, timeout, limit_data, transient, flap, corrupt)
+
+
+# ---------------------------------------------------------------------------
+# Registry and behavior
+# ---------------------------------------------------------------------------
+
+class Handler:
+    """A registered handler: its function, its schema and its configured settings."""
+
+    def __init__(self, name, func, settings=None):
+        if not callable(func):
+            raise ConfigError('%r is not callable' % (func,))
+        self.name, self.func = name, func
+        self.schema = parse_settings_doc(func.__doc__)
+        self.summary = summary_of(func)
+        self.backend = getattr(func, 'backend', True)
+        self.on_connect = getattr(func, 'on_connect', None)
+        self.settings = {}
+        self.settings = self.validate(settings or {})
+
+    def validate(self, values):
+        """Return the configured settings updated with `values`, typed and checked.
+
+        Raises ConfigError naming the first setting that is unknown or wrong.
+        """
+        merged = dict(self.settings)
+        if self.schema is None:  # an undocumented custom handler takes anything
+            merged.update((key, parse_value(value) if isinstance(value, str) else value)
+                          for key, value in values.items())
+            return merged
+        if not merged:
+            merged = {key: setting.default for key, setting in self.schema.items()}
+        for key, value in values.items():
+            if key not in self.schema:
+                raise ConfigError('unknown setting %r for handler %s (known: %s)' % (
+                    key, self.name, ', '.join(sorted(self.schema)) or 'none'))
+            try:
+                merged[key] = self.schema[key].convert(value)
+            except ValueError as exc:
+                raise ConfigError('handler %s: setting %s = %r: %s' % (
+                    self.name, key, value, exc)) from None
+        return merged
+
+    def describe(self):
+        """What --list-handlers and GET /handlers tell about this handler."""
+        schema = self.schema or {}
+        return {'summary': self.summary,
+                'doc': inspect.cleandoc(self.func.__doc__ or ''),
+                'settings': {key: {'type': s.kind, 'default': s.default, 'help': s.help,
+                                   'value': self.settings.get(key)}
+                             for key, s in schema.items()}}
+
+
+def load_callable(dotted):
+    """Import ``package.module.function`` or ``package.module:function``."""
+    module_name, sep, attr = dotted.partition(':')
+    if not sep:
+        module_name, _, attr = dotted.rpartition('.')
+    if not module_name or not attr:
+        raise ConfigError('%r is not a dotted name (package.module.function)' % dotted)
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError('cannot import %s: %s' % (module_name, exc)) from None
+    for part in attr.split('.'):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError('%s has no attribute %r' % (module_name, attr)) from None
+    if not callable(target):
+        raise ConfigError('%s is not callable' % dotted)
+    return target
+
+
+def default_handlers():
+    """A fresh registry of the built-in handlers: {name: Handler}."""
+    return {func.__name__: Handler(func.__name__, func) for func in BUILTIN_HANDLERS}
+
+
+class Behavior:
+    """A mix like ``20:delay,10:errors``: the rest of 100 goes to `normal`."""
+
+    def __init__(self, spec, handlers):
+        self.entries = []  # (percent, name)
+        entries = [part.strip() for part in str(spec).split(',')]
+        if not any(entries):
+            raise ConfigError('behavior %r is empty: expected PERCENT:HANDLER[,...]' % spec)
+        for entry in entries:
+            percent, sep, name = entry.partition(':')
+            try:
+                percent = float(percent)
+            except ValueError:
+                percent = None
+            if not sep or percent is None or not name.strip():
+                raise ConfigError('behavior entry %r is malformed: expected PERCENT:HANDLER, '
+                                  'like 20:delay' % entry)
+            name = name.strip()
+            if not 0 < percent <= 100 or not math.isfinite(percent):
+                raise ConfigError('behavior entry %r: the percentage must be above 0 and at '
+                                  'most 100' % entry)
+            if name not in handlers:
+                raise ConfigError('behavior entry %r: unknown handler %r (known: %s)' % (
+                    entry, name, ', '.join(sorted(handlers))))
+            self.entries.append((percent, name))
+        total = sum(percent for percent, _ in self.entries)
+        if total > 100 + 1e-9:
+            raise ConfigError('behavior %r adds up to %g%%, over 100' % (spec, total))
+        if total < 100 - 1e-9:
+            self.entries.append((100 - total, 'normal'))
+
+    def draw(self, rng):
+        """The name of the handler for one new connection."""
+        point = rng.random() * 100
+        for percent, name in self.entries:
+            point -= percent
+            if point < 0:
+                return name
+        return self.entries[-1][1]
+
+    @property
+    def single(self):
+        """The handler's name when the mix is one handler at 100%, else None."""
+        return self.entries[0][1] if len(self.entries) == 1 else None
+
+    def __str__(self):
+        return ','.join('%g:%s' % entry for entry in self.entries)
+
+
+# ---------------------------------------------------------------------------
+# The pump: one Connection per accepted client, two Sides
+# ---------------------------------------------------------------------------
+
+_EOF = object()  # queued on a Side: shut its socket's write half down here
+
+
+class BackendDown(Exception):
+    """The backend could not be reached; the connection ends with one log line."""
+
+
+class Side:
+    """One end of a relayed connection, as handlers see it (`source`, `dest`).
+
+    Writes never block: `sendall` sends what the socket takes now and queues
+    the rest, or all of it when a `delay` is given, keeping order; the
+    connection's pump flushes the queue when the socket is writable.
+    """
+
+    def __init__(self, connection, name, sock=None):
+        self.connection = connection
+        self.name = name          # 'client' or 'backend'
+        self.sock = sock          # None until the backend is connected
+        self.peer = None
+        self.queue = collections.deque()   # [due, bytes or _EOF], due in order
+        self.queued = 0           # bytes in the queue
+        self.last_due = 0.0
+        self.data = None          # the chunk the handler is being called for
+        self.eof_read = False     # this socket sent us its EOF
+        self.eof_queued = False   # its write half is (to be) shut down
+        self.eof_sent = False
+        self.broken = False       # reset, or failed: no more reads or writes
+
+    def __repr__(self):
+        return '<Side %s of connection #%d>' % (self.name, self.connection.index)
+
+    def sendall(self, data, delay=0.0):
+        """Send `data` to this side, `delay` seconds from now, after what is queued."""
+        if not data or self.eof_queued or self.broken:
+            return
+        if self.sock is None:
+            self.connection.connect_backend()
+        if delay <= 0 and not self.queue:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return self.connection.lost(self)
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self._push(time.monotonic() + delay if delay > 0 else 0.0, data)
+        self.queued += len(data)
+
+    def shutdown(self, how=socket.SHUT_WR, delay=0.0):
+        """Send EOF (half-close) after what is queued; SHUT_RDWR closes the connection."""
+        if how != socket.SHUT_WR:
+            return self.close()
+        if self.eof_queued:
+            return
+        self.eof_queued = True
+        if self.sock is None or self.broken:
+            self.eof_sent = True
+        else:
+            self._push(time.monotonic() + delay if delay > 0 else 0.0, _EOF)
+
+    def close(self):
+        """End the connection: flush what is queued, send EOF, then close."""
+        self.connection.close()
+
+    def abort(self):
+        """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
+        self.connection.abort(self)
+
+    def fileno(self):
+        return self.sock.fileno() if self.sock else -1
+
+    def getpeername(self):
+        return self.sock.getpeername()
+
+    def _push(self, due, data):
+        due = max(due, self.last_due)
+        self.last_due = due
+        self.queue.append([due, data])
+
+
+class Connection:
+    """Relays one client connection to the backend, through the handler in force."""
+
+    def __init__(self, proxy, sock, address, index, drawn):
+        self.proxy = proxy
+        self.address = address
+        self.index = index        # accept order, from 0
+        self.drawn = drawn        # the handler's name drawn from the behavior
+        self.opened = time.monotonic()
+        self.random = random.Random(None if proxy.seed is None else '%s:%d' % (proxy.seed, index))
+        self.client = Side(self, 'client', sock)
+        self.backend = Side(self, 'backend')
+        self.client.peer, self.backend.peer = self.backend, self.client
+        self.handler_name = drawn
+        self.selector = selectors.PollSelector() if hasattr(selectors, 'PollSelector') \
+            else selectors.DefaultSelector()
+        self.interest = {}        # Side: events registered
+        self.timers = []          # heap of (due, seq, function)
+        self.states = {}
+        self.closing_at = None    # deadline once the connection is closing
+        self.thread = None
+
+    # -- what handlers use ------------------------------------------------------
+
+    def state(self, key):
+        """A dict a handler keeps for this connection under `key`."""
+        return self.states.setdefault(key, {})
+
+    def call_later(self, seconds, function):
+        """Call `function()` in this connection's thread after `seconds`."""
+        heapq.heappush(self.timers, (time.monotonic() + seconds, id(function), function))
+
+    def close(self):
+        """Flush what is queued, send EOF both ways, drain, then close."""
+        if self.closing_at is None:
+            last = max(self.client.last_due, self.backend.last_due, time.monotonic())
+            self.closing_at = last + LINGER
+            self.client.shutdown()
+            self.backend.shutdown()
+
+    def abort(self, side):
+        """Reset `side` now and close the other one."""
+        if side.sock is not None and not side.broken:
+            side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            self._drop(side)
+        self.close()
+
+    def lost(self, side):
+        """`side` failed (reset, broken pipe): forget it and close the other one."""
+        self._drop(side)
+        self.close()
+
+    def connect_backend(self):
+        """Connect to the backend now; raise BackendDown when it cannot be reached."""
+        try:
+            sock = socket.create_connection(self.proxy.distant, self.proxy.connect_timeout)
+        except OSError as exc:
+            raise BackendDown('backend %s:%s unreachable (%s)' % (
+                self.proxy.distant[0], self.proxy.distant[1], exc.strerror or exc)) from None
+        _prepare(sock)
+        self.backend.sock = sock
+
+    def current(self):
+        """The handler in force and its settings: the one set, else the one drawn."""
+        fixed = self.proxy.fixed
+        if fixed is not None:
+            return fixed
+        handler = self.proxy.handlers[self.drawn]
+        return handler, handler.settings
+
+    # -- the pump ---------------------------------------------------------------
+
+    def run(self):
+        try:
+            self._open()
+            while not self._finished():
+                self._pump()
+        except Exception:
+            log.exception('connection #%d from %s failed', self.index, self.address)
+        finally:
+            self._release()
+
+    def kill(self):
+        """End the connection from another thread, at once."""
+        self.closing_at = 0.0
+        for side in (self.client, self.backend):
+            with contextlib.suppress(OSError, AttributeError):
+                side.sock.shutdown(socket.SHUT_RDWR)  # wakes the pump up
+
+    def _open(self):
+        _prepare(self.client.sock)
+        handler, settings = self.current()
+        self.handler_name = handler.name
+        if handler.on_connect is not None and self._call(
+                handler.on_connect, self.client, self.backend, handler.name,
+                settings, self.proxy) is False:
+            return self.close()
+        if handler.backend and self.closing_at is None:
+            self._guard(self.connect_backend)
+
+    def _call(self, function, *args):
+        """Call a handler (or hook); its failure ends this connection only."""
+        try:
+            return self._guard(function, *args)
+        except Exception:
+            log.exception('handler %s failed on connection #%d; closing it',
+                          self.handler_name, self.index)
+            self.close()
+            return False
+
+    def _guard(self, function, *args):
+        try:
+            return function(*args)
+        except BackendDown as exc:
+            log.warning('connection #%d from %s: %s; closing it', self.index,
+                        self.address[0], exc)
+            self.close()
+            return False
+
+    def _pump(self):
+        now = time.monotonic()
+        for side in (self.client, self.backend):
+            self._register(side, now)
+        for key, mask in self.selector.select(self._timeout(now)):
+            side = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._flush(side)
+            if mask & selectors.EVENT_READ and not side.broken:
+                self._read(side)
+        while self.timers and self.timers[0][0] <= time.monotonic():
+            self._call(heapq.heappop(self.timers)[2])
+
+    def _register(self, side, now):
+        events = 0
+        if side.sock is not None and not side.broken:
+            if not side.eof_read and (self.closing_at is not None
+                                      or side.peer.queued < HIGH_WATER):
+                events |= selectors.EVENT_READ
+            if side.queue and side.queue[0][0] <= now:
+                events |= selectors.EVENT_WRITE
+        registered = self.interest.get(side, 0)
+        if events == registered:
+            return
+        if not registered:
+            self.selector.register(side.sock, events, side)
+        elif not events:
+            self.selector.unregister(side.sock)
+        else:
+            self.selector.modify(side.sock, events, side)
+        self.interest[side] = events
+
+    def _timeout(self, now):
+        """Seconds until the next due write, timer or closing deadline; None: none."""
+        moments = [side.queue[0][0] for side in (self.client, self.backend)
+                   if side.queue and not side.broken]
+        if self.timers:
+            moments.append(self.timers[0][0])
+        if self.closing_at is not None:
+            moments.append(self.closing_at)
+        return max(0.0, min(moments) - now) if moments else None
+
+    def _read(self, side):
+        try:
+            data = side.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.lost(side)
+        if not data:
+            side.eof_read = True
+        if self.closing_at is None:
+            self._dispatch(side, data)
+
+    def _dispatch(self, side, data):
+        handler, settings = self.current()
+        self.handler_name = handler.name
+        side.data = data
+        result = self._call(handler.func, side, side.peer, side is self.client,
+                            handler.name, settings, self.proxy)
+        side.data = None
+        if result is False:
+            self.close()
+        elif not data and not (isinstance(result, str) and result == HOLD_EOF):
+            side.peer.shutdown()
+
+    def _flush(self, side):
+        now = time.monotonic()
+        queue = side.queue
+        while queue and queue[0][0] <= now and not side.broken:
+            data = queue[0][1]
+            if data is _EOF:
+                queue.popleft()
+                with contextlib.suppress(OSError):
+                    side.sock.shutdown(socket.SHUT_WR)
+                side.eof_sent = True
+                continue
+            try:
+                sent = side.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.lost(side)
+            side.queued -= sent
+            if sent < len(data):
+                queue[0][1] = memoryview(data)[sent:]
+                return
+            queue.popleft()
+
+    def _finished(self):
+        live = [side for side in (self.client, self.backend)
+                if side.sock is not None and not side.broken]
+        if self.closing_at is not None:
+            return time.monotonic() >= self.closing_at or all(
+                side.eof_read and side.eof_sent for side in live)
+        if self.backend.sock is None:
+            return self.client.eof_read and not self.client.queue
+        return all(side.eof_read and not side.queue for side in live)
+
+    def _drop(self, side):
+        """Close `side`'s socket now; its queue is lost with it."""
+        if self.interest.pop(side, 0):
+            self.selector.unregister(side.sock)
+        side.broken = side.eof_read = side.eof_queued = side.eof_sent = True
+        side.queue.clear()
+        side.queued = 0
+        with contextlib.suppress(OSError, AttributeError):
+            side.sock.close()
+
+    def _release(self):
+        for side in (self.client, self.backend):
+            self._drop(side)
+        self.selector.close()
+        self.proxy.forget(self)
+
+
+def _prepare(sock):
+    """Make a relayed socket non-blocking, with Nagle off."""
+    sock.setblocking(False)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# ---------------------------------------------------------------------------
+# The proxy server
+# ---------------------------------------------------------------------------
+
+def parse_address(text, what='address'):
+    """``host:port`` (or ``[v6]:port``) into (host, port); port 0 is ephemeral."""
+    host, sep, port = str(text).strip().rpartition(':')
+    host = host.strip('[]')
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError('%s %r is not HOST:PORT (like localhost:8000)' % (what, text))
+    return host, int(port)
+
+
+def format_address(address):
+    host, port = address[:2]
+    return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
+
+
+def _family(address):
+    try:
+        return socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ConfigError('cannot resolve %s: %s' % (address[0], exc.strerror)) from None
+
+
+class _Driving:
+    """What the in-process Proxy and the Client share: scoped faults."""
+
+    @contextlib.contextmanager
+    def with_handler(self, name, /, **settings):
+        """Set handler `name` for the block, then restore exactly what was there."""
+        previous = self.get_handler()
+        self.set_handler(name, **settings)
+        try:
+            yield self
+        finally:
+            self._restore(previous)
+
+    @contextlib.contextmanager
+    def with_behavior(self, spec):
+        """Set the behavior mix for the block, then restore what was there."""
+        previous = self.get_handler()
+        self.set_behavior(spec)
+        try:
+            yield self
+        finally:
+            self._restore(previous)
+
+    @contextlib.contextmanager
+    def down(self):
+        """Refuse connections during the block (as a stopped server), then accept again."""
+        self.disable()
+        try:
+            yield self
+        finally:
+            self.enable()
+
+    def _restore(self, state):
+        if state['fixed']:
+            self.set_handler(state['handler'], **state['settings'])
+        else:
+            self.set_behavior(state['behavior'])
+
+
+class Proxy(_Driving, socketserver.ThreadingTCPServer):
+    """The chaos proxy: accepts on `local`, relays to `distant` through handlers.
+
+    Binding happens here, so ``address`` is known at once (port 0 binds an
+    ephemeral port).  ``start()`` serves in background threads; the proxy is
+    also a context manager.  In a test::
+
+        with Proxy('127.0.0.1:0', 'localhost:6379') as proxy:
+            with proxy.with_handler('delay', sleep=0.5):
+                ...
+    """
+
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024   # socketserver's 5 drops SYNs of a burst of connects
+
+    def __init__(self, local='localhost:8000', distant='localhost:80', behavior='100:normal',
+                 handlers=None, seed=None, http=False, http_host='localhost', http_port=8080,
+                 http_token=None, connect_timeout=CONNECT_TIMEOUT, max_connections=0):
+        local = parse_address(local, 'local') if isinstance(local, str) else tuple(local)
+        self.distant = parse_address(distant, 'distant') if isinstance(distant, str) \
+            else tuple(distant)
+        self.handlers = handlers if handlers is not None else default_handlers()
+        self.behavior = Behavior(behavior, self.handlers)
+        self.seed = seed
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.fixed = None                 # (Handler, settings) set through the API
+        self.epoch = (0, time.monotonic())  # (accepted, time) of the last change
+        self.enabled = True
+        self.control = None
+        self._control_options = (http_host, http_port, http_token) if http else None
+        self._random = random.Random(seed)
+        self._accepted = 0
+        self._connections = set()
+        self._lock = threading.Lock()
+        self._switch = threading.Lock()
+        self._serving = None
+        self.address_family = _family(local)
+        super().__init__(local, None)
+
+    # -- life cycle ---------------------------------------------------------------
+
+    @property
+    def address(self):
+        """The (host, port) the proxy listens on."""
+        return self.server_address[:2]
+
+    @property
+    def control_address(self):
+        """The (host, port) of the control API, or None without one."""
+        return self.control.server_address[:2] if self.control else None
+
+    def start(self):
+        """Serve in background threads (with the control API if asked); return self."""
+        if self._control_options and self.control is None:
+            self.control = ControlServer(self, *self._control_options)
+            threading.Thread(target=self.control.serve_forever, args=(0.05,),
+                             name='vaurien-control', daemon=True).start()
+        self._serve()
+        return self
+
+    def stop(self):
+        """Stop accepting, close every connection and the control API."""
+        if self.control is not None:
+            self.control.shutdown()
+            self.control.server_close()
+            self.control = None
+        self.disable()
+        for conn in self._live():
+            if conn.thread is not None:
+                conn.thread.join(2)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def _serve(self):
+        self._serving = threading.Thread(target=self.serve_forever, args=(0.05,),
+                                         name='vaurien-accept', daemon=True)
+        self._serving.start()
+
+    def disable(self, close_connections=True):
+        """Close the listener (connects are refused) and, by default, live connections."""
+        with self._switch:
+            was_enabled, self.enabled = self.enabled, False
+            if was_enabled and self._serving is not None:
+                self.shutdown()
+                self._serving = None
+            self.socket.close()
+        if close_connections:
+            for conn in self._live():
+                conn.kill()
+        return was_enabled
+
+    def enable(self):
+        """Listen again, on the same address."""
+        with self._switch:
+            if self.enabled:
+                return False
+            self.socket = socket.socket(self.address_family, self.socket_type)
+            self.server_bind()
+            self.server_activate()
+            self.enabled = True
+            self._serve()
+            return True
+
+    def refuse_for(self, seconds):
+        """Refuse new connections for `seconds`, keeping live ones."""
+        if self.disable(close_connections=False):
+            timer = threading.Timer(seconds, self.enable)
+            timer.daemon = True
+            timer.start()
+
+    # -- connections ---------------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        """Draw the connection's handler, in accept order, and pump it in a thread."""
+        if self.max_connections and len(self._connections) >= self.max_connections:
+            log.warning('refusing %s: %d connections open (--max-connections)',
+                        format_address(client_address), len(self._connections))
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            request.close()
+            return
+        conn = Connection(self, request, client_address, self._accepted,
+                          self.behavior.draw(self._random))
+        self._accepted += 1
+        with self._lock:
+            self._connections.add(conn)
+        conn.thread = threading.Thread(target=conn.run, daemon=True,
+                                       name='vaurien-conn-%d' % conn.index)
+        conn.thread.start()
+
+    def forget(self, conn):
+        with self._lock:
+            self._connections.discard(conn)
+
+    def _live(self):
+        with self._lock:
+            return list(self._connections)
+
+    @property
+    def connection_count(self):
+        return len(self._connections)
+
+    def handle_error(self, request, client_address):
+        log.exception('error while accepting %s', format_address(client_address))
+
+    @staticmethod
+    def get_data(source):
+        """The chunk `source` delivered to the handler being called (b'' at EOF)."""
+        data, source.data = source.data, b''
+        return data
+
+    # -- driving: the same calls as Client ---------------------------------------------
+
+    def handler(self, name):
+        try:
+            return self.handlers[name]
+        except (KeyError, TypeError):
+            raise ConfigError('unknown handler %r (known: %s)' % (
+                name, ', '.join(sorted(self.handlers)))) from None
+
+    def get_handler(self):
+        """{"handler", "settings", "behavior", "fixed"}: what new chunks go through.
+
+        "handler" is None while a mix of several handlers is in force; then
+        "behavior" says which.
+        """
+        if self.fixed is not None:
+            handler, settings = self.fixed
+            return {'handler': handler.name, 'settings': dict(settings),
+                    'behavior': str(self.behavior), 'fixed': True}
+        single = self.behavior.single
+        return {'handler': single,
+                'settings': dict(self.handlers[single].settings) if single else {},
+                'behavior': str(self.behavior), 'fixed': False}
+
+    def set_handler(self, name, /, **settings):
+        """Send every connection, live ones included, through handler `name`."""
+        handler = self.handler(name)
+        self.fixed = (handler, handler.validate(settings))
+        self._new_epoch()
+        return self.get_handler()
+
+    def list_handlers(self):
+        return sorted(self.handlers)
+
+    def get_behavior(self):
+        return {'behavior': str(self.behavior)}
+
+    def set_behavior(self, spec):
+        """Draw each new connection's handler from `spec`; drops a handler set."""
+        self.behavior = Behavior(spec, self.handlers)
+        self.fixed = None
+        self._new_epoch()
+        return self.get_behavior()
+
+    def status(self):
+        return {'local': format_address(self.address), 'distant': format_address(self.distant),
+                'enabled': self.enabled, 'connections': self.connection_count,
+                'accepted': self._accepted}
+
+    def _new_epoch(self):
+        self.epoch = (self._accepted, time.monotonic())
+
+
+# ---------------------------------------------------------------------------
+# Control API
+# ---------------------------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status, message, **extra):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+_BROWSER_AGENT = re.compile(r'^Mozilla/|Chrome/|Safari/|Firefox/')
+
+
+class ControlServer(http.server.ThreadingHTTPServer):
+    """The JSON control API, in threads of the proxy's process."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, proxy, host='localhost', port=8080, token=None):
+        self.proxy, self.token = proxy, token
+        self.address_family = _family((host, port))
+        super().__init__((host, port), ControlHandler)
+        if not self.socket.getsockname()[0].startswith(('127.', '::1')):
+            log.warning('the control API listens on %s, beyond loopback: anyone who reaches '
+                        'it can drive this proxy%s', format_address(self.server_address),
+                        '' if token else ' (set --http-token)')
+
+
+class ControlHandler(http.server.BaseHTTPRequestHandler):
+    """Routes: /handler, /handlers, /behavior, /proxy; JSON in and out."""
+
+    protocol_version = 'HTTP/1.1'
+    server_version = 'Vaurien/' + __version__
+    timeout = 10   # seconds: a half-sent request does not hold a thread forever
+
+    def routes(self):
+        proxy = self.server.proxy
+        return {
+            '/handler': {'GET': proxy.get_handler, 'PUT': self.put_handler},
+            '/handlers': {'GET': self.get_handlers},
+            '/behavior': {'GET': proxy.get_behavior, 'PUT': self.put_behavior},
+            '/proxy': {'GET': proxy.status, 'PUT': self.put_proxy},
+        }
+
+    def do_GET(self):
+        self.serve('GET')
+
+    def do_PUT(self):
+        self.serve('PUT')
+
+    do_POST = do_PUT
+
+    def do_DELETE(self):
+        self.serve('DELETE')
+
+    do_PATCH = do_HEAD = do_DELETE
+
+    def serve(self, method):
+        try:
+            self.check_caller()
+            methods = self.routes().get(self.path.split('?')[0].rstrip('/') or '/')
+            if methods is None:
+                raise ApiError(404, 'no such resource %r (try /handler, /handlers, '
+                                    '/behavior, /proxy)' % self.path)
+            if method not in methods:
+                raise ApiError(405, '%s does not take %s' % (self.path, self.command),
+                               allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
+                                                              else set())))
+            body = self.read_body() if method == 'PUT' else b''
+            self.reply(200, methods[method](body) if method == 'PUT' else methods[method]())
+        except ApiError as exc:
+            self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
+        except ConfigError as exc:
+            self.reply(400, {'error': str(exc), 'status': 400})
+
+    def check_caller(self):
+        """Refuse browsers (a web page must not drive a developer's proxy) and bad tokens."""
+        if self.headers.get('Origin') or _BROWSER_AGENT.search(self.headers.get('User-Agent', '')):
+            raise ApiError(403, 'browser requests are refused')
+        token = self.server.token
+        if token and self.headers.get('Authorization', '') != 'Bearer ' + token:
+            raise ApiError(401, 'missing or wrong bearer token')
+
+    def read_body(self):
+        if self.headers.get('Transfer-Encoding'):
+            raise ApiError(411, 'send a Content-Length, not a chunked body')
+        try:
+            length = int(self.headers.get('Content-Length') or 0)
+        except ValueError:
+            raise ApiError(400, 'bad Content-Length') from None
+        if length > MAX_BODY or length < 0:
+            raise ApiError(413, 'request body over %d bytes' % MAX_BODY)
+        return self.rfile.read(length)
+
+    def parse(self, body, text_key):
+        """A JSON object, or a plain text body taken as {text_key: text}."""
+        try:
+            text = body.decode('utf-8').strip()
+        except UnicodeDecodeError:
+            raise ApiError(400, 'request body is not UTF-8') from None
+        if not text.startswith(('{', '[', '"')):
+            return {text_key: text}
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ApiError(400, 'malformed JSON: %s' % exc) from None
+        if not isinstance(value, dict):
+            raise ApiError(400, 'expected a JSON object')
+        return value
+
+    def put_handler(self, body):
+        request = self.parse(body, 'name')
+        name, settings = request.get('name'), request.get('settings', {})
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, 'give the handler as {"name": NAME, "settings": {...}}')
+        if not isinstance(settings, dict):
+            raise ApiError(400, '"settings" must be a JSON object')
+        proxy = self.server.proxy
+        if name not in proxy.handlers:
+            raise ApiError(400, 'unknown handler %r' % name, known=proxy.list_handlers())
+        return proxy.set_handler(name, **settings)
+
+    def get_handlers(self):
+        proxy = self.server.proxy
+        return {'handlers': proxy.list_handlers(),
+                'details': {name: proxy.handlers[name].describe() for name in proxy.handlers}}
+
+    def put_behavior(self, body):
+        spec = self.parse(body, 'behavior').get('behavior')
+        if not isinstance(spec, str):
+            raise ApiError(400, 'give the mix as {"behavior": "20:delay,10:errors"}')
+        return self.server.proxy.set_behavior(spec)
+
+    def put_proxy(self, body):
+        enabled = self.parse(body, 'enabled').get('enabled')
+        if isinstance(enabled, str) and enabled.lower() in _TRUE + _FALSE:
+            enabled = enabled.lower() in _TRUE
+        if not isinstance(enabled, bool):
+            raise ApiError(400, 'give {"enabled": true} or {"enabled": false}')
+        proxy = self.server.proxy
+        proxy.enable() if enabled else proxy.disable()
+        return proxy.status()
+
+    def reply(self, status, payload):
+        body = (json.dumps(payload) + '\n').encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        if 'allowed' in payload:
+            self.send_header('Allow', ', '.join(payload['allowed']))
+        if status >= 400:
+            self.send_header('Connection', 'close')
+            self.close_connection = True
+        self.end_headers()
+        if self.command != 'HEAD':
+            self.wfile.write(body)
+        if status >= 400:
+            self.wfile.flush()
+            _drain_and_close(self.connection)
+
+    def log_message(self, format, *args):
+        log.debug('control API %s: ' + format, self.client_address[0], *args)
+
+
+def _drain_and_close(sock, linger=LINGER, limit=4 * MAX_BODY):
+    """Half-close, then read what the peer still sends, so no RST hides our answer."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + linger
+        while limit > 0 and time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                break
+            limit -= len(data)
+
+
+# ---------------------------------------------------------------------------
+# Python API: Client, start_proxy, stop_proxy
+# ---------------------------------------------------------------------------
+
+_default_control = ('localhost', 8080)   # start_proxy() points it at its proxy
+_children = {}                           # pid: (Popen, last lines of its stderr)
+
+
+class Client(_Driving):
+    """Drives a running proxy through its control API (stdlib only).
+
+    With no host and port, it talks to the proxy that ``start_proxy()`` last
+    started in this process, else to localhost:8080.  Not thread-safe: use
+    one Client per thread.
+    """
+
+    def __init__(self, host=None, port=None, timeout=5.0, token=None):
+        self.host = host or _default_control[0]
+        self.port = port or (_default_control[1] if host is None else 8080)
+        self.timeout, self.token = timeout, token
+        self._http = None
+
+    def get_handler(self):
+        return self._call('GET', '/handler')
+
+    def set_handler(self, name, /, **settings):
+        return self._call('PUT', '/handler', {'name': name, 'settings': settings})
+
+    def list_handlers(self):
+        return self._call('GET', '/handlers')['handlers']
+
+    def get_behavior(self):
+        return self._call('GET', '/behavior')['behavior']
+
+    def set_behavior(self, spec):
+        return self._call('PUT', '/behavior', {'behavior': spec})['behavior']
+
+    def status(self):
+        return self._call('GET', '/proxy')
+
+    def disable(self):
+        return self._call('PUT', '/proxy', {'enabled': False})
+
+    def enable(self):
+        return self._call('PUT', '/proxy', {'enabled': True})
+
+    def close(self):
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def _call(self, method, path, payload=None):
+        where = 'the Vaurien control API at %s:%s' % (self.host, self.port)
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {'User-Agent': 'vaurien-client/' + __version__,
+                   'Content-Type': 'application/json'}
+        if self.token:
+            headers['Authorization'] = 'Bearer ' + self.token
+        for attempt in (1, 2):
+            reused = self._http is not None
+            if not reused:
+                self._http = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._http.request(method, path, body, headers)
+                response = self._http.getresponse()
+                data = response.read()
+                break
+            except ConnectionRefusedError:
+                self.close()
+                raise VaurienError('cannot reach %s: connection refused (is the proxy '
+                                   'running, with --http?)' % where) from None
+            except (http.client.HTTPException, ConnectionError, BrokenPipeError) as exc:
+                self.close()   # an idle keep-alive connection the server closed: retry once
+                if not reused or attempt == 2:
+                    raise VaurienError('%s %s on %s failed: %s' % (method, path, where, exc)) \
+                        from None
+            except OSError as exc:
+                self.close()
+                raise VaurienError('%s %s on %s failed: %s' % (method, path, where, exc)) \
+                    from None
+        if response.getheader('Connection', '').lower() == 'close':
+            self.close()
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise VaurienError('%s %s: %d, not a JSON answer: %r' % (
+                method, path, response.status, data[:200])) from None
+        if response.status >= 400:
+            raise VaurienError('%s %s: %d %s' % (method, path, response.status,
+                                                answer.get('error', answer)))
+        return answer
+
+
+_READY = re.compile(r'Vaurien ready: proxy (\S+) -> (\S+)(?:, control http://(\S+))?')
+
+
+def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
+                config=None, seed=None, http=True, http_host=None, http_port=None,
+                http_token=None, log_level=None, log_output=None, timeout=10.0, **options):
+    """Run a proxy in a subprocess (this very file) and return its pid once it is ready.
+
+    `host`/`port` name the backend (or give `distant='host:port'`); every other
+    keyword is the command-line option of the same name (``max_connections=10``
+    is ``--max-connections 10``).  The control API is on unless http=False.
+    Ready means the proxy and the control API accept connections: no sleep,
+    no probe.  A proxy that fails to start raises VaurienError with its error.
+    """
+    global _default_control
+    if host is not None or port is not None:
+        distant = '%s:%s' % (host or 'localhost', port or 80)
+    args = [sys.executable, os.path.abspath(__file__)]
+    flags = dict(options, local=local, distant=distant, behavior=behavior, config=config,
+                 seed=seed, http_host=http_host, http_port=http_port, http_token=http_token,
+                 log_level=log_level, log_output=log_output)
+    for key, value in flags.items():
+        if value is not None:
+            args += ['--' + key.replace('_', '-'), str(value)]
+    if http:
+        args.append('--http')
+    child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, errors='replace')
+    lines = collections.deque(maxlen=200)
+    ready = _wait_ready(child, lines, timeout)
+    threading.Thread(target=lines.extend, args=(child.stderr,), daemon=True,
+                     name='vaurien-child-%d' % child.pid).start()  # keeps the pipe drained
+    _children[child.pid] = (child, lines)
+    if ready.group(3):
+        _default_control = parse_address(ready.group(3))
+    return child.pid
+
+
+def _wait_ready(child, lines, timeout):
+    """Read the child's stderr until its ready line; raise if it dies or stalls."""
+    timer = threading.Timer(timeout, child.kill)
+    timer.start()
+    try:
+        for line in child.stderr:
+            lines.append(line)
+            ready = _READY.search(line)
+            if ready:
+                return ready
+    finally:
+        timer.cancel()
+    status = child.wait()
+    raise VaurienError('the proxy did not start (exit status %s): %s' % (
+        status, ''.join(lines).strip() or 'no output'))
+
+
+def stop_proxy(pid):
+    """Stop a proxy started by start_proxy(): terminate, wait, kill if needed."""
+    global _default_control
+    try:
+        child, _ = _children.pop(pid)
+    except KeyError:
+        raise ValueError('no proxy started by start_proxy() has pid %r' % (pid,)) from None
+    child.terminate()
+    try:
+        child.wait(5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    if not _children:
+        _default_control = ('localhost', 8080)
+    return child.returncode
+
+
+# ---------------------------------------------------------------------------
+# Configuration and command line
+# ---------------------------------------------------------------------------
+
+#: The options of [vaurien] and of the command line: name -> Setting.
+OPTIONS = {s.name: s for s in (
+    Setting('local', 'str', 'localhost:8000', 'HOST:PORT the proxy listens on; port 0 picks one.'),
+    Setting('distant', 'str', '', 'HOST:PORT of the backend.'),
+    Setting('behavior', 'str', '100:normal', 'the mix of handlers drawn per connection, '
+            'like 20:delay,10:errors; the rest goes to normal.'),
+    Setting('seed', 'int >= 0', '0', 'seed of the draws, for reproducible runs.'),
+    Setting('http', 'bool', 'false', 'serve the control API.'),
+    Setting('http_host', 'str', 'localhost', 'host of the control API.'),
+    Setting('http_port', 'int 0..65535', '8080', 'port of the control API.'),
+    Setting('http_token', 'str', '', 'bearer token the control API requires.'),
+    Setting('connect_timeout', 'float >= 0.001', str(CONNECT_TIMEOUT),
+            'seconds to connect to the backend.'),
+    Setting('max_connections', 'int >= 0', '0', 'connections open at once; 0: no limit.'),
+    Setting('log_level', 'debug|info|warning|error', 'info', 'what is logged.'),
+    Setting('log_output', 'str', 'stderr', 'stderr, stdout or a file path.'),
+)}
+
+
+def read_config(path, handlers):
+    """Read an ini file: return its [vaurien] options; register its [handler:NAME]s.
+
+    Every mistake raises ConfigError naming the file, the section and the key.
+    """
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    try:
+        with open(path, encoding='utf-8') as stream:
+            parser.read_file(stream)
+    except OSError as exc:
+        raise ConfigError('%s: cannot read: %s' % (path, exc.strerror or exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError('%s: not a UTF-8 text file' % path) from None
+    except configparser.Error as exc:
+        raise ConfigError('%s: %s' % (path, _config_problem(exc))) from None
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    options = {}
+    for section in parser.sections():
+        where = '%s: [%s]' % (path, section)
+        values = dict(parser.items(section))
+        if section == 'vaurien':
+            for key, value in values.items():
+                if key not in OPTIONS:
+                    raise ConfigError('%s: unknown key %r (known: %s)' % (
+                        where, key, ', '.join(OPTIONS)))
+                options[key] = _convert_option(key, value, '%s %s' % (where, key))
+        elif section.startswith('handler:') and section[8:]:
+            _register_handler(section[8:], values, where, handlers)
+        else:
+            raise ConfigError('%s: unknown section (expected [vaurien] or [handler:NAME])'
+                              % where)
+    return options
+
+
+def _config_problem(exc):
+    """configparser's multi-line messages, on one line."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return 'line %d: %r comes before any [section]' % (exc.lineno, exc.line.strip())
+    if isinstance(exc, configparser.ParsingError):
+        lineno, line = exc.errors[0]
+        return 'line %d: cannot parse %s' % (lineno, line.strip())
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return 'line %s: section [%s] appears twice' % (exc.lineno, exc.section)
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return 'line %s: [%s] %s appears twice' % (exc.lineno, exc.section, exc.option)
+    return ' '.join(str(exc).split())
+
+
+def _register_handler(name, values, where, handlers):
+    dotted = values.pop('callable', None)
+    if dotted is not None:
+        try:
+            handlers[name] = Handler(name, load_callable(dotted))
+        except ConfigError as exc:
+            raise ConfigError('%s callable = %s: %s' % (where, dotted, exc)) from None
+    elif name not in handlers:
+        raise ConfigError('%s: unknown handler %r; give "callable = package.module.function" '
+                          'to add one (known: %s)' % (where, name, ', '.join(sorted(handlers))))
+    handler = handlers[name]
+    for key, value in values.items():
+        try:
+            handler.settings = handler.validate({key: value})
+        except ConfigError as exc:
+            raise ConfigError('%s %s = %s: %s' % (where, key, value, exc)) from None
+
+
+def _convert_option(key, value, where):
+    try:
+        return OPTIONS[key].convert(value)
+    except ValueError as exc:
+        raise ConfigError('%s = %s: %s' % (where, value, exc)) from None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='vaurien', description='Vaurien, the Chaos TCP proxy: relays --local to '
+        '--distant and delays, breaks, hangs, cuts or corrupts the traffic on demand.',
+        epilog='Options given here override those of --config.  '
+        'Example: vaurien --local localhost:8000 --distant google.com:80 --behavior 20:delay')
+    add = parser.add_argument
+    for name, setting in OPTIONS.items():
+        flag = '--' + name.replace('_', '-')
+        if setting.type == 'bool':
+            add(flag, action='store_const', const='true', help=setting.help)
+        else:
+            add(flag, metavar=name.upper(), help='%s (default: %s)' % (
+                setting.help, setting.default if setting.default != '' else 'none'))
+    add('--config', metavar='FILE', help='an ini file with [vaurien] and [handler:NAME] sections.')
+    add('--list-handlers', action='store_true', help='list the handlers and their settings.')
+    add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos.')
+    add('--version', action='version', version='vaurien ' + __version__)
+    return parser
+
+
+def resolve(args):
+    """Defaults, then --config, then flags: the options and the handler registry."""
+    handlers = default_handlers()
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    options = {name: setting.default for name, setting in OPTIONS.items()}
+    options['seed'] = None
+    if args.config:
+        options.update(read_config(args.config, handlers))
+    for name in OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = _convert_option(name, value, '--' + name.replace('_', '-'))
+    if args.demo and args.behavior is None and 'behavior' not in _config_keys(args):
+        options['behavior'] = DEMO_BEHAVIOR
+    if args.demo:
+        options['http'] = True
+    Behavior(options['behavior'], handlers)  # a bad mix is a startup error
+    if not options['distant'] and not args.demo and not args.list_handlers:
+        raise ConfigError('no backend: give --distant HOST:PORT (or try --demo)')
+    return options, handlers
+
+
+def _config_keys(args):
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(args.config or [])
+    return parser['vaurien'].keys() if parser.has_section('vaurien') else ()
+
+
+def list_handlers(handlers):
+    """The text of --list-handlers, from the handlers' docstrings."""
+    lines = []
+    for name in sorted(handlers):
+        handler = handlers[name]
+        lines.append('%s: %s' % (name, handler.summary))
+        for key, setting in (handler.schema or {}).items():
+            lines.append('    %s' % setting.describe())
+            if handler.settings.get(key) != setting.default:
+                lines.append('        configured: %s' % handler.settings[key])
+    return '\n'.join(lines)
+
+
+def setup_logging(level, output):
+    if output == 'stderr':
+        stream = logging.StreamHandler(sys.stderr)
+    elif output == 'stdout':
+        stream = logging.StreamHandler(sys.stdout)
+    else:
+        try:
+            stream = logging.FileHandler(output)
+        except OSError as exc:
+            raise ConfigError('log output %s: %s' % (output, exc.strerror)) from None
+    stream.setFormatter(logging.Formatter('%(asctime)s vaurien[%(process)d] %(levelname)s '
+                                          '%(message)s'))
+    log.handlers[:] = [stream]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def main(argv=None):
+    """The `vaurien` command: returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        options, handlers = resolve(args)
+        if args.list_handlers:
+            print(list_handlers(handlers))
+            return 0
+        setup_logging(options['log_level'], options['log_output'])
+        demo = DemoBackend() if args.demo else None
+        if demo:
+            options['distant'] = format_address(demo.server_address)
+        proxy = Proxy(options['local'], options['distant'], options['behavior'], handlers,
+                      options['seed'], options['http'], options['http_host'],
+                      options['http_port'], options['http_token'] or None,
+                      options['connect_timeout'], options['max_connections'])
+    except ConfigError as exc:
+        print('vaurien: error: %s' % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print('vaurien: error: cannot listen: %s' % (exc.strerror or exc), file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        proxy.start()
+    except OSError as exc:
+        print('vaurien: error: cannot serve the control API: %s' % (exc.strerror or exc),
+              file=sys.stderr)
+        return 1
+    _announce(proxy, demo)
+    while not stop.wait(1.0):
+        pass
+    log.info('stopping')
+    proxy.stop()
+    if demo:
+        demo.shutdown()
+    return 0
+
+
+def _announce(proxy, demo):
+    """The ready line start_proxy() waits for, then the demo's how-to, flushed."""
+    control = proxy.control_address
+    print('Vaurien ready: proxy %s -> %s%s; behavior %s' % (
+        format_address(proxy.address), format_address(proxy.distant),
+        ', control http://%s' % format_address(control) if control else '', proxy.behavior),
+        file=sys.stderr, flush=True)
+    if demo:
+        local, control = format_address(proxy.address), format_address(control)
+        print('\nDemo: a built-in HTTP backend answers behind the proxy; each connection draws\n'
+              'its handler from %s.  Try, several times:\n\n'
+              '    curl -si http://%s/\n\n'
+              'Then make every request fail, and back:\n\n'
+              '    curl -d errors http://%s/handler\n'
+              '    curl -d normal http://%s/handler\n\n'
+              'Ctrl-C stops.' % (proxy.behavior, local, control, control),
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Demo backend
+# ---------------------------------------------------------------------------
+
+DEMO_BEHAVIOR = '30:delay,30:errors'
+
+
+class _DemoPage(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def do_GET(self):
+        self.server.served += 1
+        body = ('Hello from the Vaurien demo backend: request #%d, %s\n' % (
+            self.server.served, self.path)).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/plain; charset=utf-8')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        log.debug('demo backend: ' + format, *args)
+
+
+class DemoBackend(http.server.ThreadingHTTPServer):
+    """A small HTTP server on an ephemeral loopback port, serving in a thread."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self):
+        super().__init__(('127.0.0.1', 0), _DemoPage)
+        self.served = 0
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True,
+                         name='vaurien-demo').start()
+
+
+if __name__ == '__main__':
+    sys.modules.setdefault('vaurien', sys.modules['__main__'])
+    sys.exit(main())
