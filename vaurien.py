@@ -252,7 +252,8 @@ def delay(source, dest, to_backend, name, settings, proxy):
 
 # -- errors: protocol-aware error answers ------------------------------------
 
-_HTTP_METHODS = re.compile(rb'^(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/')
+_HTTP_METHODS = (b'GET ', b'HEAD ', b'POST ', b'PUT ', b'DELETE ', b'OPTIONS ', b'PATCH ',
+                 b'TRACE ', b'CONNECT ')
 _MEMCACHE_WORDS = frozenset(
     b'get gets gat gats set add replace append prepend cas delete incr decr touch '
     b'stats version flush_all verbosity quit mg ms md ma mn me'.split())
@@ -261,17 +262,21 @@ _PG_GSS_REQUEST = 80877104
 _PG_PROTOCOL_3 = 196608
 
 
-def detect_protocol(data):
-    """Guess the protocol from a client's first bytes.
+def detect_protocol(data, final=True):
+    """Guess the protocol from a client's first bytes; None: wait for more.
 
     HTTP by its request line; PostgreSQL by its startup or SSL request
     packet; Redis by a RESP array (``*``) or an upper-case inline command;
     memcached by a lower-case command word (``get foo`` is memcached: Redis
     clients send RESP arrays, memcached commands are lower case); else raw.
     MySQL and SMTP clients say nothing first: name them with `protocol`.
+    Unless `final`, bytes that may still become HTTP or PostgreSQL give None.
     """
-    if _HTTP_METHODS.match(data):
+    if data.startswith(_HTTP_METHODS):
         return 'http'
+    if not final and (any(method.startswith(data) for method in _HTTP_METHODS)
+                      or (len(data) < 8 and data.startswith(b'\x00'))):
+        return None
     if len(data) >= 8:
         length, code = struct.unpack('!II', data[:8])
         if code in (_PG_SSL_REQUEST, _PG_GSS_REQUEST, _PG_PROTOCOL_3) and length >= 8:
@@ -368,11 +373,16 @@ def errors(source, dest, to_backend, name, settings, proxy):
     data = proxy.get_data(source)
     if not to_backend:
         return HOLD_EOF  # whatever the backend says is dropped
+    state = source.connection.state(name)
+    data = state.pop('start', b'') + data
     if not data:
         return False
     protocol = settings['protocol']
     if protocol == 'auto':
-        protocol = detect_protocol(data)
+        protocol = detect_protocol(data, final=source.eof_read)
+        if protocol is None:
+            state['start'] = data   # a request line cut short: wait for the rest
+            return None
     if protocol == 'postgresql' and data[4:8] in (struct.pack('!I', _PG_SSL_REQUEST),
                                                   struct.pack('!I', _PG_GSS_REQUEST)):
         source.sendall(b'N')  # no TLS: the client goes on with its StartupMessage
@@ -1626,7 +1636,8 @@ class Client(_Driving):
         return answer
 
 
-_READY = re.compile(r'Vaurien ready: proxy (\S+) -> (\S+)(?:, control http://(\S+))?')
+_READY = re.compile(r'Vaurien ready: proxy ([^\s,;]+) -> ([^\s,;]+)'
+                    r'(?:, control http://([^\s,;]+))?')
 
 
 def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
@@ -1756,7 +1767,16 @@ def read_config(path, handlers):
         else:
             raise ConfigError('%s: unknown section (expected [vaurien] or [handler:NAME])'
                               % where)
+    if 'behavior' in options:
+        _check_behavior(options['behavior'], handlers, '%s: [vaurien] behavior' % path)
     return options
+
+
+def _check_behavior(spec, handlers, where):
+    try:
+        Behavior(spec, handlers)
+    except ConfigError as exc:
+        raise ConfigError('%s = %s: %s' % (where, spec, exc)) from None
 
 
 def _config_problem(exc):
@@ -1836,7 +1856,8 @@ def resolve(args):
         options['behavior'] = DEMO_BEHAVIOR
     if args.demo:
         options['http'] = True
-    Behavior(options['behavior'], handlers)  # a bad mix is a startup error
+    if args.behavior is not None:
+        _check_behavior(args.behavior, handlers, '--behavior')
     if not options['distant'] and not args.demo and not args.list_handlers:
         raise ConfigError('no backend: give --distant HOST:PORT (or try --demo)')
     return options, handlers

@@ -1,0 +1,1036 @@
+"""Tests of Vaurien on real sockets: what reaches the wire, EOF versus RST, timing.
+
+Every server and client here listens on 127.0.0.1 ephemeral ports.  Waits
+use deadlines, timing bounds are one-sided and generous, and every thread,
+socket and process is cleaned up by the fixtures.
+"""
+
+import contextlib
+import errno
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import vaurien
+from vaurien import Client, Proxy, start_proxy, stop_proxy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VAURIEN = os.path.join(HERE, 'vaurien.py')
+LOOP = '127.0.0.1'
+WAIT = 10.0   # seconds: the deadline of every wait that should end much sooner
+
+
+# ---------------------------------------------------------------------------
+# Test backends and clients
+# ---------------------------------------------------------------------------
+
+class Backend:
+    """A TCP server on an ephemeral port, running `serve(sock)` in a thread per connection."""
+
+    def __init__(self, serve):
+        self.serve = serve
+        self.listener = socket.create_server((LOOP, 0), backlog=1024)
+        self.address = self.listener.getsockname()
+        self.accepted = 0
+        self.threads = []
+        self.socks = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.socks.append(sock)
+            thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _run(self, sock):
+        try:
+            sock.settimeout(WAIT)
+            self.serve(sock)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(WAIT)
+        for thread in self.threads:
+            thread.join(WAIT)
+
+
+def echo(sock):
+    """Echo until EOF, then half-close."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def read_all(sock, deadline=WAIT):
+    """Everything until EOF; raises if the deadline passes first."""
+    sock.settimeout(deadline)
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b''.join(chunks)
+        chunks.append(data)
+
+
+def read_exactly(sock, size, deadline=WAIT):
+    sock.settimeout(deadline)
+    chunks, got = [], 0
+    while got < size:
+        data = sock.recv(min(65536, size - got))
+        if not data:
+            raise EOFError('EOF after %d of %d bytes' % (got, size))
+        chunks.append(data)
+        got += len(data)
+    return b''.join(chunks)
+
+
+def outcome(sock, deadline=WAIT):
+    """('eof', data), ('rst', data) or ('open', data) after waiting up to `deadline`."""
+    sock.settimeout(deadline)
+    chunks = []
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return 'eof', b''.join(chunks)
+            chunks.append(data)
+    except ConnectionResetError:
+        return 'rst', b''.join(chunks)
+    except socket.timeout:
+        return 'open', b''.join(chunks)
+
+
+def wait_for(condition, deadline=WAIT, what='condition'):
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError('timed out waiting for ' + what)
+        time.sleep(0.01)
+
+
+def connect(address):
+    sock = socket.create_connection(address, timeout=WAIT)
+    return sock
+
+
+@pytest.fixture
+def echo_backend():
+    backend = Backend(echo)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def make_proxy():
+    """Start in-process proxies on ephemeral ports; stop them all afterwards."""
+    proxies = []
+
+    def make(distant, **options):
+        options.setdefault('http_port', 0)
+        proxy = Proxy('%s:0' % LOOP, '%s:%d' % tuple(distant[:2]), **options).start()
+        proxies.append(proxy)
+        return proxy
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(make_proxy, echo_backend):
+    return make_proxy(echo_backend.address, http=True)
+
+
+def run_cli(*args, timeout=30, cwd=HERE):
+    return subprocess.run([sys.executable, VAURIEN] + list(args), capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+class CliProxy:
+    """`python vaurien.py ...` in a subprocess, ready once it printed its ready line."""
+
+    def __init__(self, *args, cwd=HERE):
+        self.process = subprocess.Popen(
+            [sys.executable, VAURIEN, '--local', LOOP + ':0', '--http', '--http-port', '0']
+            + list(args), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd)
+        self.lines = []
+        for line in self.process.stderr:
+            self.lines.append(line)
+            ready = vaurien._READY.search(line)
+            if ready:
+                self.address = vaurien.parse_address(ready.group(1))
+                self.control = vaurien.parse_address(ready.group(3))
+                break
+        else:
+            raise AssertionError('no ready line: %s' % ''.join(self.lines))
+        self.rest = []
+        self.drain = threading.Thread(target=self.rest.extend, args=(self.process.stderr,),
+                                      daemon=True)
+        self.drain.start()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(WAIT)
+        self.drain.join(WAIT)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def cli_proxy():
+    started = []
+
+    def make(*args, **kw):
+        started.append(CliProxy(*args, **kw))
+        return started[-1]
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+def round_trip(address, payload=b'ping'):
+    with connect(address) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+# ---------------------------------------------------------------------------
+# The relay
+# ---------------------------------------------------------------------------
+
+def test_normal_relays_bytes_both_ways(proxy):
+    payload = os.urandom(300000)
+    assert round_trip(proxy.address, payload) == payload
+
+
+def test_port_zero_binds_and_reports_the_real_port(proxy):
+    host, port = proxy.address
+    assert host == LOOP and port > 0
+    assert proxy.control_address[1] > 0
+
+
+def test_half_close_client_gets_the_whole_reply():
+    """The client sends, shuts its write side, and must still read the whole reply."""
+    reply = os.urandom(2_000_000)
+
+    def answer_at_eof(sock):
+        received = read_all(sock)
+        time.sleep(0.2)  # the reply comes well after the client's FIN
+        sock.sendall(hashlib.sha256(received).digest() + reply)
+        sock.shutdown(socket.SHUT_WR)
+    backend = Backend(answer_at_eof)
+    try:
+        with Proxy(LOOP + ':0', '%s:%d' % backend.address) as proxy, \
+                connect(proxy.address) as sock:
+            request = os.urandom(100000)
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            data = read_all(sock)
+        assert data == hashlib.sha256(request).digest() + reply
+    finally:
+        backend.close()
+
+
+def test_half_close_from_the_backend_keeps_the_client_direction_open():
+    """The backend closes its write side first; the client can still send to it."""
+    def greet_then_listen(sock):
+        sock.sendall(b'hello')
+        sock.shutdown(socket.SHUT_WR)
+        data = read_all(sock)
+        assert data == b'late data'
+        backend.got = data
+    backend = Backend(greet_then_listen)
+    backend.got = None
+    try:
+        with Proxy(LOOP + ':0', '%s:%d' % backend.address) as proxy, \
+                connect(proxy.address) as sock:
+            assert read_all(sock) == b'hello'   # EOF relayed, as a half-close
+            sock.sendall(b'late data')
+            sock.shutdown(socket.SHUT_WR)
+            wait_for(lambda: backend.got == b'late data', what='data after the half-close')
+    finally:
+        backend.close()
+
+
+def test_a_backend_that_writes_while_reading_does_not_deadlock_the_pump():
+    """Each chunk is answered with 4 times its size while the client sends megabytes."""
+    def amplify(sock):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data * 4)
+        sock.shutdown(socket.SHUT_WR)
+    backend = Backend(amplify)
+    try:
+        with Proxy(LOOP + ':0', '%s:%d' % backend.address) as proxy, \
+                connect(proxy.address) as sock:
+            payload = os.urandom(8_000_000)
+            received = []
+            reader = threading.Thread(target=lambda: received.append(read_all(sock, 60)))
+            reader.start()
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            reader.join(60)
+        assert len(received[0]) == 4 * len(payload)
+    finally:
+        backend.close()
+
+
+def test_unreachable_backend_closes_the_client_promptly_and_is_logged(make_proxy, caplog):
+    spare = socket.create_server((LOOP, 0))
+    dead = spare.getsockname()
+    spare.close()     # nothing listens there now
+    proxy = make_proxy(dead)
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        for _ in range(3):
+            with connect(proxy.address) as sock:
+                started = time.monotonic()
+                assert outcome(sock)[0] in ('eof', 'rst')
+                assert time.monotonic() - started < 5
+    assert 'unreachable' in caplog.text and 'refused' in caplog.text.lower()
+
+
+def thread_names():
+    return sorted(t.name for t in threading.enumerate())
+
+
+def open_fds():
+    return len(os.listdir('/proc/self/fd'))
+
+
+def test_finished_connections_release_threads_and_sockets(proxy):
+    for _ in range(5):   # warm up lazily created threads and sockets
+        round_trip(proxy.address)
+    wait_for(lambda: proxy.connection_count == 0, what='connections to end')
+    threads, fds = len(threading.enumerate()), open_fds()
+    for _ in range(200):
+        assert round_trip(proxy.address, b'x') == b'x'
+    wait_for(lambda: proxy.connection_count == 0, what='connections to end')
+    wait_for(lambda: len(threading.enumerate()) <= threads, what='threads to end')
+    assert open_fds() <= fds
+
+
+# ---------------------------------------------------------------------------
+# Built-in handlers of the announcement
+# ---------------------------------------------------------------------------
+
+def timestamped_backend():
+    """Records when each chunk arrives; answers `pong` to each."""
+    def serve(sock):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            backend.arrivals.append((time.monotonic(), data))
+            sock.sendall(b'pong')
+        sock.shutdown(socket.SHUT_WR)
+    backend = Backend(serve)
+    backend.arrivals = []
+    return backend
+
+
+def test_delay_holds_data_to_the_backend_not_the_replies(make_proxy):
+    backend = timestamped_backend()
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.set_handler('delay', sleep=0.3)
+        with connect(proxy.address) as sock:
+            sent = time.monotonic()
+            sock.sendall(b'ping')
+            assert read_exactly(sock, 4) == b'pong'
+            arrived = backend.arrivals[0][0]
+            assert arrived - sent >= 0.29
+            assert time.monotonic() - arrived < 0.25   # the reply was not delayed
+    finally:
+        backend.close()
+
+
+def test_delay_shifts_a_stream_instead_of_slowing_it(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('delay', sleep=0.3)
+    with connect(proxy.address) as sock:
+        started = time.monotonic()
+        for i in range(10):
+            sock.sendall(b'%02d' % i)
+            time.sleep(0.02)
+        assert read_exactly(sock, 20) == b''.join(b'%02d' % i for i in range(10))
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.3
+    assert elapsed < 2.5    # ten chunks one after the other would take 3 s
+
+
+def test_delay_default_and_config_settings_are_typed():
+    handlers = vaurien.default_handlers()
+    assert handlers['delay'].settings['sleep'] == 1.0
+    assert handlers['delay'].validate({'sleep': '2'})['sleep'] == 2.0
+    assert handlers['delay'].validate({'sleep': 2})['sleep'] == 2.0
+
+
+def test_errors_answers_http_with_a_complete_503(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    conn = http.client.HTTPConnection(*proxy.address, timeout=WAIT)
+    conn.request('GET', '/')
+    response = conn.getresponse()
+    assert response.status == 503
+    assert response.getheader('Connection') == 'close'
+    assert response.read() == b'Service Unavailable\n'
+    conn.close()
+    assert echo_backend.accepted == 0
+
+
+def test_errors_http_request_sent_in_segments_gets_its_answer_not_a_reset(make_proxy,
+                                                                         echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    with connect(proxy.address) as sock:
+        for part in (b'GET / HT', b'TP/1.1\r\nHost: x\r\n', b'Accept: */*\r\n', b'\r\n'):
+            sock.sendall(part)
+            time.sleep(0.1)
+        kind, data = outcome(sock)
+    assert kind == 'eof'
+    head, _, body = data.partition(b'\r\n\r\n')
+    assert head.startswith(b'HTTP/1.1 503 Service Unavailable\r\n')
+    assert b'Content-Length: %d' % len(body) in head
+
+
+def test_errors_status_and_message_are_settable(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', status=500, message='boom')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n')
+        data = read_all(sock)
+    assert data.startswith(b'HTTP/1.1 500 Internal Server Error\r\n')
+    assert data.endswith(b'\r\n\r\nboom\n')
+
+
+def test_errors_on_other_protocols_writes_an_error_payload_and_closes(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', message='no such luck')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'\x00\x01binary hello')
+        assert outcome(sock) == ('eof', b'no such luck')
+    proxy.set_handler('errors', size=32)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'\x00\x01binary hello')
+        kind, data = outcome(sock)
+        assert kind == 'eof' and len(data) == 32
+
+
+def test_hang_reads_never_answers_and_ends_when_the_client_leaves(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:hang')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'anyone there?')
+        assert outcome(sock, deadline=0.5) == ('open', b'')
+        sock.sendall(b'x' * 100000)   # read and discarded: the client is never blocked
+        assert outcome(sock, deadline=0.3) == ('open', b'')
+    wait_for(lambda: proxy.connection_count == 0, what='the hung connection to end')
+    assert echo_backend.accepted == 0
+
+
+def test_blackout_closes_at_once_without_touching_the_backend(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:blackout')
+    with connect(proxy.address) as sock:
+        started = time.monotonic()
+        kind, data = outcome(sock)
+        assert kind in ('eof', 'rst') and data == b''
+        assert time.monotonic() - started < 2
+    assert echo_backend.accepted == 0
+
+
+# ---------------------------------------------------------------------------
+# Custom handlers
+# ---------------------------------------------------------------------------
+
+def raising(source, dest, to_backend, name, settings, proxy):
+    raise RuntimeError('handler bug')
+
+
+def ending(source, dest, to_backend, name, settings, proxy):
+    dest.sendall(proxy.get_data(source))
+    return False
+
+
+def garbage(source, dest, to_backend, name, settings, proxy):
+    dest.sendall(proxy.get_data(source))
+    return {'not': 'a boolean'}
+
+
+def announcement_style_delay(source, dest, to_backend, name, settings, proxy):
+    """The announcement's delay, with time.sleep for gevent.sleep."""
+    if to_backend:
+        time.sleep(settings.get('sleep', 1))
+    dest.sendall(proxy.get_data(source))
+
+
+def custom_registry(**funcs):
+    handlers = vaurien.default_handlers()
+    for name, func in funcs.items():
+        handlers[name] = vaurien.Handler(name, func)
+    return handlers
+
+
+def test_a_handler_that_raises_ends_its_connection_only(make_proxy, echo_backend, caplog):
+    proxy = make_proxy(echo_backend.address, handlers=custom_registry(raising=raising))
+    with caplog.at_level(logging.ERROR, logger='vaurien'):
+        proxy.set_handler('raising')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'x')
+            assert outcome(sock)[0] == 'eof'
+    assert 'handler raising failed' in caplog.text and 'RuntimeError: handler bug' in caplog.text
+    proxy.set_handler('normal')
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_returning_false_ends_the_connection_other_values_go_on(make_proxy):
+    backend = timestamped_backend()
+    try:
+        proxy = make_proxy(backend.address,
+                           handlers=custom_registry(ending=ending, garbage=garbage))
+        proxy.set_handler('garbage')
+        assert round_trip(proxy.address, b'abc') == b'pong'
+        proxy.set_handler('ending')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'xyz')
+            assert outcome(sock)[0] == 'eof'   # what the handler sent went out first
+        wait_for(lambda: [data for _, data in backend.arrivals] == [b'abc', b'xyz'],
+                 what='the last chunk to reach the backend')
+    finally:
+        backend.close()
+
+
+def test_announcement_style_handler_with_settings(make_proxy, echo_backend):
+    handlers = custom_registry(slow=announcement_style_delay)
+    handlers['slow'].settings = handlers['slow'].validate({'sleep': '0.2'})
+    proxy = make_proxy(echo_backend.address, handlers=handlers, behavior='100:slow')
+    started = time.monotonic()
+    assert round_trip(proxy.address) == b'ping'
+    assert time.monotonic() - started >= 0.2
+
+
+# ---------------------------------------------------------------------------
+# Choosing a handler: the mix, the seed, live switches
+# ---------------------------------------------------------------------------
+
+def test_mix_proportions_under_a_seed():
+    handlers = vaurien.default_handlers()
+    mix = vaurien.Behavior('20:delay,10:errors,2.5:hang', handlers)
+    assert str(mix) == '20:delay,10:errors,2.5:hang,67.5:normal'
+    rng = random.Random(7)
+    draws = [mix.draw(rng) for _ in range(20000)]
+    share = {name: draws.count(name) / len(draws) for name in set(draws)}
+    assert abs(share['delay'] - 0.20) < 0.015
+    assert abs(share['errors'] - 0.10) < 0.015
+    assert abs(share['hang'] - 0.025) < 0.01
+    assert abs(share['normal'] - 0.675) < 0.015
+    again = random.Random(7)
+    assert draws == [mix.draw(again) for _ in range(20000)]
+
+
+def connection_fates(proxy, count):
+    fates = []
+    for _ in range(count):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'x')
+            sock.shutdown(socket.SHUT_WR)
+            fates.append('normal' if outcome(sock)[1] == b'x' else 'blackout')
+    return fates
+
+
+def test_seeded_draws_are_reproducible_and_kept_per_connection(make_proxy, echo_backend):
+    first = connection_fates(make_proxy(echo_backend.address, behavior='50:blackout',
+                                        seed=42), 40)
+    second = connection_fates(make_proxy(echo_backend.address, behavior='50:blackout',
+                                         seed=42), 40)
+    mix = vaurien.Behavior('50:blackout', vaurien.default_handlers())
+    rng = random.Random(42)
+    assert first == second == [mix.draw(rng) for _ in range(40)]
+    assert 10 < first.count('blackout') < 30
+
+
+def test_bad_behaviors_are_refused_with_the_reason():
+    handlers = vaurien.default_handlers()
+    cases = {'60:delay,50:errors': 'over 100', '20:nope': "unknown handler 'nope'",
+             'delay': 'malformed', '20:': 'malformed', 'x:delay': 'malformed',
+             '0:delay': 'above 0', '-5:delay': 'above 0', '': 'empty',
+             'nan:delay': 'above 0', '200:delay': 'at most 100'}
+    for spec, reason in cases.items():
+        with pytest.raises(vaurien.ConfigError, match=reason):
+            vaurien.Behavior(spec, handlers)
+    with pytest.raises(vaurien.ConfigError, match='known: abort, bandwidth'):
+        vaurien.Behavior('20:nope', handlers)
+
+
+def test_a_handler_set_reaches_live_connections_from_their_next_chunk(proxy):
+    client = Client(*proxy.control_address)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'one')
+        assert read_exactly(sock, 3) == b'one'
+        with client.with_handler('errors', message='down'):
+            sock.sendall(b'two')
+            assert outcome(sock) == ('eof', b'down')
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_with_handler_restores_handler_settings_or_mix_even_on_error(proxy):
+    client = Client(*proxy.control_address)
+    client.set_handler('delay', sleep=0.01, jitter=0.005)
+    before = client.get_handler()
+    with pytest.raises(KeyError):
+        with client.with_handler('errors', status=502):
+            assert client.get_handler()['settings']['status'] == 502
+            raise KeyError('inside')
+    assert client.get_handler() == before
+    client.set_behavior('20:delay,10:hang')
+    with client.with_handler('blackout'):
+        assert client.get_handler()['handler'] == 'blackout'
+    assert client.get_handler() == {'handler': None, 'settings': {}, 'fixed': False,
+                                    'behavior': '20:delay,10:hang,70:normal'}
+
+
+def test_proxy_in_process_drives_like_the_client(proxy):
+    with proxy.with_handler('errors', message='nope'):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'hi')
+            assert outcome(sock) == ('eof', b'nope')
+    assert proxy.get_handler()['handler'] == 'normal'
+    assert round_trip(proxy.address) == b'ping'
+
+
+# ---------------------------------------------------------------------------
+# Control API
+# ---------------------------------------------------------------------------
+
+def api(address, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection(*address, timeout=WAIT)
+    try:
+        conn.request(method, path, body, headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_api_get_and_set_handler(proxy):
+    address = proxy.control_address
+    assert api(address, 'GET', '/handler') == (200, {
+        'handler': 'normal', 'settings': {}, 'behavior': '100:normal', 'fixed': False})
+    status, state = api(address, 'PUT', '/handler',
+                        json.dumps({'name': 'delay', 'settings': {'sleep': 0.5}}))
+    assert status == 200 and state['handler'] == 'delay'
+    assert state['settings'] == {'sleep': 0.5, 'jitter': 0.0, 'direction': 'to_backend'}
+    assert api(address, 'POST', '/handler', 'errors')[1]['handler'] == 'errors'
+    assert api(address, 'GET', '/handler')[1]['handler'] == 'errors'
+
+
+def test_api_settings_merge_over_the_configured_ones(make_proxy, echo_backend):
+    handlers = vaurien.default_handlers()
+    handlers['delay'].settings = handlers['delay'].validate({'sleep': 2, 'jitter': 0.5})
+    proxy = make_proxy(echo_backend.address, handlers=handlers, http=True)
+    status, state = api(proxy.control_address, 'PUT', '/handler',
+                        json.dumps({'name': 'delay', 'settings': {'sleep': 0.1}}))
+    assert state['settings'] == {'sleep': 0.1, 'jitter': 0.5, 'direction': 'to_backend'}
+
+
+def test_api_curl_plain_text_body(proxy):
+    if not shutil.which('curl'):
+        pytest.skip('curl is not installed (apt-get install curl)')
+    url = 'http://%s:%d/handler' % proxy.control_address
+    out = subprocess.run(['curl', '-s', '-d', 'errors', url], capture_output=True, text=True,
+                         timeout=WAIT).stdout
+    assert json.loads(out)['handler'] == 'errors'
+
+
+def test_api_handlers_and_behavior(proxy):
+    address = proxy.control_address
+    status, listing = api(address, 'GET', '/handlers')
+    assert status == 200 and listing['handlers'] == sorted(listing['handlers'])
+    assert {'normal', 'delay', 'errors', 'hang', 'blackout'} <= set(listing['handlers'])
+    assert listing['details']['delay']['settings']['sleep']['default'] == 1.0
+    assert api(address, 'GET', '/behavior') == (200, {'behavior': '100:normal'})
+    assert api(address, 'PUT', '/behavior', json.dumps({'behavior': '20:delay'})) == (
+        200, {'behavior': '20:delay,80:normal'})
+    assert api(address, 'GET', '/handler')[1]['handler'] is None
+
+
+@pytest.mark.parametrize('method,path,body,status,fragment', [
+    ('PUT', '/handler', '{"name": "nope"}', 400, 'unknown handler'),
+    ('PUT', '/handler', 'nope', 400, 'unknown handler'),
+    ('PUT', '/handler', '{"name": ', 400, 'malformed JSON'),
+    ('PUT', '/handler', '[1, 2]', 400, 'JSON object'),
+    ('PUT', '/handler', '{"name": "delay", "settings": {"sleep": "soon"}}', 400, 'sleep'),
+    ('PUT', '/handler', '{"name": "delay", "settings": {"slep": 1}}', 400, 'unknown setting'),
+    ('PUT', '/handler', '{"name": "delay", "settings": [1]}', 400, 'settings'),
+    ('PUT', '/handler', '{}', 400, 'name'),
+    ('PUT', '/behavior', '{"behavior": "90:delay,20:hang"}', 400, 'over 100'),
+    ('PUT', '/behavior', '{"behavior": 5}', 400, 'behavior'),
+    ('GET', '/nowhere', None, 404, 'no such resource'),
+    ('DELETE', '/handler', None, 405, 'does not take DELETE'),
+    ('PUT', '/handlers', '{}', 405, 'does not take PUT'),
+    ('PUT', '/proxy', '{"enabled": "maybe"}', 400, 'enabled'),
+])
+def test_api_errors_are_json_with_the_right_status(proxy, method, path, body, status,
+                                                  fragment):
+    got_status, answer = api(proxy.control_address, method, path, body)
+    assert got_status == status and answer['status'] == status
+    assert fragment in answer['error']
+    assert api(proxy.control_address, 'GET', '/handler')[0] == 200
+
+
+def test_api_unknown_handler_lists_the_known_ones_and_never_imports(proxy):
+    status, answer = api(proxy.control_address, 'PUT', '/handler',
+                         json.dumps({'name': 'os.system'}))
+    assert status == 400 and 'normal' in answer['known']
+
+
+def test_api_body_over_64k_gets_413_not_a_reset(proxy):
+    with connect(proxy.control_address) as sock:
+        body = b'x' * (70 * 1024)
+        sock.sendall(b'PUT /handler HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n'
+                     % len(body))
+        for start in range(0, len(body), 8192):   # the body keeps coming, in segments
+            with contextlib.suppress(OSError):
+                sock.sendall(body[start:start + 8192])
+            time.sleep(0.005)
+        kind, data = outcome(sock)
+    assert kind == 'eof'
+    assert data.startswith(b'HTTP/1.1 413 ')
+    assert json.loads(data.partition(b'\r\n\r\n')[2])['status'] == 413
+
+
+def test_api_refuses_browsers_and_checks_the_token(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, http=True, http_token='s3cret')
+    address = proxy.control_address
+    auth = {'Authorization': 'Bearer s3cret'}
+    assert api(address, 'GET', '/handler')[0] == 401
+    assert api(address, 'GET', '/handler', headers={'Authorization': 'Bearer nope'})[0] == 401
+    assert api(address, 'GET', '/handler', headers=auth)[0] == 200
+    assert api(address, 'GET', '/handler', headers=dict(auth, Origin='http://evil.test'))[0] == 403
+    browser = 'Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36'
+    assert api(address, 'GET', '/handler', headers=dict(auth, **{'User-Agent': browser}))[0] \
+        == 403
+    assert Client(*address, token='s3cret').get_handler()['handler'] == 'normal'
+    with pytest.raises(vaurien.VaurienError, match='401'):
+        Client(*address).get_handler()
+
+
+def test_api_half_sent_request_does_not_block_it(proxy):
+    with connect(proxy.control_address) as stalled:
+        stalled.sendall(b'PUT /handler HTTP/1.1\r\nContent-Length: 10\r\n\r\nerr')
+        started = time.monotonic()
+        assert Client(*proxy.control_address).get_handler()['handler'] == 'normal'
+        assert time.monotonic() - started < 2
+
+
+def test_client_errors_say_what_happened():
+    spare = socket.create_server((LOOP, 0))
+    port = spare.getsockname()[1]
+    spare.close()
+    with pytest.raises(vaurien.VaurienError, match='refused.*--http'):
+        Client(LOOP, port).get_handler()
+
+
+def test_client_error_answers_raise(proxy):
+    client = Client(*proxy.control_address)
+    with pytest.raises(vaurien.VaurienError, match="400 unknown handler 'nope'"):
+        client.set_handler('nope')
+    with pytest.raises(vaurien.VaurienError, match='unknown setting'):
+        client.set_handler('delay', name_of_nothing=1)
+
+
+def test_a_setting_called_name_does_not_collide(make_proxy, echo_backend):
+    def named(source, dest, to_backend, name, settings, proxy):
+        """Sends its `name` setting.
+
+        Settings:
+          name (str, default x): what it says.
+        """
+        dest.sendall(settings['name'].encode())
+        return False
+    proxy = make_proxy(echo_backend.address, http=True,
+                       handlers=custom_registry(named=named))
+    assert Client(*proxy.control_address).set_handler('named', name='y')['settings'] == \
+        {'name': 'y'}
+    assert proxy.set_handler('named', name='z')['settings'] == {'name': 'z'}
+
+
+def test_client_keeps_working_after_the_server_closed_its_idle_connection(proxy):
+    client = Client(*proxy.control_address)
+    client.get_handler()
+    client._http.sock.close()    # as if the server had timed the idle connection out
+    client._http.sock = None
+    assert client.get_handler()['handler'] == 'normal'
+
+
+# ---------------------------------------------------------------------------
+# Configuration and command line
+# ---------------------------------------------------------------------------
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_gives_handler_settings_and_options(tmp_path, echo_backend, cli_proxy):
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:delay\n'
+                '[handler:delay]\nsleep = 0.3\n' % echo_backend.address)
+    proc = cli_proxy('--config', ini)
+    started = time.monotonic()
+    assert round_trip(proc.address) == b'ping'
+    assert time.monotonic() - started >= 0.3
+    state = Client(*proc.control).get_handler()
+    assert state['settings'] == {'sleep': 0.3, 'jitter': 0.0, 'direction': 'to_backend'}
+
+
+def test_command_line_flags_override_the_config_file(tmp_path, echo_backend, cli_proxy):
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:blackout\n'
+                % echo_backend.address)
+    proc = cli_proxy('--config', ini, '--behavior', '100:normal')
+    assert round_trip(proc.address) == b'ping'
+
+
+def test_custom_handler_registered_by_dotted_name(tmp_path, echo_backend, cli_proxy):
+    (tmp_path / 'mychaos.py').write_text(
+        'def upper(source, dest, to_backend, name, settings, proxy):\n'
+        '    data = proxy.get_data(source)\n'
+        '    if data and not to_backend:\n'
+        '        data = data.upper() + settings["suffix"].encode()\n'
+        '    dest.sendall(data)\n')
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:shout\n'
+                '[handler:shout]\ncallable = mychaos:upper\nsuffix = !\n' % echo_backend.address)
+    proc = cli_proxy('--config', ini)   # the config file's directory is importable
+    assert round_trip(proc.address, b'hey') == b'HEY!'
+    ini2 = write(tmp_path, 'w.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:shout\n'
+                 '[handler:shout]\ncallable = mychaos.upper\nsuffix = ?\n' % echo_backend.address)
+    other = tmp_path / 'elsewhere'
+    other.mkdir()
+    proc = cli_proxy('--config', ini2, cwd=str(other))
+    assert round_trip(proc.address, b'hey') == b'HEY?'
+
+
+CONFIG_ERRORS = [
+    ('[vaurien]\ndistant = a:1\nbogus = 1\n', "[vaurien]: unknown key 'bogus'"),
+    ('[vaurien]\ndistant = a:1\nhttp_port = lots\n', '[vaurien] http_port = lots: expected int'),
+    ('[vaurien]\ndistant = a:1\nhttp_port = 70000\n', 'http_port = 70000'),
+    ('[vaurien]\ndistant = a:1\nbehavior = 120:delay\n', 'behavior = 120:delay: '),
+    ('[vaurien]\ndistant = a:1\nbehavior = 60:delay,60:hang\n', 'over 100'),
+    ('[vaurien]\ndistant = a:1\nbehavior = 20:nope\n', "unknown handler 'nope'"),
+    ('[vaurien]\ndistant = a:1\nlog_level = loud\n', 'log_level = loud: expected one of'),
+    ('[whatever]\nx = 1\n', '[whatever]: unknown section'),
+    ('[handler:delay]\nsleep = soon\n', '[handler:delay] sleep = soon: '),
+    ('[handler:delay]\nsleep = -1\n', 'sleep = -1'),
+    ('[handler:delay]\nslep = 1\n', "unknown setting 'slep'"),
+    ('[handler:mine]\nx = 1\n', "unknown handler 'mine'"),
+    ('[handler:mine]\ncallable = no_such_module.func\n', 'cannot import no_such_module'),
+    ('[handler:mine]\ncallable = os.path.nothing_here\n', 'has no attribute'),
+    ('[handler:mine]\ncallable = os.sep\n', 'not callable'),
+    ('[handler:mine]\ncallable = justaname\n', 'not a dotted name'),
+    ('[vaurien]\ndistant = a:1\n[vaurien]\n', 'appears twice'),
+    ('[vaurien]\ndistant = a:1\ndistant = b:2\n', 'appears twice'),
+    ('distant = a:1\n', 'comes before any [section]'),
+    ('[vaurien\n', 'line 1'),
+    ('[vaurien]\nthis line has no equals sign\n', 'line 2: cannot parse'),
+]
+
+
+@pytest.mark.parametrize('text,message', CONFIG_ERRORS)
+def test_config_errors_are_one_line_with_exit_status_2(tmp_path, text, message):
+    ini = write(tmp_path, 'bad.ini', text)
+    result = run_cli('--config', ini, '--distant', '127.0.0.1:9')
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith('vaurien: error: %s' % ini)
+    assert message in lines[0]
+    assert 'Traceback' not in result.stderr
+
+
+def test_missing_and_binary_config_files(tmp_path):
+    result = run_cli('--config', str(tmp_path / 'none.ini'))
+    assert result.returncode == 2 and 'cannot read' in result.stderr
+    binary = tmp_path / 'bin.ini'
+    binary.write_bytes(b'\xff\xfe\x00garbage')
+    result = run_cli('--config', str(binary))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--distant', 'nowhere'], "distant 'nowhere' is not HOST:PORT"),
+    (['--distant', 'a:1', '--local', 'x:99999'], 'not HOST:PORT'),
+    (['--distant', 'a:1', '--behavior', '50:delay,60:hang'], 'over 100'),
+    (['--distant', 'a:1', '--http-port', '-3'], '--http-port = -3'),
+    (['--distant', 'a:1', '--seed', 'abc'], '--seed = abc'),
+    ([], 'no backend'),
+])
+def test_bad_command_line_values_are_one_line_errors(args, message):
+    result = run_cli('--local', LOOP + ':0', *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_listen_failure_is_one_line():
+    taken = socket.create_server((LOOP, 0))
+    try:
+        result = run_cli('--local', '%s:%d' % taken.getsockname(), '--distant', 'a:1')
+    finally:
+        taken.close()
+    assert result.returncode == 1 and 'in use' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_version_help_and_list_handlers():
+    assert run_cli('--version').stdout.strip() == 'vaurien ' + vaurien.__version__
+    helptext = run_cli('--help').stdout
+    for flag in ('--local', '--distant', '--behavior', '--config', '--seed', '--http ',
+                 '--http-host', '--http-port', '--log-level', '--log-output',
+                 '--list-handlers', '--version', '--demo'):
+        assert flag in helptext
+    listing = run_cli('--list-handlers').stdout
+    assert 'delay: Delays each chunk' in listing
+    assert 'sleep (float >= 0, default 1.0): seconds each chunk is held.' in listing
+    assert 'blackout: Closes the connection at once' in listing
+
+
+def test_python_dash_m_and_the_console_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, '-m', 'vaurien', '--version'], cwd=HERE,
+                            capture_output=True, text=True, timeout=WAIT)
+    assert result.stdout.strip() == 'vaurien ' + vaurien.__version__
+    with open(os.path.join(HERE, 'setup.py')) as setup:
+        assert "'vaurien=vaurien:main'" in setup.read()
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_proxy_with_status_0_within_a_second(cli_proxy, echo_backend, signum):
+    proc = cli_proxy('--distant', '%s:%d' % echo_backend.address)
+    live = connect(proc.address)
+    live.sendall(b'x')
+    assert read_exactly(live, 1) == b'x'
+    started = time.monotonic()
+    proc.process.send_signal(signum)
+    assert proc.process.wait(WAIT) == 0
+    assert time.monotonic() - started < 3   # a second, plus a loaded machine's margin
+    assert outcome(live)[0] in ('eof', 'rst')
+    live.close()
+    with pytest.raises(OSError):
+        connect(proc.address).close()
+
+
+def test_log_output_to_a_file(tmp_path, cli_proxy):
+    spare = socket.create_server((LOOP, 0))
+    dead = '%s:%d' % spare.getsockname()
+    spare.close()
+    logfile = tmp_path / 'v.log'
+    proc = cli_proxy('--distant', dead, '--log-output', str(logfile), '--log-level', 'debug')
+    with connect(proc.address) as sock:
+        outcome(sock)
+    wait_for(lambda: logfile.exists() and 'unreachable' in logfile.read_text(),
+             what='the log line in the file')
+
+
+def test_demo_mode_shows_chaos_with_nothing_else_running(cli_proxy):
+    proc = cli_proxy('--demo', '--seed', '3')
+    wait_for(lambda: 'Ctrl-C' in ''.join(proc.rest), what="the demo's how-to")
+    text = ''.join(proc.rest)
+    assert 'curl -si http://%s:%d/' % proc.address in text
+    assert 'curl -d errors http://%s:%d/handler' % proc.control in text
+    statuses = []
+    for _ in range(20):
+        conn = http.client.HTTPConnection(*proc.address, timeout=WAIT)
+        conn.request('GET', '/')
+        statuses.append(conn.getresponse().status)
+        conn.close()
+    assert 200 in statuses and 503 in statuses
+    client = Client(*proc.control)
+    client.set_handler('normal')
+    conn = http.client.HTTPConnection(*proc.address, timeout=WAIT)
+    conn.request('GET', '/hello')
+    assert b'demo backend' in conn.getresponse().read()
+    conn.close()
+
+
+# ---------------------------------------------------------------------------
+# start_proxy / stop_proxy and the announcement's example
+# ---------------------------------------------------------------------------
+
+def test_start_proxy_is_ready_on_return_and_stop_proxy_stops_it(echo_backend):
+    pid = start_proxy(host=LOOP, port=echo_backend.address[1], local=LOOP + ':0',
+                      http_host=LOOP, http_port=0)
+    try:
+        client = Client()       # the proxy start_proxy() just started
+        assert client.get_handler()['handler'] == 'normal'
+        with client.with_handler('errors', message='E'):
+            proxied = vaurien.parse_address(client.status()['local'])
+            with connect(proxied) as sock:
+                sock.sendall(b'x')
+                assert outcome(sock) == ('eof', b'E')
+        assert round_trip(proxied) == b'ping'
+    finally:
+        assert stop_proxy(pid) is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(OSError):
+        connect(proxied).close()
+    with pytest.raises(ValueError):
+        stop_proxy(pid)
+
+
+def test_start_proxy_failure_raises_with_the_error_output():
+    with pytest.raises(vaurien.VaurienError, match='over 100'):
+        start_proxy(port=9, local=LOOP + ':0', http_port=0, behavior='90:delay,90:hang')
+
+
+def test_stop_proxy_unknown_pid():
+    with pytest.raises(ValueError):
+        stop_proxy(1)
+
+
+def test_the_announcement_example_runs(monkeypatch):
+    """examples/test_announcement.py, as written, with its ports made ephemeral."""
+    import unittest
+    sys.path.insert(0, os.path.join(HERE, 'examples'))
+    try:
+        import test_announcement
+    finally:
+        sys.path.pop(0)
+
+    def ephemeral_start_proxy(**options):
+        return start_proxy(local=LOOP + ':0', http_port=0, **options)
+    monkeypatch.setattr(test_announcement, 'start_proxy', ephemeral_start_proxy)
+    suite = unittest.defaultTestLoader.loadTestsFromModule(test_announcement)
+    result = unittest.TextTestRunner(stream=open(os.devnull, 'w')).run(suite)
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert result.testsRun >= 1
