@@ -1034,3 +1034,382 @@ def test_the_announcement_example_runs(monkeypatch):
     result = unittest.TextTestRunner(stream=open(os.devnull, 'w')).run(suite)
     assert result.wasSuccessful(), result.errors + result.failures
     assert result.testsRun >= 1
+
+
+# ---------------------------------------------------------------------------
+# The fault library
+# ---------------------------------------------------------------------------
+
+def reply_backend(reply, close=True):
+    """Answers each connection's first chunk with `reply`, then half-closes (if `close`)."""
+    def serve(sock):
+        backend.requests.append(sock.recv(65536))
+        sock.sendall(reply)
+        if close:
+            sock.shutdown(socket.SHUT_WR)
+        read_all(sock)
+    backend = Backend(serve)
+    backend.requests = []
+    return backend
+
+
+@pytest.fixture
+def backends():
+    made = []
+
+    def make(factory, *args):
+        made.append(factory(*args))
+        return made[-1]
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def test_delay_jitter_and_direction(make_proxy, backends):
+    backend = backends(timestamped_backend)
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('delay', sleep=0.3, direction='to_client')
+    with connect(proxy.address) as sock:
+        sent = time.monotonic()
+        sock.sendall(b'ping')
+        assert read_exactly(sock, 4) == b'pong'
+        assert backend.arrivals[0][0] - sent < 0.25          # requests go at once
+        assert time.monotonic() - backend.arrivals[0][0] >= 0.29   # replies wait
+    proxy.set_handler('delay', sleep=0.2, jitter=0.1, direction='both')
+    with connect(proxy.address) as sock:
+        for _ in range(3):
+            sent = time.monotonic()
+            sock.sendall(b'ping')
+            assert read_exactly(sock, 4) == b'pong'
+            assert time.monotonic() - sent >= 0.2   # two legs of at least 0.1 s
+
+
+@pytest.mark.parametrize('request_bytes,answer', [
+    (b'*1\r\n$4\r\nPING\r\n', b'-ERR Service Unavailable\r\n'),
+    (b'PING\r\n', b'-ERR Service Unavailable\r\n'),
+    (b'get foo\r\n', b'SERVER_ERROR Service Unavailable\r\n'),
+    (b'set foo 0 0 3\r\nbar\r\n', b'SERVER_ERROR Service Unavailable\r\n'),
+])
+def test_errors_auto_detects_redis_and_memcache(make_proxy, echo_backend, request_bytes,
+                                                answer):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    with connect(proxy.address) as sock:
+        sock.sendall(request_bytes)
+        assert outcome(sock) == ('eof', answer)
+
+
+def test_errors_mysql_greeting_without_waiting_or_a_backend(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', protocol='mysql')
+    with connect(proxy.address) as sock:
+        kind, data = outcome(sock)
+    message = b'Too many connections'
+    assert kind == 'eof'
+    assert data == struct.pack('<I', 3 + len(message))[:3] + b'\x00\xff' + \
+        struct.pack('<H', 1040) + message
+    assert echo_backend.accepted == 0
+    pymysql = pytest.importorskip('pymysql')
+    with pytest.raises(pymysql.err.OperationalError) as caught:
+        pymysql.connect(host=LOOP, port=proxy.address[1], user='x', connect_timeout=WAIT)
+    assert caught.value.args == (1040, 'Too many connections')
+
+
+def test_errors_mysql_command_line_client(make_proxy, echo_backend):
+    client = shutil.which('mariadb') or shutil.which('mysql')
+    if not client:
+        pytest.skip('no MySQL client (apt-get install mariadb-client)')
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', protocol='mysql', code='1045', message='Access denied')
+    result = subprocess.run([client, '-h', LOOP, '-P', str(proxy.address[1]), '-u', 'x',
+                             '--skip-ssl'], capture_output=True, text=True, timeout=WAIT,
+                            stdin=subprocess.DEVNULL)
+    assert 'ERROR 1045' in result.stderr and 'Access denied' in result.stderr
+
+
+def test_errors_postgresql_answers_ssl_then_a_fatal_error(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    with connect(proxy.address) as sock:
+        sock.sendall(struct.pack('!II', 8, 80877103))
+        assert read_exactly(sock, 1) == b'N'
+        params = b'user\x00x\x00database\x00x\x00\x00'
+        sock.sendall(struct.pack('!II', 8 + len(params), 196608) + params)
+        kind, data = outcome(sock)
+    assert kind == 'eof' and data.startswith(b'E')
+    assert struct.unpack('!I', data[1:5])[0] == len(data) - 1
+    fields = dict((f[:1], f[1:]) for f in data[5:-1].split(b'\x00') if f)
+    assert fields == {b'S': b'FATAL', b'V': b'FATAL', b'C': b'53300',
+                      b'M': b'sorry, too many clients already'}
+
+
+def test_errors_postgresql_clients_report_it(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', protocol='postgresql', code='57P03',
+                      message='the database system is starting up')
+    pg8000 = pytest.importorskip('pg8000')
+    with pytest.raises(pg8000.dbapi.ProgrammingError) as caught:
+        pg8000.connect(host=LOOP, port=proxy.address[1], user='x', timeout=WAIT)
+    assert caught.value.args[0]['C'] == '57P03'
+    if not shutil.which('psql'):
+        pytest.skip('psql is not installed (apt-get install postgresql-client)')
+    result = subprocess.run(['psql', '-h', LOOP, '-p', str(proxy.address[1]), '-U', 'x',
+                             '-c', 'select 1'], capture_output=True, text=True, timeout=WAIT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert 'FATAL:  the database system is starting up' in result.stderr
+
+
+def test_errors_redis_clients_report_it(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    redis = pytest.importorskip('redis')
+    with pytest.raises(redis.exceptions.ResponseError, match='Service Unavailable'):
+        redis.Redis(host=LOOP, port=proxy.address[1], socket_timeout=WAIT).ping()
+    if not shutil.which('redis-cli'):
+        pytest.skip('redis-cli is not installed (apt-get install redis-tools)')
+    proxy.set_handler('errors', message='LOADING Redis is loading the dataset in memory')
+    result = subprocess.run(['redis-cli', '-h', LOOP, '-p', str(proxy.address[1]), 'GET', 'k'],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert 'LOADING Redis is loading the dataset in memory' in result.stdout
+
+
+def test_errors_smtp_greeting(make_proxy, echo_backend):
+    import smtplib
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', protocol='smtp')
+    with pytest.raises(smtplib.SMTPConnectError) as caught:
+        smtplib.SMTP(LOOP, proxy.address[1], timeout=WAIT)
+    assert caught.value.smtp_code == 421
+
+
+def test_errors_http_with_curl(make_proxy, echo_backend):
+    if not shutil.which('curl'):
+        pytest.skip('curl is not installed (apt-get install curl)')
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', status=504)
+    result = subprocess.run(['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}',
+                             'http://%s:%d/api' % proxy.address], capture_output=True,
+                            text=True, timeout=WAIT)
+    assert result.stdout == '504' and result.returncode == 0
+
+
+def test_abort_resets_the_client_after_the_request_reached_the_backend(make_proxy, backends):
+    backend = backends(reply_backend, b'reply')
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('abort')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'request')
+        assert outcome(sock) == ('rst', b'')
+    wait_for(lambda: backend.requests == [b'request'], what='the request at the backend')
+
+
+def test_abort_on_response_and_on_connect(make_proxy, backends):
+    backend = backends(reply_backend, b'reply', False)
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('abort', when='response')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'request')
+        assert outcome(sock) == ('rst', b'')
+    assert backend.requests == [b'request']
+    proxy.set_handler('abort', when='connect')
+    with connect(proxy.address) as sock:
+        assert outcome(sock) == ('rst', b'')
+    assert backend.accepted == 1
+
+
+def test_bandwidth_is_smooth_and_close_to_the_rate(make_proxy, backends):
+    payload = os.urandom(300000)
+    backend = backends(reply_backend, payload)
+    proxy = make_proxy(backend.address)
+    rate = 300000
+    proxy.set_handler('bandwidth', rate=rate)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'go')
+        started, got, received = time.monotonic(), 0, []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received.append(data)
+            got += len(data)
+            # never ahead of the rate by more than a tenth of a second of traffic
+            assert got <= rate * (time.monotonic() - started) + rate / 10 + 1
+    assert b''.join(received) == payload
+    assert time.monotonic() - started >= 0.85
+
+
+def test_slicer_splits_and_keeps_every_byte_in_order(make_proxy, backends):
+    payload = bytes(range(256)) * 4
+    backend = backends(reply_backend, payload)
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('slicer', size=16, variation=4, delay=0.005)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'go')
+        started, pieces = time.monotonic(), []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            pieces.append(data)
+    assert b''.join(pieces) == payload
+    assert len(pieces) >= 10
+    assert time.monotonic() - started >= (1024 / 20 - 1) * 0.005
+
+
+def test_slow_close_holds_the_eof(make_proxy, backends):
+    backend = backends(reply_backend, b'bye')
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('slow_close', delay=0.5)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'hi')
+        started = time.monotonic()
+        assert read_exactly(sock, 3) == b'bye'
+        assert time.monotonic() - started < 0.45
+        assert read_all(sock) == b''
+        assert time.monotonic() - started >= 0.5
+
+
+def test_timeout_swallows_and_closes_after_the_timeout(make_proxy, backends):
+    backend = backends(timestamped_backend)
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('timeout', timeout=0.5)
+    with connect(proxy.address) as sock:
+        started = time.monotonic()
+        sock.sendall(b'ping')
+        assert outcome(sock) == ('eof', b'')
+        assert time.monotonic() - started >= 0.5
+    assert backend.arrivals == []
+    proxy.set_handler('timeout', timeout=0)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'ping')
+        assert outcome(sock, deadline=1.0) == ('open', b'')
+
+
+def test_limit_data_relays_that_many_bytes_then_closes(make_proxy, backends):
+    backend = backends(reply_backend, b'x' * 1000, False)
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('limit_data', bytes=100)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'go')
+        assert outcome(sock) == ('eof', b'x' * 100)
+    proxy.set_handler('limit_data', bytes=3, direction='to_backend')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'abcdef')
+        assert outcome(sock)[0] == 'eof'
+    wait_for(lambda: backend.requests[-1:] == [b'abc'], what='three bytes at the backend')
+
+
+def test_transient_fails_the_first_connections_then_passes(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('transient', count=2)
+    assert [round_trip(proxy.address, b'GET / HTTP/1.0\r\n\r\n')[:12] for _ in range(4)] == \
+        [b'HTTP/1.1 503', b'HTTP/1.1 503', b'GET / HTTP/1', b'GET / HTTP/1']
+    proxy.set_handler('transient', count=0, period=0.5, protocol='redis')
+    assert round_trip(proxy.address, b'*1\r\n$4\r\nPING\r\n').startswith(b'-ERR')
+    time.sleep(0.6)
+    assert round_trip(proxy.address, b'*1\r\n$4\r\nPING\r\n') == b'*1\r\n$4\r\nPING\r\n'
+
+
+def test_transient_mysql_greeting(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('transient', count=1, protocol='mysql')
+    with connect(proxy.address) as sock:
+        assert outcome(sock)[1][4:5] == b'\xff'
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_flap_alternates_service_and_outage(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('flap', up=1.0, down=1.0)
+    started = proxy.epoch[1]
+
+    def at(moment):
+        time.sleep(max(0.0, started + moment - time.monotonic()))
+        with connect(proxy.address) as sock:
+            sock.sendall(b'x')
+            return outcome(sock, deadline=0.5)
+    assert at(0.0)[1] == b'x'
+    assert at(1.3)[0] == 'rst'
+    assert at(2.3)[1] == b'x'
+
+
+def test_flap_refuse_closes_the_listener_during_the_outage(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('flap', up=0.2, down=1.5, mode='refuse')
+    time.sleep(max(0.0, proxy.epoch[1] + 0.3 - time.monotonic()))
+    with connect(proxy.address) as sock:    # finds the outage: reset
+        assert outcome(sock)[0] == 'rst'
+    with pytest.raises(ConnectionRefusedError):
+        connect(proxy.address)
+    wait_for(lambda: proxy.enabled, what='the listener to come back')
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_corrupt_flips_one_bit_in_a_share_of_the_bytes(make_proxy, backends):
+    payload = bytes(100000)
+    backend = backends(reply_backend, payload)
+    proxy = make_proxy(backend.address)
+    proxy.set_handler('corrupt', ratio=0.1)
+    received = round_trip(proxy.address, b'go')
+    assert len(received) == len(payload)
+    flipped = [byte for byte in received if byte]
+    assert all(bin(byte).count('1') == 1 for byte in flipped)
+    assert 8000 < len(flipped) < 12000
+    proxy.set_handler('corrupt', ratio=1)
+    assert all(round_trip(proxy.address, b'go'))
+    proxy.set_handler('corrupt', ratio=0)
+    assert round_trip(proxy.address, b'go') == payload
+
+
+def test_disable_refuses_connects_closes_live_ones_and_enable_reopens(proxy):
+    client = Client(*proxy.control_address)
+    live = connect(proxy.address)
+    port = proxy.address[1]
+    with client.down():
+        assert client.status()['enabled'] is False
+        assert outcome(live)[0] in ('eof', 'rst')
+        with pytest.raises(ConnectionRefusedError):
+            connect((LOOP, port))
+    live.close()
+    assert proxy.address[1] == port
+    assert round_trip((LOOP, port)) == b'ping'
+
+
+BAD_SETTINGS = [
+    ('delay', {'sleep': -1}), ('delay', {'sleep': 'soon'}), ('delay', {'jitter': True}),
+    ('delay', {'direction': 'sideways'}), ('errors', {'status': 99}),
+    ('errors', {'status': 600}), ('errors', {'protocol': 'gopher'}), ('errors', {'size': -1}),
+    ('abort', {'when': 'later'}), ('bandwidth', {'rate': 0}), ('bandwidth', {'rate': 1.5}),
+    ('slicer', {'size': 0}), ('slicer', {'delay': float('inf')}),
+    ('slow_close', {'delay': None}), ('timeout', {'timeout': []}),
+    ('limit_data', {'bytes': -5}), ('transient', {'count': 'many'}),
+    ('flap', {'up': 0}), ('flap', {'mode': 'maybe'}), ('corrupt', {'ratio': 1.5}),
+    ('normal', {'anything': 1}), ('hang', {'x': 1}), ('blackout', {'x': 1}),
+]
+
+
+@pytest.mark.parametrize('name,settings', BAD_SETTINGS)
+def test_bad_settings_are_refused_when_set(proxy, name, settings):
+    with pytest.raises(vaurien.ConfigError, match=list(settings)[0]):
+        proxy.set_handler(name, **settings)
+    status, answer = api(proxy.control_address, 'PUT', '/handler',
+                         json.dumps({'name': name, 'settings': settings}))
+    assert status == 400 and list(settings)[0] in answer['error']
+    assert proxy.get_handler()['handler'] == 'normal'
+
+
+def test_list_handlers_and_the_api_tell_the_same_facts(proxy):
+    listing = run_cli('--list-handlers').stdout
+    details = api(proxy.control_address, 'GET', '/handlers')[1]['details']
+    for name, detail in details.items():
+        assert '%s: %s' % (name, detail['summary']) in listing
+        for key, setting in detail['settings'].items():
+            assert '    %s (%s, default %s): %s' % (key, setting['type'], setting['default'],
+                                                    setting['help']) in listing
+
+
+def test_readme_documents_every_handler_and_setting():
+    with open(os.path.join(HERE, 'README.txt')) as readme:
+        text = readme.read()
+    for name, handler in vaurien.default_handlers().items():
+        assert name in text
+        for key in handler.schema or {}:
+            assert key in text

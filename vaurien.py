@@ -174,9 +174,14 @@ class Setting:
 
 
 def parse_settings_doc(doc):
-    """Read the ``Settings:`` block of a handler docstring into {name: Setting}."""
+    """Read the ``Settings:`` block of a handler docstring into {name: Setting}.
+
+    ``Settings: none.`` gives {}; no such line gives None (any setting goes).
+    """
     schema = {}
     lines = inspect.cleandoc(doc or '').splitlines()
+    if 'Settings: none.' in lines:
+        return schema
     if 'Settings:' not in lines:
         return None
     for line in lines[lines.index('Settings:') + 1:]:
@@ -225,7 +230,10 @@ def traits(backend=True, on_connect=None):
 
 
 def normal(source, dest, to_backend, name, settings, proxy):
-    """Transparent: relays every byte both ways, unchanged."""
+    """Transparent: relays every byte both ways, unchanged.
+
+    Settings: none.
+    """
     dest.sendall(proxy.get_data(source))
 
 
@@ -394,7 +402,10 @@ def errors(source, dest, to_backend, name, settings, proxy):
 
 @traits(backend=False)
 def hang(source, dest, to_backend, name, settings, proxy):
-    """Reads and discards what arrives, never answers; ends when the client leaves."""
+    """Reads and discards what arrives, never answers; ends when the client leaves.
+
+    Settings: none.
+    """
     if proxy.get_data(source):
         return None
     return False if to_backend else HOLD_EOF
@@ -406,7 +417,10 @@ def _close_now(client, backend, name, settings, proxy):
 
 @traits(backend=False, on_connect=_close_now)
 def blackout(source, dest, to_backend, name, settings, proxy):
-    """Closes the connection at once; nothing reaches the backend."""
+    """Closes the connection at once; nothing reaches the backend.
+
+    Settings: none.
+    """
     return False
 
 

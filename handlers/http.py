@@ -27,7 +27,11 @@ _REQUEST_LINE = re.compile(
 
 @functools.lru_cache(maxsize=64)
 def _compiled(pattern):
-    return re.compile(pattern)
+    try:
+        return re.compile(pattern)
+    except re.error as exc:   # the schema types a str; only here is it a regex
+        raise vaurien.ConfigError('pattern %r is not a regular expression: %s'
+                                  % (pattern, exc)) from None
 
 
 def _matches(source, name, settings, data):
