@@ -212,7 +212,7 @@ def applies(direction, to_backend):
 # Handlers
 # ---------------------------------------------------------------------------
 
-def traits(backend=True, on_connect=None):
+def traits(backend=True, on_connect=None, check=None):
     """Decorate a handler with how connections that open under it start.
 
     backend: when False, the proxy does not connect to the backend for a
@@ -221,10 +221,13 @@ def traits(backend=True, on_connect=None):
     on_connect: ``on_connect(client, backend, name, settings, proxy)`` is
       called when a connection opens under this handler, before any data;
       it may answer (a greeting) and returns False to end the connection.
+    check: ``check(settings)`` raises ValueError when settings that are each
+      valid do not go together; called whenever the settings are set.
     """
     def mark(func):
         func.backend = backend
         func.on_connect = on_connect
+        func.check = check
         return func
     return mark
 
@@ -358,7 +361,14 @@ def _errors_greeting(client, backend, name, settings, proxy):
         return False
 
 
-@traits(backend=False, on_connect=_errors_greeting)
+def _check_error_code(settings):
+    if settings['protocol'] == 'mysql' and settings['code'] and \
+            not (settings['code'].isdigit() and int(settings['code']) < 65536):
+        raise ValueError('code %r: a MySQL error number is an integer below 65536'
+                         % settings['code'])
+
+
+@traits(backend=False, on_connect=_errors_greeting, check=_check_error_code)
 def errors(source, dest, to_backend, name, settings, proxy):
     """Reads the request, forwards nothing, answers with a protocol error, closes.
 
@@ -665,6 +675,7 @@ class Handler:
         self.summary = summary_of(func)
         self.backend = getattr(func, 'backend', True)
         self.on_connect = getattr(func, 'on_connect', None)
+        self.check = getattr(func, 'check', None)
         self.settings = {}
         self.settings = self.validate(settings or {})
 
@@ -689,6 +700,11 @@ class Handler:
             except ValueError as exc:
                 raise ConfigError('handler %s: setting %s = %r: %s' % (
                     self.name, key, value, exc)) from None
+        if self.check is not None:
+            try:
+                self.check(merged)
+            except ValueError as exc:
+                raise ConfigError('handler %s: %s' % (self.name, exc)) from None
         return merged
 
     def describe(self):
