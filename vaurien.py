@@ -137,7 +137,7 @@ class Setting:
         else:
             self.type = kind
         self.kind = kind
-        self.default = self.convert(default)
+        self.default = None if default == 'none' else self.convert(default)
 
     def convert(self, value):
         """Return `value` typed and checked, or raise ValueError saying why."""
@@ -350,7 +350,9 @@ def error_answer(protocol, settings, rng):
         return postgresql_error(code, message)
     if protocol == 'smtp':
         return ('%s %s\r\n' % (code, message)).encode()
-    return message.encode() if message else rng.randbytes(settings['size'])
+    if message or not settings['size']:
+        return message.encode()
+    return rng.getrandbits(8 * settings['size']).to_bytes(settings['size'], 'big')
 
 
 def _errors_greeting(client, backend, name, settings, proxy):
@@ -1747,14 +1749,14 @@ def stop_proxy(pid):
 #: The options of [vaurien] and of the command line: name -> Setting.
 OPTIONS = {s.name: s for s in (
     Setting('local', 'str', 'localhost:8000', 'HOST:PORT the proxy listens on; port 0 picks one.'),
-    Setting('distant', 'str', '', 'HOST:PORT of the backend.'),
+    Setting('distant', 'str', 'none', 'HOST:PORT of the backend.'),
     Setting('behavior', 'str', '100:normal', 'the mix of handlers drawn per connection, '
             'like 20:delay,10:errors; the rest goes to normal.'),
-    Setting('seed', 'int >= 0', '0', 'seed of the draws, for reproducible runs.'),
+    Setting('seed', 'int >= 0', 'none', 'seed of the draws, for reproducible runs.'),
     Setting('http', 'bool', 'false', 'serve the control API.'),
     Setting('http_host', 'str', 'localhost', 'host of the control API.'),
     Setting('http_port', 'int 0..65535', '8080', 'port of the control API.'),
-    Setting('http_token', 'str', '', 'bearer token the control API requires.'),
+    Setting('http_token', 'str', 'none', 'bearer token the control API requires.'),
     Setting('connect_timeout', 'float >= 0.001', str(CONNECT_TIMEOUT),
             'seconds to connect to the backend.'),
     Setting('max_connections', 'int >= 0', '0', 'connections open at once; 0: no limit.'),
@@ -1861,7 +1863,7 @@ def build_parser():
             add(flag, action='store_const', const='true', help=setting.help)
         else:
             add(flag, metavar=name.upper(), help='%s (default: %s)' % (
-                setting.help, setting.default if setting.default != '' else 'none'))
+                setting.help, 'none' if setting.default is None else setting.default))
     add('--config', metavar='FILE', help='an ini file with [vaurien] and [handler:NAME] sections.')
     add('--list-handlers', action='store_true', help='list the handlers and their settings.')
     add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos.')
@@ -1875,7 +1877,6 @@ def resolve(args):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     options = {name: setting.default for name, setting in OPTIONS.items()}
-    options['seed'] = None
     if args.config:
         options.update(read_config(args.config, handlers))
     for name in OPTIONS:
@@ -1943,7 +1944,7 @@ def main(argv=None):
             options['distant'] = format_address(demo.server_address)
         proxy = Proxy(options['local'], options['distant'], options['behavior'], handlers,
                       options['seed'], options['http'], options['http_host'],
-                      options['http_port'], options['http_token'] or None,
+                      options['http_port'], options['http_token'],
                       options['connect_timeout'], options['max_connections'])
     except ConfigError as exc:
         print('vaurien: error: %s' % exc, file=sys.stderr)

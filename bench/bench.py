@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -87,16 +88,17 @@ class Scale:
     connections: int      # connections doing round trips at once
     concurrent: int       # connections held open at once
     redis_requests: int   # requests per redis-benchmark run with 50 clients
-    repeats: int          # samples of each start-up and control API figure
+    starts: int           # samples of start_proxy()
+    repeats: int          # samples of the other start-up and control API figures
     delay_samples: int    # round trips timed through the delay handler
     bandwidth_bytes: int  # bytes downloaded through the bandwidth handler
 
 
 FULL = Scale(bulk_bytes=400 * 10**6, bulk_seconds=10, seconds=2.0, connections=50,
-             concurrent=5000, redis_requests=50000, repeats=20, delay_samples=30,
+             concurrent=5000, redis_requests=50000, starts=5, repeats=20, delay_samples=30,
              bandwidth_bytes=3 * RATE)
 QUICK = Scale(bulk_bytes=40 * 10**6, bulk_seconds=3, seconds=0.5, connections=50,
-              concurrent=300, redis_requests=5000, repeats=5, delay_samples=8,
+              concurrent=300, redis_requests=5000, starts=2, repeats=5, delay_samples=8,
               bandwidth_bytes=RATE)
 
 
@@ -117,8 +119,11 @@ class Relay(NamedTuple):
 
 
 class Measured(NamedTuple):
+    """A workload's figure through one relay."""
+
     value: float
     note: str = ''
+    memory: tuple = None   # (MB resident with the connections held, KB per connection)
 
 
 class Figure(NamedTuple):
@@ -516,3 +521,501 @@ def echoed(selector, key, rounds):
     else:
         selector.unregister(key.fileobj)
     return 1
+
+
+def round_trip_times(address, count):
+    """Seconds of each of `count` round trips on one connection, after a first one."""
+    times = []
+    with connect(address) as sock:
+        round_trip(sock, 0, 0)
+        for number in range(1, count + 1):
+            start = time.perf_counter()
+            round_trip(sock, 0, number)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def rss_mb(pid):
+    """The resident memory of process `pid` in MB (VmRSS), or None without a pid."""
+    if pid is None:
+        return None
+    with open('/proc/%d/status' % pid) as status:
+        for line in status:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The table's workloads: measure(relay, scale) -> Measured
+# ---------------------------------------------------------------------------
+
+def bulk_upload(relay, scale):
+    """Send to the sink, then half-close: the sink answers the byte count it got."""
+    block = memoryview(bytes(BLOCK))
+    sent = 0
+    with connect(relay.address) as sock:
+        start = time.perf_counter()
+        deadline = start + scale.bulk_seconds
+        while sent < scale.bulk_bytes and time.perf_counter() < deadline:
+            sock.sendall(block)
+            sent += BLOCK
+        sock.shutdown(socket.SHUT_WR)
+        (arrived,) = struct.unpack('!Q', recv_exactly(sock, 8))
+        elapsed = time.perf_counter() - start
+    if arrived != sent:
+        raise Mismatch('%d bytes sent, the sink received %d' % (sent, arrived))
+    return Measured(arrived / elapsed / 1e6, cap_note(sent, scale))
+
+
+def bulk_download(relay, scale):
+    """Ask the source for the bulk size and read it, or what comes before the cap."""
+    buffer = bytearray(BLOCK)
+    received = 0
+    with connect(relay.address) as sock:
+        start = time.perf_counter()
+        deadline = start + scale.bulk_seconds
+        sock.sendall(struct.pack('!Q', scale.bulk_bytes))
+        while received < scale.bulk_bytes and time.perf_counter() < deadline:
+            count = sock.recv_into(buffer)
+            if not count:
+                raise Mismatch('EOF after %d of %d bytes' % (received, scale.bulk_bytes))
+            received += count
+        elapsed = time.perf_counter() - start
+        if received == scale.bulk_bytes and sock.recv(1):
+            raise Mismatch('more than the %d bytes the source sent' % received)
+    return Measured(received / elapsed / 1e6, cap_note(received, scale))
+
+
+def cap_note(moved, scale):
+    if moved >= scale.bulk_bytes:
+        return ''
+    return 'stopped at the %g s cap, after %d MB' % (scale.bulk_seconds, moved // 10**6)
+
+
+def round_trips(relay, scale):
+    """Echo round trips, one after the other, on one connection."""
+    count = 0
+    with connect(relay.address) as sock:
+        start = time.perf_counter()
+        deadline = start + scale.seconds
+        while time.perf_counter() < deadline:
+            round_trip(sock, 0, count)
+            count += 1
+        return Measured(count / (time.perf_counter() - start))
+
+
+def concurrent_round_trips(relay, scale):
+    """Echo round trips on `scale.connections` connections at once, from one selector."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(connect(relay.address)) for _ in range(scale.connections)]
+        done, elapsed = ping_pong(socks, scale.seconds, float('inf'))
+    return Measured(done / elapsed)
+
+
+def redis_ping(relay, scale, clients):
+    """redis-benchmark's PING (RESP bulk) against redis-server, with `clients` connections."""
+    requests = scale.redis_requests if clients > 1 else scale.redis_requests // 5
+    result = subprocess.run(
+        ['redis-benchmark', '-h', relay.address[0], '-p', str(relay.address[1]),
+         '-c', str(clients), '-n', str(requests), '-t', 'ping_mbulk', '--csv'],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=True)
+    for line in result.stdout.splitlines():
+        fields = [field.strip('"') for field in line.split(',')]
+        if fields[0] == 'PING_MBULK':
+            return Measured(float(fields[1]))
+    raise RelayError('redis-benchmark printed no result: %s' % (result.stdout + result.stderr))
+
+
+def new_connections(relay, scale):
+    """Connect, one round trip, close; again and again, on one thread."""
+    count = 0
+    start = time.perf_counter()
+    deadline = start + scale.seconds
+    while time.perf_counter() < deadline:
+        with connect(relay.address) as sock:
+            round_trip(sock, count, 0)
+        count += 1
+    return Measured(count / (time.perf_counter() - start))
+
+
+def held_connections(relay, scale):
+    """Open `scale.concurrent` connections, then, all of them open, a round trip
+    on each at once; the value is the number that echoed correctly."""
+    idle = rss_mb(relay.pid)
+    with contextlib.ExitStack() as stack:
+        start = time.perf_counter()
+        socks, failure = open_many(stack, relay.address, scale.concurrent)
+        opened = time.perf_counter() - start
+        echoed, _ = ping_pong(socks, HOLD_TIMEOUT, rounds=1)
+        held = rss_mb(relay.pid)
+    notes = ['%d opened in %.1f s' % (len(socks), opened)]
+    if failure is not None:
+        notes.append('opening stopped: %s' % describe(failure))
+    if echoed < len(socks):
+        notes.append('%d did not echo within %g s' % (len(socks) - echoed, HOLD_TIMEOUT))
+    memory = None
+    if held is not None:
+        memory = (held, (held - idle) * 1024 / max(1, len(socks)))
+        notes.append('RSS %.1f MB held, %.1f MB idle: %.1f KB per connection'
+                     % (held, idle, memory[1]))
+    return Measured(echoed, ', '.join(notes), memory)
+
+
+def open_many(stack, address, count):
+    """Open up to `count` connections, closed with `stack`: (sockets, error that stopped it)."""
+    socks = []
+    try:
+        while len(socks) < count:
+            socks.append(stack.enter_context(connect(address)))
+    except OSError as exc:
+        return socks, exc
+    return socks, None
+
+
+class Workload(NamedTuple):
+    group: str        # its --only name
+    label: str
+    unit: str
+    backend: str      # the backend the relays stand in front of
+    measure: object   # measure(relay, scale) -> Measured
+    target: float     # Vaurien's target ratio
+
+
+def workloads(scale):
+    size = '%d MB' % (scale.bulk_bytes // 10**6)
+    many = '%d conns' % scale.connections
+    return [
+        Workload('bulk', 'bulk upload, 1 stream, ' + size, 'MB/s', 'sink', bulk_upload, 0.50),
+        Workload('bulk', 'bulk download, 1 stream, ' + size, 'MB/s', 'source', bulk_download,
+                 0.50),
+        Workload('roundtrip', 'echo 64 B round trips, 1 conn', 'rt/s', 'echo', round_trips,
+                 0.65),
+        Workload('roundtrip', 'echo 64 B round trips, ' + many, 'rt/s', 'echo',
+                 concurrent_round_trips, 0.35),
+        Workload('redis', 'redis-benchmark PING, 1 conn', 'rt/s', 'redis',
+                 functools.partial(redis_ping, clients=1), 0.65),
+        Workload('redis', 'redis-benchmark PING, 50 conns', 'rt/s', 'redis',
+                 functools.partial(redis_ping, clients=50), 0.35),
+        Workload('connect', 'new conns: connect, 1 round trip, close', 'conn/s', 'echo',
+                 new_connections, 0.15),
+        Workload('concurrent', '%d conns held open, each echoing' % scale.concurrent, 'conns',
+                 'echo', held_connections, 1.0),
+    ]
+
+
+FAILURES = (OSError, Mismatch, RelayError, subprocess.SubprocessError, vaurien.VaurienError)
+
+
+def describe(exc):
+    if isinstance(exc, BlockingIOError):
+        return 'no answer within %d s' % IO_TIMEOUT
+    return '%s: %s' % (type(exc).__name__, exc)
+
+
+def run_table(selected, relays, ports, scale, problems):
+    """Each workload, direct and through each relay: [(Workload, {relay: Measured or None})]."""
+    return [(workload, {kind: measure_cell(workload, kind, ports[workload.backend], scale,
+                                           problems) for kind in relays})
+            for workload in selected]
+
+
+def measure_cell(workload, kind, port, scale, problems):
+    """One workload through one relay; None, and a problem, when it fails."""
+    try:
+        with RELAYS[kind](port, problems) as relay:
+            result = workload.measure(relay, scale)
+    except FAILURES as exc:
+        problems.append('%s, %s: %s' % (workload.label, kind, describe(exc)))
+        progress('%s, %s: failed' % (workload.label, kind))
+        return None
+    progress('%s, %s: %s' % (workload.label, kind, absolute(result, workload.unit)))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Vaurien's own figures: make(ports, scale, problems) -> [Figure]
+# ---------------------------------------------------------------------------
+
+def startup_figures(ports, scale, problems):
+    """start_proxy() until ready, and an in-process Proxy(...).start()."""
+    distant = '%s:%d' % (HOST, ports['echo'])
+    subprocesses = [time_start_proxy(distant) for _ in range(scale.starts)]
+    in_process = [time_in_process_proxy((HOST, ports['echo'])) for _ in range(scale.repeats)]
+    return [
+        Figure('start_proxy() until ready', summary(subprocesses, 1, 's', 3), '<= 0.3 s',
+               statistics.median(subprocesses) <= 0.3),
+        Figure('in-process Proxy(...).start() until ready', summary(in_process, 1000, 'ms'),
+               '<= 20 ms', statistics.median(in_process) <= 0.020),
+    ]
+
+
+def time_start_proxy(distant):
+    start = time.perf_counter()
+    pid = vaurien.start_proxy(local='%s:0' % HOST, distant=distant, http_host=HOST,
+                              http_port=0)
+    elapsed = time.perf_counter() - start
+    vaurien.stop_proxy(pid)
+    return elapsed
+
+
+def time_in_process_proxy(distant):
+    """Seconds to start an in-process proxy; one round trip through it proves it ready."""
+    start = time.perf_counter()
+    proxy = vaurien.Proxy('%s:0' % HOST, distant).start()
+    elapsed = time.perf_counter() - start
+    try:
+        with connect(proxy.address) as sock:
+            round_trip(sock, 0, 0)
+    finally:
+        proxy.stop()
+    return elapsed
+
+
+def switch_figures(ports, scale, problems):
+    """Control API latency, seen by a Client, on a `python3 vaurien.py` subprocess."""
+    calls = scale.repeats * 5
+    with vaurien_relay(ports['echo'], problems) as relay:
+        with contextlib.closing(vaurien.Client(*relay.control)) as client:
+            switches = [timed(client.set_handler, 'delay' if number % 2 else 'normal')
+                        for number in range(calls)]
+            scoped = [timed(enter_and_exit, client) for _ in range(calls)]
+    return [
+        Figure('handler switch, Client.set_handler', summary(switches, 1000, 'ms'),
+               '<= 2 ms', statistics.median(switches) <= 0.002),
+        Figure('Client.with_handler, enter + exit (3 calls)', summary(scoped, 1000, 'ms')),
+    ]
+
+
+def enter_and_exit(client):
+    with client.with_handler('delay', sleep=DELAY):
+        pass
+
+
+def timed(function, *args, **settings):
+    start = time.perf_counter()
+    function(*args, **settings)
+    return time.perf_counter() - start
+
+
+def delay_figures(ports, scale, problems):
+    """Round trips through `delay`, less the direct round trip and the delay."""
+    direct = statistics.median(round_trip_times((HOST, ports['echo']), scale.delay_samples))
+    with vaurien_relay(ports['echo'], problems) as relay:
+        with contextlib.closing(vaurien.Client(*relay.control)) as client:
+            client.set_handler('delay', sleep=DELAY)
+        delayed = round_trip_times(relay.address, scale.delay_samples)
+    errors = [(seconds - direct - DELAY) * 1000 for seconds in delayed]
+    return [Figure('delay %g ms: round trip - direct - %g ms' % (DELAY * 1000, DELAY * 1000),
+                   '%.2f ms median, %.2f ms max' % (statistics.median(errors), max(errors)),
+                   'within 5 ms', max(abs(error) for error in errors) <= 5)]
+
+
+def bandwidth_figures(ports, scale, problems):
+    """The slope of bytes received over time through `bandwidth`, over its rate."""
+    with vaurien_relay(ports['source'], problems) as relay:
+        with contextlib.closing(vaurien.Client(*relay.control)) as client:
+            client.set_handler('bandwidth', rate=RATE, direction='to_client')
+        moments, totals = download_progress(relay.address, scale.bandwidth_bytes)
+    rate = statistics.linear_regression(moments, totals).slope
+    return [Figure('bandwidth %s B/s to_client: observed / configured' % format(RATE, ','),
+                   '%.3f (%s B/s)' % (rate / RATE, format(round(rate), ',')), '1.00 ideal')]
+
+
+def download_progress(address, size):
+    """Download `size` bytes from the source: the moments of each receive, and
+    the bytes received by then."""
+    moments, totals, received = [], [], 0
+    with connect(address) as sock:
+        sock.sendall(struct.pack('!Q', size))
+        while received < size:
+            count = len(sock.recv(BLOCK))
+            if not count:
+                raise Mismatch('EOF after %d of %d bytes' % (received, size))
+            received += count
+            moments.append(time.perf_counter())
+            totals.append(received)
+    return moments, totals
+
+
+def memory_figures(rows):
+    """Vaurien's RSS with the connections held, from the table's last row."""
+    figures = []
+    for workload, cells in rows:
+        cell = cells.get('vaurien')
+        if workload.measure is held_connections and cell and cell.memory:
+            held, per_connection = cell.memory
+            figures.append(Figure('RSS with %d conns held' % cell.value,
+                                  '%.1f MB, %.1f KB per connection' % (held, per_connection),
+                                  '<= 150 MB at 5000', held <= 150))
+    return figures
+
+
+def summary(samples, factor, unit, digits=2):
+    return '%.*f %s median, %.*f %s max' % (digits, statistics.median(samples) * factor, unit,
+                                            digits, max(samples) * factor, unit)
+
+
+FIGURES = {'startup': startup_figures, 'switch': switch_figures, 'delay': delay_figures,
+           'bandwidth': bandwidth_figures}
+
+
+def run_figures(groups, ports, scale, problems):
+    figures = []
+    for group, make in FIGURES.items():
+        if group not in groups:
+            continue
+        progress('vaurien figures: ' + group)
+        try:
+            figures += make(ports, scale, problems)
+        except FAILURES as exc:
+            problems.append('%s figures: %s' % (group, describe(exc)))
+    return figures
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+def absolute(cell, unit):
+    return 'error' if cell is None else '%s %s' % (format(round(cell.value), ','), unit)
+
+
+def ratio(cell, direct):
+    if cell is None or direct is None or not direct.value:
+        return None
+    return cell.value / direct.value
+
+
+def verdict(met):
+    return {True: 'yes', False: 'NO', None: ''}[met]
+
+
+def workload_table(rows, relays):
+    header = ['workload', 'direct'] + ['%s ratio' % kind for kind in relays[1:]] \
+        + ['vaurien target', 'met']
+    lines = []
+    for workload, cells in rows:
+        direct = cells['direct']
+        ratios = [ratio(cells[kind], direct) for kind in relays[1:]]
+        texts = ['error' if cells[kind] is None else 'n/a' if value is None else '%.2f' % value
+                 for kind, value in zip(relays[1:], ratios)]
+        met = None if ratios[0] is None else ratios[0] >= workload.target
+        lines.append([workload.label, absolute(direct, workload.unit)] + texts
+                     + ['>= %.2f' % workload.target, verdict(met)])
+    return markdown(header, lines)
+
+
+def figure_table(figures):
+    return markdown(['vaurien figure', 'value', 'target', 'met'],
+                    [[figure.label, figure.value, figure.target, verdict(figure.met)]
+                     for figure in figures])
+
+
+def markdown(header, lines):
+    """A Markdown table, its columns padded: the first left-aligned, the others right."""
+    widths = [max(len(line[column]) for line in [header] + lines)
+              for column in range(len(header))]
+
+    def row(cells):
+        return '| %s |' % ' | '.join(cell.ljust(width) if column == 0 else cell.rjust(width)
+                                     for column, (cell, width) in enumerate(zip(cells, widths)))
+    rule = '|%s|' % '|'.join('-' * (width + 2) if column == 0 else '-' * (width + 1) + ':'
+                             for column, width in enumerate(widths))
+    return '\n'.join([row(header), rule] + [row(line) for line in lines])
+
+
+def report(rows, figures, relays, missing, problems, mode, elapsed):
+    print('Vaurien %s benchmark, %s run: Python %s, %s, %d CPUs; relays: %s%s' % (
+        vaurien.__version__, mode, platform.python_version(), platform.platform(terse=True),
+        os.cpu_count(), ', '.join(relays[1:]),
+        '; not installed: ' + ', '.join(missing) if missing else ''))
+    if rows:
+        print('\nEach ratio is the relay\'s figure / the direct one, in this run '
+              '(1.00: the relay costs nothing).\n')
+        print(workload_table(rows, relays))
+        for workload, cells in rows:
+            for kind, cell in cells.items():
+                if cell is not None and cell.note:
+                    print('- %s, %s: %s' % (workload.label, kind, cell.note))
+    if figures:
+        print()
+        print(figure_table(figures))
+    print('\nProblems seen: %s' % ('none' if not problems else ''))
+    for problem in problems:
+        print('- ' + problem)
+    print('\nTook %.0f s.' % elapsed)
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+GROUPS = ('bulk', 'roundtrip', 'redis', 'connect', 'concurrent') + tuple(FIGURES)
+REDIS_TOOLS = ('redis-server', 'redis-benchmark')
+
+
+class ProblemLog(logging.Handler):
+    """What in-process proxies log as warnings or errors goes to the problems."""
+
+    def __init__(self, problems):
+        super().__init__(logging.WARNING)
+        self.problems = problems
+
+    def emit(self, record):
+        self.problems.append('in-process vaurien logged: ' + self.format(record))
+
+
+def progress(text, started=time.perf_counter()):
+    print('[%5.1f s] %s' % (time.perf_counter() - started, text), file=sys.stderr, flush=True)
+
+
+def fit_fd_limit(scale):
+    """Raise the open-files limit, which the backends and the relays inherit, for
+    the connections held; return the scale, holding no more than that allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * scale.concurrent + 512
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return dataclasses.replace(scale, concurrent=min(scale.concurrent, (soft - 512) // 2))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true',
+                        help='small sizes: a smoke test for CI, under 30 s')
+    parser.add_argument('--only', action='append', choices=GROUPS, metavar='NAME',
+                        help='run only this part; repeat it for several (%s)' % ', '.join(GROUPS))
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    groups = set(args.only or GROUPS)
+    scale = fit_fd_limit(QUICK if args.quick else FULL)
+    relays = ['direct', 'vaurien'] + [kind for kind, tool in RELAY_TOOLS.items()
+                                      if shutil.which(tool)]
+    missing = [tool for tool in list(RELAY_TOOLS.values()) + list(REDIS_TOOLS)
+               if not shutil.which(tool)]
+    problems = []
+    logging.getLogger('vaurien').addHandler(ProblemLog(problems))
+    with contextlib.ExitStack() as stack:
+        ports = stack.enter_context(backends())
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        if 'redis' in groups and not any(tool in missing for tool in REDIS_TOOLS):
+            ports.update(stack.enter_context(redis_backend()))
+        selected = [workload for workload in workloads(scale)
+                    if workload.group in groups and workload.backend in ports]
+        rows = run_table(selected, relays, ports, scale, problems)
+        figures = run_figures(groups, ports, scale, problems) + memory_figures(rows)
+    report(rows, figures, relays, missing, problems, 'quick' if args.quick else 'full',
+           time.perf_counter() - started)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
