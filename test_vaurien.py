@@ -38,16 +38,16 @@ WAIT = 10.0   # seconds: the deadline of every wait that should end much sooner
 # ---------------------------------------------------------------------------
 
 class Backend:
-    """A TCP server on an ephemeral port, running `serve(sock)` in a thread per connection."""
+    """A TCP server (on an ephemeral port unless given one) running `serve(sock)` in a
+    thread per connection."""
 
-    def __init__(self, serve):
+    def __init__(self, serve, address=(LOOP, 0)):
         self.serve = serve
-        self.listener = socket.create_server((LOOP, 0), backlog=1024)
+        self.listener = socket.create_server(tuple(address), backlog=1024)
         self.address = self.listener.getsockname()
         self.accepted = 0
-        self.threads = []
-        self.socks = []
-        self.closed = False
+        self.live = {}     # socket: thread
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -58,9 +58,9 @@ class Backend:
             except OSError:
                 return
             self.accepted += 1
-            self.socks.append(sock)
             thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
-            self.threads.append(thread)
+            with self.lock:
+                self.live[sock] = thread
             thread.start()
 
     def _run(self, sock):
@@ -71,16 +71,21 @@ class Backend:
             pass
         finally:
             sock.close()
+            with self.lock:
+                self.live.pop(sock, None)
 
     def close(self):
+        """Stop listening and end every connection (as a server that dies)."""
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
-        for sock in self.socks:
+        self.thread.join(WAIT)
+        with self.lock:
+            live = list(self.live.items())
+        for sock, _ in live:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self.thread.join(WAIT)
-        for thread in self.threads:
+        for _, thread in live:
             thread.join(WAIT)
 
 
@@ -1413,3 +1418,457 @@ def test_readme_documents_every_handler_and_setting():
         assert name in text
         for key in handler.schema or {}:
             assert key in text
+
+
+# ---------------------------------------------------------------------------
+# Reliability: nothing lost, faults survived (issue: run them all in CI)
+# ---------------------------------------------------------------------------
+
+def proc_counts(pid):
+    """(open descriptors, threads) of a process."""
+    return (len(os.listdir('/proc/%d/fd' % pid)), len(os.listdir('/proc/%d/task' % pid)))
+
+
+def proc_rss(pid):
+    with open('/proc/%d/status' % pid) as status:
+        for line in status:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * 1024
+    raise AssertionError('no VmRSS')
+
+
+def exchange(address, payload, deadline=120):
+    """Send `payload` while reading the echo at the same time; the sha256 of the echo."""
+    digest = hashlib.sha256()
+    with connect(address) as sock:
+        sender = threading.Thread(target=lambda: (sock.sendall(payload),
+                                                  sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        sock.settimeout(deadline)
+        while True:
+            data = sock.recv(262144)
+            if not data:
+                break
+            digest.update(data)
+        sender.join(deadline)
+    return digest.hexdigest()
+
+
+def test_soak_200_concurrent_connections_of_mixed_sizes_lose_nothing(make_proxy,
+                                                                     echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    rng = random.Random(2012)
+    sizes = [int(2 ** rng.uniform(0, 22)) for _ in range(200)]   # 1 byte to 4 MiB
+    payloads = [rng.getrandbits(8 * size).to_bytes(size, 'big') for size in sizes]
+    results = [None] * len(payloads)
+
+    def run(i):
+        results[i] = exchange(proxy.address, payloads[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert results == [hashlib.sha256(payload).hexdigest() for payload in payloads]
+
+
+def test_soak_a_1gb_stream_arrives_intact(make_proxy):
+    digest = {}
+
+    def sink(sock):
+        hasher, buffer = hashlib.sha256(), bytearray(1 << 20)
+        view = memoryview(buffer)
+        while True:
+            size = sock.recv_into(buffer)
+            if not size:
+                break
+            hasher.update(view[:size])
+        digest['received'] = hasher.hexdigest()
+        sock.sendall(b'done')
+    backend = Backend(sink)
+    try:
+        proxy = make_proxy(backend.address)
+        block = os.urandom(1 << 20)
+        sent = hashlib.sha256()
+        with connect(proxy.address) as sock:
+            for i in range(1024):
+                chunk = block[i:] + block[:i]
+                sent.update(chunk)
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock, 120) == b'done'
+        assert digest['received'] == sent.hexdigest()
+    finally:
+        backend.close()
+
+
+def test_soak_switching_handlers_on_a_live_stream_keeps_every_number_in_order(proxy):
+    client = Client(*proxy.control_address)
+    count = 65535
+    numbers = b''.join(struct.pack('!I', i) for i in range(count))
+    received = bytearray()
+    stop = threading.Event()
+
+    def toggle():
+        switches = 0
+        while not stop.is_set() or switches < 300:
+            if switches % 2:
+                client.set_handler('normal')
+            else:
+                client.set_handler('delay', sleep=0.002, jitter=0.001, direction='both')
+            switches += 1
+            if switches >= 2000:
+                break
+        toggle.switches = switches
+    with connect(proxy.address) as sock:
+        toggler = threading.Thread(target=toggle)
+        toggler.start()
+        reader = threading.Thread(target=lambda: received.extend(read_all(sock, 120)))
+        reader.start()
+        for start in range(0, len(numbers), 400):
+            sock.sendall(numbers[start:start + 400])
+            if start % 40000 == 0:
+                time.sleep(0.01)
+        stop.set()
+        toggler.join(120)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(120)
+    assert toggle.switches >= 300
+    assert bytes(received) == numbers
+
+
+def test_half_close_with_data_in_flight_both_ways(make_proxy):
+    """Each side half-closes while megabytes are still on their way to it."""
+    big = os.urandom(5_000_000)
+
+    def stream_then_read(sock):
+        sock.sendall(big)
+        sock.shutdown(socket.SHUT_WR)   # the backend is done talking first
+        backend.got = hashlib.sha256(read_all(sock, 60)).digest()
+    backend = Backend(stream_then_read)
+    try:
+        proxy = make_proxy(backend.address)
+        with connect(proxy.address) as sock:
+            upload = os.urandom(3_000_000)
+            sock.sendall(upload[:1000])
+            assert read_exactly(sock, len(big), 60) == big
+            assert read_all(sock) == b''                 # the backend's EOF, relayed
+            sock.sendall(upload[1000:])                  # the other way still flows
+            sock.shutdown(socket.SHUT_WR)
+            wait_for(lambda: getattr(backend, 'got', None) == hashlib.sha256(upload).digest(),
+                     what='the upload after the half-close')
+    finally:
+        backend.close()
+
+
+def test_backend_killed_and_restarted_the_proxy_carries_on(make_proxy):
+    spare = socket.create_server((LOOP, 0))
+    address = spare.getsockname()
+    spare.close()
+    backend = Backend(echo, address)
+    proxy = make_proxy(address)
+    live = [connect(proxy.address) for _ in range(5)]
+    for sock in live:
+        sock.sendall(b'x')
+        assert read_exactly(sock, 1) == b'x'
+    backend.close()                                        # the database goes down
+    started = time.monotonic()
+    for sock in live:
+        assert outcome(sock, deadline=5)[0] in ('eof', 'rst')
+        sock.close()
+    assert time.monotonic() - started < 3
+    with connect(proxy.address) as sock:                   # while it is down
+        assert outcome(sock, deadline=5)[0] in ('eof', 'rst')
+    backend = Backend(echo, address)                       # and comes back
+    try:
+        assert round_trip(proxy.address) == b'ping'
+    finally:
+        backend.close()
+
+
+def test_backend_killed_and_restarted_with_a_real_redis(make_proxy, tmp_path):
+    server = shutil.which('redis-server')
+    redis = pytest.importorskip('redis')
+    if not server:
+        pytest.skip('redis-server is not installed (apt-get install redis-server)')
+    spare = socket.create_server((LOOP, 0))
+    port = spare.getsockname()[1]
+    spare.close()
+
+    def run_redis():
+        process = subprocess.Popen([server, '--port', str(port), '--bind', LOOP, '--save', '',
+                                    '--appendonly', 'no', '--dir', str(tmp_path)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _accepts((LOOP, port)), what='redis-server')
+        return process
+    process = run_redis()
+    try:
+        proxy = make_proxy((LOOP, port))
+        db = redis.Redis(host=LOOP, port=proxy.address[1], socket_timeout=5)
+        assert db.set('k', 'v') and db.get('k') == b'v'
+        process.terminate()
+        process.wait(WAIT)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            db.get('k')
+        process = run_redis()
+        assert db.set('k', 'again') and db.get('k') == b'again'  # the pool reconnects
+    finally:
+        process.kill()
+        process.wait(WAIT)
+
+
+def _accepts(address):
+    try:
+        socket.create_connection(address, timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def rst_close(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    sock.close()
+
+
+SOAK_CONNECTIONS = int(os.environ.get('VAURIEN_SOAK', '10000'))
+
+
+def vanishing_backend(sock):
+    """What the backend does depends on the first byte the client sends."""
+    kind = sock.recv(1)
+    if kind == b'R':                 # resets mid-stream
+        sock.sendall(b'x' * 1000)
+        rst_close(sock)
+    elif kind == b'C':               # closes mid-stream
+        sock.sendall(b'x' * 1000)
+    elif kind in (b'c', b'r', b'n'):  # streams to a client that vanishes or never reads
+        with contextlib.suppress(OSError):
+            for _ in range(64):
+                sock.sendall(b'y' * 16384)
+
+
+def vanish_once(address, kind):
+    sock = connect(address)
+    sock.sendall(kind)
+    if kind in (b'R', b'C'):
+        outcome(sock, deadline=5)
+        sock.close()
+    elif kind == b'r':
+        sock.recv(100)
+        rst_close(sock)
+    elif kind == b'c':
+        sock.recv(100)
+        sock.close()
+    else:                            # never reads; leaves after a moment
+        time.sleep(0.001)
+        sock.close()
+
+
+def test_soak_vanishing_peers_leak_no_descriptor_or_thread(cli_proxy):
+    """10,000 connections of every kind of vanishing peer; counts come back."""
+    backend = Backend(vanishing_backend)
+    try:
+        proc = cli_proxy('--distant', '%s:%d' % backend.address, '--log-level', 'error')
+        pid = proc.process.pid
+        for kind in b'RCcrn':
+            vanish_once(proc.address, bytes([kind]))
+        wait_for(lambda: Client(*proc.control).status()['connections'] == 0,
+                 what='the warm-up connections to end')
+        before = proc_counts(pid)
+        kinds = [bytes([k]) for k in b'RCcrn']
+
+        def worker(offset):
+            for i in range(offset, SOAK_CONNECTIONS * len(kinds), 16):
+                vanish_once(proc.address, kinds[i % len(kinds)])
+        workers = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(600)
+        client = Client(*proc.control)
+        wait_for(lambda: client.status()['connections'] == 0, deadline=30,
+                 what='every connection to end')
+        wait_for(lambda: proc_counts(pid) <= before, deadline=30,
+                 what='descriptors and threads back to %s (now %s)' % (before, proc_counts(pid)))
+        assert client.status()['accepted'] >= SOAK_CONNECTIONS * len(kinds)
+        assert round_trip_through(proc.address) == b'ok'
+    finally:
+        backend.close()
+
+
+def round_trip_through(address):
+    with connect(address) as sock:
+        sock.sendall(b'C')
+        return b'ok' if outcome(sock)[1] == b'x' * 1000 else b'bad'
+
+
+@pytest.mark.parametrize('vanish', ['client_rst', 'client_close', 'backend_rst',
+                                    'backend_close'])
+def test_the_other_side_is_closed_within_a_second(make_proxy, vanish):
+    held = {}
+
+    def serve(sock):
+        held['sock'] = sock
+        sock.sendall(b'hello')
+        if vanish == 'backend_rst':
+            time.sleep(0.1)
+            rst_close(sock)
+        elif vanish == 'backend_close':
+            time.sleep(0.1)
+            sock.close()
+        else:
+            held['seen'] = outcome(sock, deadline=5)[0]
+            held['at'] = time.monotonic()
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        sock = connect(proxy.address)
+        assert read_exactly(sock, 5) == b'hello'
+        if vanish.startswith('client'):
+            gone = time.monotonic()
+            rst_close(sock) if vanish == 'client_rst' else sock.close()
+            wait_for(lambda: 'at' in held, what='the backend to see the end')
+            assert held['seen'] in ('eof', 'rst') and held['at'] - gone < 1.0
+        else:
+            started = time.monotonic()
+            assert outcome(sock, deadline=5)[0] in ('eof', 'rst')
+            assert time.monotonic() - started < 1.0 + 0.1
+            sock.close()
+    finally:
+        backend.close()
+
+
+def test_a_client_that_stops_reading_does_not_grow_the_proxy(cli_proxy):
+    progress = {'sent': 0}
+
+    def firehose(sock):
+        chunk = b'z' * 65536
+        with contextlib.suppress(OSError):
+            while progress['sent'] < 500_000_000:
+                sock.sendall(chunk)
+                progress['sent'] += len(chunk)
+    backend = Backend(firehose)
+    try:
+        proc = cli_proxy('--distant', '%s:%d' % backend.address)
+        pid = proc.process.pid
+        with connect(proc.address) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(b'go')
+            wait_for(lambda: progress['sent'] > 1_000_000, what='the backend to start')
+            time.sleep(0.5)
+            first, rss = progress['sent'], proc_rss(pid)
+            time.sleep(1.0)
+            assert progress['sent'] - first < 1_000_000     # the backend is held back
+            assert proc_rss(pid) - rss < 4_000_000          # and memory stays flat
+            assert progress['sent'] < 40_000_000
+    finally:
+        backend.close()
+
+
+def test_a_blocking_handler_holds_its_connection_only(make_proxy, echo_backend):
+    def sleeper(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data.startswith(b'slow'):
+            time.sleep(2)
+        dest.sendall(data)
+    proxy = make_proxy(echo_backend.address, handlers=custom_registry(sleeper=sleeper),
+                       behavior='100:sleeper', http=True)
+    with connect(proxy.address) as stuck:
+        stuck.sendall(b'slow')
+        time.sleep(0.1)
+        started = time.monotonic()
+        for _ in range(5):
+            assert round_trip(proxy.address, b'fast') == b'fast'
+        assert Client(*proxy.control_address).get_handler()['handler'] == 'sleeper'
+        assert time.monotonic() - started < 1.5
+        assert read_exactly(stuck, 4) == b'slow'
+
+
+def test_the_api_stays_responsive_under_hangs_stalls_cuts_and_many_callers(make_proxy,
+                                                                          echo_backend):
+    proxy = make_proxy(echo_backend.address, http=True, behavior='50:hang,25:timeout')
+    hung = [connect(proxy.address) for _ in range(100)]
+    for sock in hung:
+        sock.sendall(b'x' * 1000)
+    stalled = [connect(proxy.control_address) for _ in range(20)]
+    for sock in stalled:
+        sock.sendall(b'PUT /handler HTTP/1.1\r\nContent-Length: 100\r\n\r\n{')
+    latencies, failures = [], []
+
+    def caller(i):
+        client = Client(*proxy.control_address)
+        for j in range(30):
+            started = time.monotonic()
+            try:
+                if j % 3 == 0:
+                    client.get_handler()
+                elif j % 3 == 1:
+                    client.status()
+                else:
+                    client.set_behavior('50:hang,25:timeout,%d:blackout' % (i % 5 + 1))
+            except vaurien.VaurienError as exc:
+                failures.append(exc)
+            latencies.append(time.monotonic() - started)
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(30)]
+    for thread in callers:
+        thread.start()
+    for sock in hung[:50]:
+        rst_close(sock)   # cuts while the API is busy
+    for thread in callers:
+        thread.join(60)
+    assert failures == [] and len(latencies) == 900
+    assert max(latencies) < 2.0
+    for sock in hung[50:] + stalled:
+        sock.close()
+
+
+def test_max_connections_refuses_beyond_with_a_log_line(make_proxy, echo_backend, caplog):
+    proxy = make_proxy(echo_backend.address, max_connections=3)
+    held = [connect(proxy.address) for _ in range(3)]
+    for sock in held:
+        sock.sendall(b'a')
+        assert read_exactly(sock, 1) == b'a'
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        try:
+            with connect(proxy.address) as extra:
+                assert outcome(extra)[0] in ('rst', 'eof')
+        except ConnectionResetError:   # the reset can beat connect()'s return
+            pass
+    assert '--max-connections' in caplog.text
+    for sock in held:
+        sock.sendall(b'b')
+        assert read_exactly(sock, 1) == b'b'
+        sock.close()
+    wait_for(lambda: proxy.connection_count == 0, what='connections to end')
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_proxy):
+    silent = socket.socket()
+    silent.bind((LOOP, 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):      # fill the backlog: later SYNs get no answer
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        proxy = make_proxy(silent.getsockname(), connect_timeout=0.5)
+        with connect(proxy.address) as sock:
+            started = time.monotonic()
+            assert outcome(sock)[0] in ('eof', 'rst')
+            assert 0.4 <= time.monotonic() - started < 5
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
+
+
+def test_control_api_warns_when_it_listens_beyond_loopback(echo_backend, caplog):
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        proxy = Proxy(LOOP + ':0', '%s:%d' % echo_backend.address, http=True,
+                      http_host='0.0.0.0', http_port=0).start()
+        proxy.stop()
+    assert 'beyond loopback' in caplog.text and '--http-token' in caplog.text
+    assert vaurien.OPTIONS['http_host'].default == 'localhost'

@@ -1425,6 +1425,13 @@ class ControlServer(http.server.ThreadingHTTPServer):
                         'it can drive this proxy%s', format_address(self.server_address),
                         '' if token else ' (set --http-token)')
 
+    def handle_error(self, request, client_address):
+        """A caller that went away is no error of ours; anything else is logged."""
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug('control API caller %s went away', format_address(client_address))
+        else:
+            log.exception('control API request from %s failed', format_address(client_address))
+
 
 class ControlHandler(http.server.BaseHTTPRequestHandler):
     """Routes: /handler, /handlers, /behavior, /proxy; JSON in and out."""
@@ -1432,6 +1439,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'Vaurien/' + __version__
     timeout = 10   # seconds: a half-sent request does not hold a thread forever
+    disable_nagle_algorithm = True   # headers and body go in two writes
 
     def routes(self):
         proxy = self.server.proxy
@@ -1490,7 +1498,10 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, 'bad Content-Length') from None
         if length > MAX_BODY or length < 0:
             raise ApiError(413, 'request body over %d bytes' % MAX_BODY)
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ApiError(400, 'request body shorter than its Content-Length')
+        return body
 
     def parse(self, body, text_key):
         """A JSON object, or a plain text body taken as {text_key: text}."""
@@ -1999,6 +2010,7 @@ DEMO_BEHAVIOR = '30:delay,30:errors'
 
 class _DemoPage(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         self.server.served += 1
