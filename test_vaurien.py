@@ -1643,7 +1643,7 @@ def vanishing_backend(sock):
         sock.sendall(b'x' * 1000)
     elif kind in (b'c', b'r', b'n'):  # streams to a client that vanishes or never reads
         with contextlib.suppress(OSError):
-            for _ in range(64):
+            for _ in range(16):
                 sock.sendall(b'y' * 16384)
 
 
@@ -1872,3 +1872,115 @@ def test_control_api_warns_when_it_listens_beyond_loopback(echo_backend, caplog)
         proxy.stop()
     assert 'beyond loopback' in caplog.text and '--http-token' in caplog.text
     assert vaurien.OPTIONS['http_host'].default == 'localhost'
+
+
+# ---------------------------------------------------------------------------
+# Bad input, tried broadly: always a clear error, never a crash
+# ---------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip('hypothesis')
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa
+
+BROAD = hsettings(max_examples=300, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                         HealthCheck.too_slow])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=5)
+HANDLERS = vaurien.default_handlers()
+SETTINGS = sorted((name, key) for name, handler in HANDLERS.items()
+                  for key in handler.schema or {})
+
+
+@BROAD
+@given(spec=st.text(max_size=40) | st.lists(
+    st.tuples(st.floats(-10, 150) | st.text(max_size=4),
+              st.sampled_from(sorted(HANDLERS) + ['', 'nope', ' delay'])),
+    max_size=4).map(lambda entries: ','.join('%s:%s' % entry for entry in entries)))
+def test_any_behavior_string_parses_or_is_a_one_line_config_error(spec):
+    try:
+        mix = vaurien.Behavior(spec, HANDLERS)
+    except vaurien.ConfigError as exc:
+        assert '\n' not in str(exc) and str(exc)
+    else:
+        assert abs(sum(percent for percent, _ in mix.entries) - 100) < 1e-6
+        assert str(vaurien.Behavior(str(mix), HANDLERS)) == str(mix)
+
+
+@BROAD
+@given(target=st.sampled_from(SETTINGS), value=JSON_VALUES)
+def test_any_setting_value_is_typed_or_refused(target, value):
+    name, key = target
+    handler = HANDLERS[name]
+    try:
+        settings = handler.validate({key: value})
+    except vaurien.ConfigError as exc:
+        assert key in str(exc) and '\n' not in str(exc)
+    else:
+        kind = handler.schema[key].type
+        expected = {'int': int, 'float': float, 'bool': bool}.get(kind, str)
+        assert type(settings[key]) is expected
+
+
+@BROAD
+@given(method=st.sampled_from(['GET', 'PUT', 'POST', 'DELETE', 'PATCH']),
+       path=st.sampled_from(['/handler', '/handlers', '/behavior', '/proxy', '/', '/x',
+                             '/handler/', '/handler?x=1']),
+       body=st.binary(max_size=300) | JSON_VALUES.map(lambda v: json.dumps(v).encode()) |
+       st.fixed_dictionaries({'name': st.sampled_from(sorted(HANDLERS) + ['x']),
+                              'settings': st.dictionaries(st.sampled_from(
+                                  [k for _, k in SETTINGS]), JSON_VALUES, max_size=3)}
+                             ).map(lambda v: json.dumps(v).encode()))
+def test_any_api_request_gets_a_json_answer_and_the_proxy_keeps_relaying(api_proxy, method,
+                                                                        path, body):
+    if method == 'PUT' and path == '/proxy':
+        body = b'{"enabled": true}'   # disabling is legal; its effect is tested elsewhere
+    status, answer = api(api_proxy.control_address, method, path, body)
+    assert status in (200, 400, 404, 405, 411, 413)
+    assert (status == 200) == ('error' not in answer)
+    if status != 200:
+        assert answer['status'] == status and '\n' not in answer['error']
+
+
+@pytest.fixture(scope='module')
+def api_proxy():
+    backend = Backend(echo)
+    proxy = Proxy(LOOP + ':0', '%s:%d' % backend.address, http=True, http_port=0).start()
+    yield proxy
+    proxy.set_handler('normal')
+    assert round_trip(proxy.address) == b'ping'
+    proxy.stop()
+    backend.close()
+
+
+@BROAD
+@given(text=st.text(max_size=200) | st.lists(
+    st.sampled_from(['[vaurien]', '[handler:delay]', '[handler:x]', '[handler:]', '[other]',
+                     'distant = a:1', 'behavior = 20:delay', 'behavior = 200:x', 'sleep = 2',
+                     'sleep = -1', 'http_port = 99999', 'seed = x', 'callable = os.getcwd',
+                     'callable = nope.nope', 'jitter', '= 3', '  indented = 1', '%(x)s = 1',
+                     'local = ::1', 'log_level = info']),
+    max_size=8).map('\n'.join))
+def test_any_config_file_is_read_or_refused_in_one_line(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp('ini') / 'v.ini'
+    path.write_text(text)
+    try:
+        vaurien.resolve(vaurien.build_parser().parse_args(
+            ['--config', str(path), '--list-handlers']))
+    except vaurien.ConfigError as exc:
+        assert str(exc).startswith(str(path)) and '\n' not in str(exc)
+
+
+@BROAD
+@given(option=st.sampled_from(sorted(vaurien.OPTIONS)), value=st.text(max_size=30))
+def test_any_option_value_is_taken_or_refused_in_one_line(option, value):
+    flag = '--' + option.replace('_', '-')
+    args = ['--distant', 'a:1', '--list-handlers']
+    if vaurien.OPTIONS[option].type != 'bool':
+        args += [flag + '=' + value]
+    try:
+        vaurien.resolve(vaurien.build_parser().parse_args(args))
+    except vaurien.ConfigError as exc:
+        assert flag in str(exc) and '\n' not in str(exc)

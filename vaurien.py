@@ -197,6 +197,16 @@ def parse_settings_doc(doc):
     return schema
 
 
+def shown(value):
+    """A value as an error message shows it: as is, unless that would break the line."""
+    return value if isinstance(value, str) and value.isprintable() else repr(value)
+
+
+def _number(value):
+    """20 for 20.0, 2.5 for 2.5: percentages as people write them."""
+    return '%d' % value if value == int(value) else repr(value)
+
+
 def summary_of(func):
     """The first line of a function's docstring."""
     doc = inspect.cleandoc(func.__doc__ or '')
@@ -729,7 +739,8 @@ def load_callable(dotted):
     try:
         target = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError('cannot import %s: %s' % (module_name, exc)) from None
+        raise ConfigError('cannot import %s: %s' % (shown(module_name), shown(str(exc)))) \
+            from None
     for part in attr.split('.'):
         try:
             target = getattr(target, part)
@@ -774,7 +785,7 @@ class Behavior:
         if total > 100 + 1e-9:
             raise ConfigError('behavior %r adds up to %g%%, over 100' % (spec, total))
         if total < 100 - 1e-9:
-            self.entries.append((100 - total, 'normal'))
+            self.entries.append((round(100 - total, 9), 'normal'))
 
     def draw(self, rng):
         """The name of the handler for one new connection."""
@@ -791,7 +802,7 @@ class Behavior:
         return self.entries[0][1] if len(self.entries) == 1 else None
 
     def __str__(self):
-        return ','.join('%g:%s' % entry for entry in self.entries)
+        return ','.join('%s:%s' % (_number(percent), name) for percent, name in self.entries)
 
 
 # ---------------------------------------------------------------------------
@@ -1819,7 +1830,7 @@ def _check_behavior(spec, handlers, where):
     try:
         Behavior(spec, handlers)
     except ConfigError as exc:
-        raise ConfigError('%s = %s: %s' % (where, spec, exc)) from None
+        raise ConfigError('%s = %s: %s' % (where, shown(spec), exc)) from None
 
 
 def _config_problem(exc):
@@ -1842,7 +1853,7 @@ def _register_handler(name, values, where, handlers):
         try:
             handlers[name] = Handler(name, load_callable(dotted))
         except ConfigError as exc:
-            raise ConfigError('%s callable = %s: %s' % (where, dotted, exc)) from None
+            raise ConfigError('%s callable = %s: %s' % (where, shown(dotted), exc)) from None
     elif name not in handlers:
         raise ConfigError('%s: unknown handler %r; give "callable = package.module.function" '
                           'to add one (known: %s)' % (where, name, ', '.join(sorted(handlers))))
@@ -1851,14 +1862,14 @@ def _register_handler(name, values, where, handlers):
         try:
             handler.settings = handler.validate({key: value})
         except ConfigError as exc:
-            raise ConfigError('%s %s = %s: %s' % (where, key, value, exc)) from None
+            raise ConfigError('%s %s = %s: %s' % (where, key, shown(value), exc)) from None
 
 
 def _convert_option(key, value, where):
     try:
         return OPTIONS[key].convert(value)
     except ValueError as exc:
-        raise ConfigError('%s = %s: %s' % (where, value, exc)) from None
+        raise ConfigError('%s = %s: %s' % (where, shown(value), exc)) from None
 
 
 def build_parser():

@@ -27,11 +27,16 @@ _REQUEST_LINE = re.compile(
 
 @functools.lru_cache(maxsize=64)
 def _compiled(pattern):
+    return re.compile(pattern)
+
+
+def _check_pattern(settings):
+    """The schema types `pattern` as a str; this checks, when it is set, that it is a regex."""
     try:
-        return re.compile(pattern)
-    except re.error as exc:   # the schema types a str; only here is it a regex
-        raise vaurien.ConfigError('pattern %r is not a regular expression: %s'
-                                  % (pattern, exc)) from None
+        _compiled(settings['pattern'])
+    except re.error as exc:
+        raise ValueError('pattern %r is not a regular expression: %s'
+                         % (settings['pattern'], exc)) from None
 
 
 def _matches(source, name, settings, data):
@@ -48,6 +53,7 @@ def _matches(source, name, settings, data):
     return state.get('match', False)
 
 
+@vaurien.traits(check=_check_pattern)
 def slow_paths(source, dest, to_backend, name, settings, proxy):
     """Delays requests whose path matches `pattern` by `sleep` seconds; others pass.
 
@@ -68,7 +74,7 @@ def slow_paths(source, dest, to_backend, name, settings, proxy):
     dest.sendall(data)
 
 
-@vaurien.traits(backend=False)
+@vaurien.traits(backend=False, check=_check_pattern)
 def status_on_paths(source, dest, to_backend, name, settings, proxy):
     """Answers `status` to requests whose path matches `pattern`; others pass.
 

@@ -39,10 +39,11 @@ def gone_away(source, dest, to_backend, name, settings, proxy):
     (2006).  With `on` any, the next command of any kind after those queries
     (a ping, a COM_INIT_DB, a prepared statement) finds the server gone too;
     with query, other commands keep passing.  The default, 0, drops the
-    first query after the login: PyMySQL's connect(), which sends SET
-    AUTOCOMMIT, already fails.  TLS connections are relayed untouched.
-Set it before the connections open, or between commands: a connection that
-meets it in the middle of a packet is misread.
+    first query after the login: drivers that send queries while they
+    connect already fail there (PyMySQL's connect() sends SET NAMES, then
+    SET AUTOCOMMIT: 2 queries).  TLS connections are relayed untouched.  Set
+    it before the connections open, or between commands: a connection that
+    meets it in the middle of a packet is misread.
 
     Settings:
       queries (int >= 0, default 0): COM_QUERY commands answered on each connection before it goes away.

@@ -72,22 +72,31 @@ def loading(source, dest, to_backend, name, settings, proxy):
 
     While loading, commands never reach the backend: each one, pipelined
     ones included, gets its own ``-LOADING Redis is loading the dataset in
-    memory`` error, in order.  The clock starts when each connection opens
-    (since connection), or when the handler was set (since handler: a
-    server restart that every connection, live or new, sees end at the same
-    moment).  A command that started during the warmup gets its error even
-    if its last bytes come later; the connection then relays everything,
-    unchanged, for good.
+    memory`` error, in order.  The clock starts when the handler was set,
+    or the proxy started with it (since handler: a server restart, whose end
+    every connection, live or new, sees at the same moment), or when each
+    connection opens (since connection).  Mind that clients which reconnect
+    on this error (redis-py drops the connection on each one) never get
+    through with since connection.  A command that started during the
+    warmup gets its error even if its last bytes come later; the connection
+    then relays everything, unchanged, until the handler (or a behavior
+    holding it) is set again: with since handler, that is a new restart,
+    and a live connection's next chunk is taken to start a command.
 
     Settings:
       warmup (float >= 0, default 5): seconds the dataset takes to load.
-      since (connection|handler, default connection): when the warmup starts.
+      since (handler|connection, default handler): when the warmup starts: handler set (or proxy start), or connection open.
     """
     data = proxy.get_data(source)
     state = source.connection.state(name)
-    if not to_backend or state.get('loaded') or not data:
+    by_handler = settings['since'] == 'handler'
+    start = proxy.epoch[1] if by_handler else source.connection.opened
+    if state.get('loaded') is not None and (not by_handler or state['loaded'] == start):
+        return dest.sendall(data)   # warmed up
+    if not to_backend or not data:
         return dest.sendall(data)
-    start = source.connection.opened if settings['since'] == 'connection' else proxy.epoch[1]
+    if state.pop('loaded', None) is not None:   # set again: the restart starts over
+        state.clear()
     parser = state.setdefault('parser', {})
     if time.monotonic() < start + settings['warmup']:
         count, _ = count_commands(parser, data)
@@ -95,5 +104,5 @@ def loading(source, dest, to_backend, name, settings, proxy):
     count, used = count_commands(parser, data, until_idle=True)
     source.sendall(LOADING_REPLY * count)   # the end of a command begun while loading
     if _idle(parser):
-        state['loaded'] = True
+        state['loaded'] = start
         dest.sendall(data[used:])
