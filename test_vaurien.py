@@ -199,6 +199,8 @@ class CliProxy:
                 self.control = vaurien.parse_address(ready.group(3))
                 break
         else:
+            self.process.kill()
+            self.process.wait(WAIT)
             raise AssertionError('no ready line: %s' % ''.join(self.lines))
         self.rest = []
         self.drain = threading.Thread(target=self.rest.extend, args=(self.process.stderr,),
@@ -1984,3 +1986,57 @@ def test_any_option_value_is_taken_or_refused_in_one_line(option, value):
         vaurien.resolve(vaurien.build_parser().parse_args(args))
     except vaurien.ConfigError as exc:
         assert flag in str(exc) and '\n' not in str(exc)
+
+
+def test_a_garbled_settings_block_is_refused_not_ignored():
+    def garbled(source, dest, to_backend, name, settings, proxy):
+        """Does things.
+
+        Settings:
+          sleep = 1, a float
+        """
+    def mistyped(source, dest, to_backend, name, settings, proxy):
+        """Does things.
+
+        Settings:
+          sleep (flaot, default 1): seconds.
+        """
+    def dedented(source, dest, to_backend, name, settings, proxy):
+        """Does things.
+
+    Settings:
+          sleep (float >= 0, default 1): seconds.
+        """
+    with pytest.raises(vaurien.ConfigError, match='garbled.*starts with'):
+        vaurien.Handler('garbled', garbled)
+    with pytest.raises(vaurien.ConfigError, match="unknown type 'flaot'"):
+        vaurien.Handler('mistyped', mistyped)
+    assert vaurien.Handler('dedented', dedented).settings == {'sleep': 1.0}
+
+
+def test_on_close_is_called_once_however_the_connection_ends(make_proxy, echo_backend):
+    closed = []
+
+    @vaurien.traits(on_close=lambda conn, name, proxy: closed.append((conn.index, name)))
+    def counted(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data == b'cut':
+            return False
+        dest.sendall(data)
+    proxy = make_proxy(echo_backend.address, handlers=custom_registry(counted=counted),
+                       behavior='100:counted')
+    assert round_trip(proxy.address) == b'ping'                # ends by EOF
+    with connect(proxy.address) as sock:                       # ends by the handler
+        sock.sendall(b'cut')
+        outcome(sock)
+    sock = connect(proxy.address)                              # ends by a reset
+    sock.sendall(b'x')
+    read_exactly(sock, 1)
+    rst_close(sock)
+    live = connect(proxy.address)                              # ends by disable
+    live.sendall(b'y')
+    read_exactly(live, 1)
+    proxy.disable()
+    live.close()
+    wait_for(lambda: len(closed) == 4, what='four on_close calls')
+    assert sorted(closed) == [(0, 'counted'), (1, 'counted'), (2, 'counted'), (3, 'counted')]

@@ -136,6 +136,8 @@ class Setting:
             self.type, self.choices = 'choice', kind.split('|')
         else:
             self.type = kind
+        if self.type not in ('int', 'float', 'bool', 'str', 'choice'):
+            raise ValueError('setting %s: unknown type %r' % (name, kind))
         self.kind = kind
         self.default = None if default == 'none' else self.convert(default)
 
@@ -179,7 +181,7 @@ def parse_settings_doc(doc):
     ``Settings: none.`` gives {}; no such line gives None (any setting goes).
     """
     schema = {}
-    lines = inspect.cleandoc(doc or '').splitlines()
+    lines = [line.strip() for line in (doc or '').splitlines()]
     if 'Settings: none.' in lines:
         return schema
     if 'Settings:' not in lines:
@@ -189,11 +191,14 @@ def parse_settings_doc(doc):
         if match:
             schema[match['name']] = Setting(match['name'], match['type'].strip(),
                                             match['default'], match['help'])
-        elif line.strip() and not line.startswith(' ') and schema:
-            break
-        elif schema and line.strip():
+        elif line and schema:
             last = schema[list(schema)[-1]]
-            last.help += ' ' + line.strip()
+            last.help += ' ' + line
+        elif line:
+            raise ValueError('its "Settings:" block starts with %r, not with '
+                             '"name (type, default X): help"' % line)
+    if not schema:
+        raise ValueError('its "Settings:" block lists no setting (write "Settings: none.")')
     return schema
 
 
@@ -222,7 +227,7 @@ def applies(direction, to_backend):
 # Handlers
 # ---------------------------------------------------------------------------
 
-def traits(backend=True, on_connect=None, check=None):
+def traits(backend=True, on_connect=None, on_close=None, check=None):
     """Decorate a handler with how connections that open under it start.
 
     backend: when False, the proxy does not connect to the backend for a
@@ -231,12 +236,15 @@ def traits(backend=True, on_connect=None, check=None):
     on_connect: ``on_connect(client, backend, name, settings, proxy)`` is
       called when a connection opens under this handler, before any data;
       it may answer (a greeting) and returns False to end the connection.
+    on_close: ``on_close(connection, name, proxy)`` is called once when a
+      connection this handler was called for ends, however it ends.
     check: ``check(settings)`` raises ValueError when settings that are each
       valid do not go together; called whenever the settings are set.
     """
     def mark(func):
         func.backend = backend
         func.on_connect = on_connect
+        func.on_close = on_close
         func.check = check
         return func
     return mark
@@ -683,10 +691,14 @@ class Handler:
         if not callable(func):
             raise ConfigError('%r is not callable' % (func,))
         self.name, self.func = name, func
-        self.schema = parse_settings_doc(func.__doc__)
+        try:
+            self.schema = parse_settings_doc(func.__doc__)
+        except ValueError as exc:
+            raise ConfigError('handler %s: %s' % (name, exc)) from None
         self.summary = summary_of(func)
         self.backend = getattr(func, 'backend', True)
         self.on_connect = getattr(func, 'on_connect', None)
+        self.on_close = getattr(func, 'on_close', None)
         self.check = getattr(func, 'check', None)
         self.settings = {}
         self.settings = self.validate(settings or {})
@@ -911,6 +923,7 @@ class Connection:
         self.interest = {}        # Side: events registered
         self.timers = []          # heap of (due, seq, function)
         self.states = {}
+        self.closers = set()      # handlers called here that have an on_close hook
         self.closing_at = None    # deadline once the connection is closing
         self.thread = None
 
@@ -983,8 +996,7 @@ class Connection:
 
     def _open(self):
         _prepare(self.client.sock)
-        handler, settings = self.current()
-        self.handler_name = handler.name
+        handler, settings = self._in_force()
         if handler.on_connect is not None and self._call(
                 handler.on_connect, self.client, self.backend, handler.name,
                 settings, self.proxy) is False:
@@ -1065,9 +1077,15 @@ class Connection:
         if self.closing_at is None:
             self._dispatch(side, data)
 
-    def _dispatch(self, side, data):
+    def _in_force(self):
         handler, settings = self.current()
         self.handler_name = handler.name
+        if handler.on_close is not None:
+            self.closers.add(handler)
+        return handler, settings
+
+    def _dispatch(self, side, data):
+        handler, settings = self._in_force()
         side.data = data
         result = self._call(handler.func, side, side.peer, side is self.client,
                             handler.name, settings, self.proxy)
@@ -1124,6 +1142,8 @@ class Connection:
         for side in (self.client, self.backend):
             self._drop(side)
         self.selector.close()
+        for handler in self.closers:
+            self._call(handler.on_close, self, handler.name, self.proxy)
         self.proxy.forget(self)
 
 
