@@ -2040,3 +2040,17 @@ def test_on_close_is_called_once_however_the_connection_ends(make_proxy, echo_ba
     live.close()
     wait_for(lambda: len(closed) == 4, what='four on_close calls')
     assert sorted(closed) == [(0, 'counted'), (1, 'counted'), (2, 'counted'), (3, 'counted')]
+
+
+def test_bare_client_follows_the_last_running_proxy_started(echo_backend):
+    first = start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                        http_port=0, behavior='100:hang')
+    try:
+        second = start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                             http_port=0, behavior='100:blackout')
+        assert Client().get_behavior() == '100:blackout'
+        stop_proxy(second)
+        assert Client().get_behavior() == '100:hang'
+    finally:
+        stop_proxy(first)
+    assert (Client().host, Client().port) == ('localhost', 8080)

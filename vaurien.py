@@ -1621,8 +1621,7 @@ def _drain_and_close(sock, linger=LINGER, limit=4 * MAX_BODY):
 # Python API: Client, start_proxy, stop_proxy
 # ---------------------------------------------------------------------------
 
-_default_control = ('localhost', 8080)   # start_proxy() points it at its proxy
-_children = {}                           # pid: (Popen, last lines of its stderr)
+_children = {}   # pid: (Popen, last lines of its stderr, its control address or None)
 
 
 class Client(_Driving):
@@ -1634,8 +1633,8 @@ class Client(_Driving):
     """
 
     def __init__(self, host=None, port=None, timeout=5.0, token=None):
-        self.host = host or _default_control[0]
-        self.port = port or (_default_control[1] if host is None else 8080)
+        default = _default_control() if host is None and port is None else ('localhost', 8080)
+        self.host, self.port = host or default[0], port or default[1]
         self.timeout, self.token = timeout, token
         self._http = None
 
@@ -1725,7 +1724,6 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     Ready means the proxy and the control API accept connections: no sleep,
     no probe.  A proxy that fails to start raises VaurienError with its error.
     """
-    global _default_control
     if host is not None or port is not None:
         distant = '%s:%s' % (host or 'localhost', port or 80)
     args = [sys.executable, os.path.abspath(__file__)]
@@ -1743,10 +1741,15 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     ready = _wait_ready(child, lines, timeout)
     threading.Thread(target=lines.extend, args=(child.stderr,), daemon=True,
                      name='vaurien-child-%d' % child.pid).start()  # keeps the pipe drained
-    _children[child.pid] = (child, lines)
-    if ready.group(3):
-        _default_control = parse_address(ready.group(3))
+    control = ready.group(3) and parse_address(ready.group(3))
+    _children[child.pid] = (child, lines, control)
     return child.pid
+
+
+def _default_control():
+    """The control API of the last proxy start_proxy() started and that still runs."""
+    controls = [control for _, _, control in _children.values() if control]
+    return controls[-1] if controls else ('localhost', 8080)
 
 
 def _wait_ready(child, lines, timeout):
@@ -1768,9 +1771,8 @@ def _wait_ready(child, lines, timeout):
 
 def stop_proxy(pid):
     """Stop a proxy started by start_proxy(): terminate, wait, kill if needed."""
-    global _default_control
     try:
-        child, _ = _children.pop(pid)
+        child, _, _ = _children.pop(pid)
     except KeyError:
         raise ValueError('no proxy started by start_proxy() has pid %r' % (pid,)) from None
     child.terminate()
@@ -1779,8 +1781,6 @@ def stop_proxy(pid):
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-    if not _children:
-        _default_control = ('localhost', 8080)
     return child.returncode
 
 
