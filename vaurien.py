@@ -77,7 +77,8 @@ log = logging.getLogger('vaurien')
 #: Return this from a handler to keep the pump from relaying an EOF.
 HOLD_EOF = 'hold-eof'
 
-CHUNK = 65536            # bytes read at once from a socket
+CHUNK = 65536            # bytes read at once from a socket, at first
+MAX_CHUNK = 1 << 20      # ... and at most, while reads keep filling the chunk
 HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being read
 LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
 CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
@@ -849,6 +850,7 @@ class Side:
         self.eof_queued = False   # its write half is (to be) shut down
         self.eof_sent = False
         self.broken = False       # reset, or failed: no more reads or writes
+        self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
 
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
@@ -1067,11 +1069,15 @@ class Connection:
 
     def _read(self, side):
         try:
-            data = side.sock.recv(CHUNK)
+            data = side.sock.recv(side.chunk)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             return self.lost(side)
+        if len(data) == side.chunk and side.chunk < MAX_CHUNK:
+            side.chunk *= 2      # bulk: fewer, larger reads
+        elif len(data) < CHUNK and side.chunk > CHUNK:
+            side.chunk = CHUNK   # small messages: no large buffer to allocate
         if not data:
             side.eof_read = True
         if self.closing_at is None:

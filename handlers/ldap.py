@@ -94,54 +94,43 @@ def message_head(buf, pos):
     return (body - pos) + length, buf[at:at + id_length], buf[at + id_length]
 
 
-# -- connections open through the handler, shared by all its connections ------
+# -- connections open through the handler, per proxy and handler name ---------
 
 _lock = threading.Lock()
-_open = weakref.WeakKeyDictionary()   # Connection -> handler name, until it ends
+_open = weakref.WeakKeyDictionary()   # proxy -> {handler name: {connection index}}
 
 
-def _ended(conn):
-    return conn.closing_at is not None or (conn.thread is not None
-                                           and not conn.thread.is_alive())
-
-
-def _enter(conn, name):
-    """Count `conn` as open through handler `name`, once in its life."""
-    state = conn.state((name, 'count'))
+def _count(conn, name, proxy):
+    """`conn` is open through handler `name`: count it (again: a no-op)."""
     with _lock:
-        if not state.get('entered'):
-            state['entered'] = True
-            _open[conn] = name
+        _open.setdefault(proxy, {}).setdefault(name, set()).add(conn.index)
 
 
-def _leave(conn):
-    """`conn` ended (or its client left): it no longer counts.  Idempotent."""
+def _forget(conn, name, proxy):
+    """`conn` ended, or its client left: it no longer counts.  Idempotent."""
     with _lock:
-        _open.pop(conn, None)
+        _open.get(proxy, {}).get(name, set()).discard(conn.index)
 
 
-def open_before(conn, name):
-    """How many connections through handler `name` of conn's proxy, still
-    open, were accepted before `conn`; ended ones are forgotten here."""
+def open_before(conn, name, proxy):
+    """How many connections counted for handler `name` of `proxy` were
+    accepted before `conn`."""
     with _lock:
-        for other in [other for other in list(_open) if _ended(other)]:
-            _open.pop(other, None)
-        return sum(1 for other, handler in list(_open.items())
-                   if other.proxy is conn.proxy and handler == name
-                   and other.index < conn.index and other.current()[0].name == name)
+        return sum(1 for index in _open.get(proxy, {}).get(name, ()) if index < conn.index)
 
 
 def _count_at_connect(client, backend, name, settings, proxy):
-    _enter(client.connection, name)
+    _count(client.connection, name, proxy)
 
 
-@vaurien.traits(on_connect=_count_at_connect)
+@vaurien.traits(on_connect=_count_at_connect, on_close=_forget)
 def busy(source, dest, to_backend, name, settings, proxy):
     """Answers busy (51) to every request of connections over `max_connections`, then closes.
 
-    Connections through this handler are counted while they are open (from
-    when they open, or first meet the handler if it was set while they were
-    open, until they end or their client closes its side).  The first
+    Connections through this handler are counted, per proxy, while they are
+    open: from when they open, or first meet the handler if it was set while
+    they were open, until they end or their client closes its side (even if
+    another handler is in force for them meanwhile).  The first
     `max_connections` of those still open are relayed untouched; each
     connection beyond them, at its next requests, gets for each request an
     LDAPResult with resultCode 51 (busy) and the request's messageID, then
@@ -155,13 +144,15 @@ def busy(source, dest, to_backend, name, settings, proxy):
       message (str, default server is busy): diagnosticMessage of the busy results.
     """
     conn = source.connection
-    _enter(conn, name)
+    if (source if to_backend else dest).eof_read:   # the client closed its side:
+        _forget(conn, name, proxy)                   # it no longer loads the server
+    else:
+        _count(conn, name, proxy)
     data = proxy.get_data(source)
     state = conn.state(name)
     if not to_backend or state.get('opaque'):
         return dest.sendall(data)
-    if not data:          # the client closed its side: it no longer loads the server
-        _leave(conn)
+    if not data:
         dest.sendall(state.pop('pending', b''))
         return None
     buf = state.pop('pending', b'') + data
@@ -185,7 +176,7 @@ def busy(source, dest, to_backend, name, settings, proxy):
             break
         total, message_id, operation = head
         if overloaded is None:   # decided once, at the first request of the chunk
-            overloaded = open_before(conn, name) >= settings['max_connections']
+            overloaded = open_before(conn, name, proxy) >= settings['max_connections']
         if overloaded:
             answers.append(ldap_result(message_id, operation, BUSY, settings['message']))
         else:
@@ -194,5 +185,5 @@ def busy(source, dest, to_backend, name, settings, proxy):
         pos += min(total, len(buf) - pos)
     if overloaded:   # answers (none for unbind, abandon), then the close
         source.sendall(b''.join(answers))
-        _leave(conn)
+        _forget(conn, name, proxy)   # at once, not when the close is over
         return False
