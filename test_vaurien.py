@@ -2054,3 +2054,599 @@ def test_bare_client_follows_the_last_running_proxy_started(echo_backend):
     finally:
         stop_proxy(first)
     assert (Client().host, Client().port) == ('localhost', 8080)
+
+
+# ---------------------------------------------------------------------------
+# handlers/: the scenario modules
+# ---------------------------------------------------------------------------
+
+SCENARIOS = {'slow_paths': 'handlers.http.slow_paths',
+             'status_on_paths': 'handlers.http.status_on_paths',
+             'loading': 'handlers.redis.loading',
+             'gone_away': 'handlers.mysql.gone_away',
+             'busy': 'handlers.ldap.busy'}
+LOADING_REPLY = b'-LOADING Redis is loading the dataset in memory\r\n'
+
+
+def scenario_registry():
+    """The built-in handlers and those of handlers/, loaded by dotted name as an ini does."""
+    return custom_registry(**{name: vaurien.load_callable(dotted)
+                              for name, dotted in SCENARIOS.items()})
+
+
+def http_backend():
+    """A keep-alive HTTP/1.1 server answering 200 with the request target as the body;
+    records (target, arrival time)."""
+    def serve(sock):
+        stream = sock.makefile('rb')
+        while True:
+            line = stream.readline()
+            if not line:
+                break
+            target = line.split()[1]
+            backend.requests.append((target, time.monotonic()))
+            length = 0
+            for header in iter(stream.readline, b'\r\n'):
+                if not header:
+                    return
+                name, _, value = header.partition(b':')
+                if name.strip().lower() == b'content-length':
+                    length = int(value)
+            stream.read(length)
+            sock.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s'
+                         % (len(target), target))
+    backend = Backend(serve)
+    backend.requests = []
+    return backend
+
+
+def resp_backend():
+    """A tiny Redis: PING +PONG, GET the value SET, +OK to anything else; records
+    (arrival time, command)."""
+    def serve(sock):
+        stream, values = sock.makefile('rb'), {}
+        while True:
+            line = stream.readline()
+            if not line:
+                break
+            if line.startswith(b'*'):
+                args = []
+                for _ in range(int(line[1:])):
+                    args.append(stream.read(int(stream.readline()[1:]) + 2)[:-2])
+            else:
+                args = line.split()
+            backend.commands.append((time.monotonic(), args))
+            verb = args[0].upper() if args else b''
+            if verb == b'PING':
+                sock.sendall(b'+PONG\r\n')
+            elif verb == b'GET':
+                value = values.get(args[1])
+                sock.sendall(b'$-1\r\n' if value is None else b'$%d\r\n%s\r\n' % (len(value),
+                                                                                    value))
+            else:
+                if verb == b'SET':
+                    values[args[1]] = args[2]
+                sock.sendall(b'+OK\r\n')
+    backend = Backend(serve)
+    backend.commands = []
+    return backend
+
+
+def redis_client(redis, address):
+    """redis-py speaking RESP2 (no HELLO), without retries: each BusyLoadingError reaches
+    the test."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    return redis.Redis(host=address[0], port=address[1], socket_timeout=WAIT,
+                       socket_connect_timeout=WAIT, retry=Retry(NoBackoff(), 0), protocol=2)
+
+
+def mysql_packet(sequence, payload):
+    return struct.pack('<I', len(payload))[:3] + bytes((sequence,)) + payload
+
+
+def read_mysql_packet(read):
+    """(sequence, payload) of the next packet from `read(size)`, or None at EOF."""
+    head = read(4)
+    if len(head) < 4:
+        return None
+    payload = read(int.from_bytes(head[:3], 'little'))
+    return head[3], payload
+
+
+MYSQL_OK = b'\x00\x00\x00\x02\x00\x00\x00'   # 0 rows, no insert id, autocommit, 0 warnings
+
+
+def mysql_backend():
+    """A tiny MySQL server: a greeting, any login accepted with an OK packet, an OK packet
+    to every command until COM_QUIT; records each command's payload.  After an SSLRequest
+    (TLS), it echoes the raw bytes instead."""
+    caps = 0x1 | 0x4 | 0x8 | 0x200 | 0x2000 | 0x8000 | 0x80000
+    greeting = (b'\x0a5.7.0-vaurien-test\x00' + struct.pack('<I', 7) + b'abcdefgh\x00'
+                + struct.pack('<HBHH', caps & 0xffff, 0x21, 0x0002, caps >> 16)
+                + b'\x15' + b'\x00' * 10 + b'ijklmnopqrst\x00' + b'mysql_native_password\x00')
+
+    def serve(sock):
+        stream = sock.makefile('rb')
+        sock.sendall(mysql_packet(0, greeting))
+        sequence, login = read_mysql_packet(stream.read)
+        backend.logins.append(login)
+        if len(login) == 32:             # SSLRequest: what follows is TLS, opaque here
+            for data in iter(lambda: stream.read1(65536), b''):
+                backend.tls.append(data)
+                sock.sendall(data)
+            return
+        sock.sendall(mysql_packet(sequence + 1, MYSQL_OK))
+        for _, payload in iter(lambda: read_mysql_packet(stream.read), None):
+            backend.commands.append(payload)
+            if payload[:1] == b'\x01':   # COM_QUIT
+                break
+            sock.sendall(mysql_packet(1, MYSQL_OK))
+    backend = Backend(serve)
+    backend.commands, backend.logins, backend.tls = [], [], []
+    return backend
+
+
+def mysql_login(sock):
+    """Read the greeting, log in (a fake handshake response), read the OK."""
+    read = lambda size: read_exactly(sock, size)   # noqa: E731
+    assert read_mysql_packet(read)[0] == 0
+    sock.sendall(mysql_packet(1, b'\x0d\xa2\x0a\x00' + b'\x00' * 4 + b'\x21' + b'\x00' * 23
+                              + b'app\x00\x00'))
+    assert read_mysql_packet(read) == (2, MYSQL_OK)
+
+
+def ber(tag, value):
+    """A BER element with a definite length, short or long form."""
+    if len(value) < 0x80:
+        return bytes((tag, len(value))) + value
+    return bytes((tag, 0x82)) + struct.pack('!H', len(value)) + value
+
+
+def ldap_bind(message_id, dn=b'cn=app,dc=example,dc=com'):
+    return ber(0x30, ber(0x02, message_id) + ber(0x60, ber(0x02, b'\x03') + ber(0x04, dn)
+                                                  + ber(0x80, b'secret')))
+
+
+def ldap_answer(message_id, tag, code, message=b''):
+    return ber(0x30, ber(0x02, message_id) + ber(tag, ber(0x0a, bytes((code,)))
+                                                  + ber(0x04, b'') + ber(0x04, message)))
+
+
+LDAP_SEARCH = ber(0x30, ber(0x02, b'\x01\x2c') + ber(0x63, ber(0x04, b'dc=example,dc=com')
+                                                     + b'\x0a\x01\x02\x0a\x01\x00\x02\x01\x00'
+                                                     b'\x02\x01\x00\x01\x01\x00'
+                                                     + ber(0x87, b'objectClass') + ber(0x30, b'')))
+LDAP_UNKNOWN = ber(0x30, ber(0x02, b'\x09') + b'\x70\x00')
+LDAP_UNBIND = ber(0x30, ber(0x02, b'\x0a') + b'\x42\x00')
+
+
+def ldap_backend():
+    """A tiny LDAP server: success to a bind (bindResponse) and a search (searchResDone),
+    closes at an unbind; bytes that are not LDAP are echoed.  Records each request.  At the
+    client's EOF it counts it in `eofs`, and keeps its side open until `hold` is set."""
+    def serve(sock):
+        buf = b''
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buf += data
+            if buf[:1] != b'\x30':
+                sock.sendall(buf)
+                buf = b''
+                continue
+            while len(buf) >= 2:
+                size, start = buf[1], 2
+                if size & 0x80:
+                    start = 2 + (size & 0x7f)
+                    size = int.from_bytes(buf[2:start], 'big')
+                if len(buf) < start + size:
+                    break
+                message, buf = buf[:start + size], buf[start + size:]
+                backend.requests.append(message)
+                id_end = start + 2 + message[start + 1]
+                message_id, tag = message[start + 2:id_end], message[id_end]
+                if tag == 0x42:
+                    return
+                sock.sendall(ldap_answer(message_id, {0x60: 0x61}.get(tag, 0x65), 0))
+        backend.eofs.append(True)
+        backend.hold.wait(WAIT)
+        sock.shutdown(socket.SHUT_WR)
+    backend = Backend(serve)
+    backend.requests, backend.eofs, backend.hold = [], [], threading.Event()
+    backend.hold.set()
+    return backend
+
+
+def read_ldap_message(sock):
+    head = read_exactly(sock, 2)
+    return head + read_exactly(sock, head[1])
+
+
+def ldap_binds(sock):
+    """Bind on `sock`: True when the backend answered success, False when not."""
+    sock.sendall(ldap_bind(b'\x01'))
+    return read_ldap_message(sock) == ldap_answer(b'\x01', 0x61, 0)
+
+
+def test_scenario_handlers_load_by_dotted_name_with_typed_defaults():
+    expected = {
+        'slow_paths': {'pattern': '^/slow', 'sleep': 2.0},
+        'status_on_paths': {'pattern': '^/', 'status': 503, 'message': '', 'retry_after': 0},
+        'loading': {'warmup': 5.0, 'since': 'handler'},
+        'gone_away': {'queries': 0, 'on': 'query'},
+        'busy': {'max_connections': 10, 'message': 'server is busy'}}
+    for name, dotted in SCENARIOS.items():
+        handler = vaurien.Handler(name, vaurien.load_callable(dotted))
+        assert handler.settings == expected[name]
+        assert handler.summary and handler.schema
+        module, _, function = dotted.rpartition('.')             # the module:function form
+        assert vaurien.load_callable(module + ':' + function) is handler.func
+    configured = vaurien.Handler('busy', vaurien.load_callable('handlers.ldap.busy'),
+                                 {'max_connections': '3', 'message': 'go away'})
+    assert configured.settings == {'max_connections': 3, 'message': 'go away'}
+    with pytest.raises(vaurien.ConfigError, match='pattern'):
+        vaurien.Handler('slow_paths', vaurien.load_callable('handlers.http.slow_paths'),
+                        {'pattern': '*oops'})
+
+
+SCENARIO_BAD_SETTINGS = [
+    ('slow_paths', {'pattern': '('}), ('slow_paths', {'pattern': '[a-'}),
+    ('slow_paths', {'sleep': -1}), ('slow_paths', {'sleep': 'soon'}),
+    ('status_on_paths', {'pattern': '(?P<'}), ('status_on_paths', {'status': 200}),
+    ('status_on_paths', {'status': 600}), ('status_on_paths', {'retry_after': -1}),
+    ('status_on_paths', {'message': 5}), ('loading', {'warmup': -1}),
+    ('loading', {'since': 'later'}), ('gone_away', {'queries': -1}),
+    ('gone_away', {'on': 'sometimes'}), ('busy', {'max_connections': 'lots'}),
+    ('busy', {'max_connections': -1}), ('busy', {'colour': 'red'}),
+]
+
+
+@pytest.mark.parametrize('name,settings', SCENARIO_BAD_SETTINGS)
+def test_scenario_handlers_refuse_bad_settings(make_proxy, echo_backend, name, settings):
+    proxy = make_proxy(echo_backend.address, handlers=scenario_registry(), http=True)
+    key = list(settings)[0]
+    with pytest.raises(vaurien.ConfigError, match=key):
+        proxy.set_handler(name, **settings)
+    status, answer = api(proxy.control_address, 'PUT', '/handler',
+                         json.dumps({'name': name, 'settings': settings}))
+    assert status == 400 and key in answer['error']
+    assert proxy.get_handler()['handler'] == 'normal'
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_slow_paths_delays_the_matching_requests_of_a_keep_alive_connection(make_proxy,
+                                                                            backends):
+    backend = backends(http_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+    proxy.set_handler('slow_paths', pattern=r'^/reports/|[?&]export=', sleep=0.6)
+    conn = http.client.HTTPConnection(LOOP, proxy.address[1], timeout=WAIT)
+    try:
+        for target, slow in [('/reports/q1', True), ('/health', False),
+                             ('/items?export=csv', True), ('/reports', False)]:
+            started = time.monotonic()
+            conn.request('GET', target)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, target.encode())
+            arrived = backend.requests[-1][1] - started
+            if slow:
+                assert arrived >= 0.6, target
+            else:
+                assert arrived < 0.5, target
+        conn.request('POST', '/reports/new', body=b'x' * 200000)   # the body follows
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b'/reports/new')
+    finally:
+        conn.close()
+    assert backend.accepted == 1
+    assert [target for target, _ in backend.requests] == [
+        b'/reports/q1', b'/health', b'/items?export=csv', b'/reports', b'/reports/new']
+
+
+def test_status_on_paths_answers_matching_requests_itself_and_closes(make_proxy, backends):
+    backend = backends(http_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+    proxy.set_handler('status_on_paths', pattern='^/api/payments', retry_after=30)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'GET /api/payments/1 HTTP/1.1\r\nHost: shop\r\n\r\n')
+        assert outcome(sock) == ('eof', b'HTTP/1.1 503 Service Unavailable\r\n'
+                                 b'Retry-After: 30\r\n'
+                                 b'Content-Type: text/plain; charset=utf-8\r\n'
+                                 b'Content-Length: 20\r\nConnection: close\r\n\r\n'
+                                 b'Service Unavailable\n')
+    assert backend.accepted == 0      # never connected for it
+    conn = http.client.HTTPConnection(LOOP, proxy.address[1], timeout=WAIT)
+    try:
+        conn.request('GET', '/api/users')
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b'/api/users')
+        conn.request('GET', '/api/payments?id=2')           # same connection
+        response = conn.getresponse()
+        assert response.status == 503 and response.getheader('Retry-After') == '30'
+        assert response.getheader('Connection') == 'close'
+        assert response.read() == b'Service Unavailable\n'
+    finally:
+        conn.close()
+    assert [target for target, _ in backend.requests] == [b'/api/users']
+    proxy.set_handler('status_on_paths', pattern='^/', status=429, message='slow down',
+                      retry_after=0)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'GET / HTTP/1.1\r\nHost: shop\r\n\r\n')
+        assert outcome(sock) == ('eof', b'HTTP/1.1 429 Too Many Requests\r\n'
+                                 b'Content-Type: text/plain; charset=utf-8\r\n'
+                                 b'Content-Length: 10\r\nConnection: close\r\n\r\n'
+                                 b'slow down\n')
+    if not shutil.which('curl'):
+        pytest.skip('curl is not installed (apt-get install curl)')
+    proxy.set_handler('status_on_paths', pattern='^/api/payments', status=502, retry_after=5)
+    result = subprocess.run(['curl', '-s', '-D', '-', 'http://%s:%d/api/payments' % proxy.address],
+                            capture_output=True, timeout=WAIT)
+    assert result.stdout.startswith(b'HTTP/1.1 502 Bad Gateway\r\nRetry-After: 5\r\n')
+    assert result.stdout.endswith(b'\r\n\r\nBad Gateway\n')
+    result = subprocess.run(['curl', '-s', 'http://%s:%d/api/users' % proxy.address],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert result.stdout == '/api/users'
+
+
+def test_loading_answers_loading_until_the_warmup_then_relays(make_proxy, backends):
+    redis = pytest.importorskip('redis')
+    backend = backends(resp_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+    started = time.monotonic()
+    proxy.set_handler('loading', warmup=1.0)
+    with contextlib.ExitStack() as stack:
+        live = stack.enter_context(connect(proxy.address))
+        live.sendall(b'PING\r\n*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n')
+        assert read_exactly(live, 3 * len(LOADING_REPLY)) == 3 * LOADING_REPLY
+        cut = stack.enter_context(connect(proxy.address))
+        cut.sendall(b'*1\r\n$4\r\nPI')                     # a command begun while loading
+        db = redis_client(redis, proxy.address)
+        stack.callback(db.close)
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            db.set('k', 'v')
+
+        def pings():
+            try:
+                return db.ping()
+            except redis.exceptions.BusyLoadingError:
+                return False
+        wait_for(pings, what='the end of the warmup')
+        assert time.monotonic() - started >= 1.0
+        assert backend.commands and all(when - started >= 1.0 for when, _ in backend.commands)
+        cut.sendall(b'NG\r\nPING\r\n')                     # its end still gets LOADING
+        assert read_exactly(cut, len(LOADING_REPLY) + 7) == LOADING_REPLY + b'+PONG\r\n'
+        live.sendall(b'GET k\r\n')                         # the SET never reached it
+        assert read_exactly(live, 5) == b'$-1\r\n'
+        assert db.set('k', 'v') and db.get('k') == b'v'
+        proxy.set_handler('loading', warmup=WAIT)          # a restart: live ones see it
+        live.sendall(b'GET k\r\n')
+        assert read_exactly(live, len(LOADING_REPLY)) == LOADING_REPLY
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            db.get('k')
+        assert [args for _, args in backend.commands if args[:1] == [b'GET']] == [
+            [b'GET', b'k'], [b'GET', b'k']]
+
+
+def test_loading_since_connection_starts_the_clock_at_each_connect(make_proxy, backends):
+    redis = pytest.importorskip('redis')
+    backend = backends(resp_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+    proxy.set_handler('loading', warmup=0.5, since='connection')
+
+    def ask(sock):
+        sock.sendall(b'PING\r\n')
+        first = read_exactly(sock, 1)
+        return first + read_exactly(sock, (len(LOADING_REPLY) if first == b'-' else 7) - 1)
+    started = time.monotonic()
+    with connect(proxy.address) as old:
+        assert ask(old) == LOADING_REPLY
+        wait_for(lambda: ask(old) == b'+PONG\r\n', what='the connection to warm up')
+        assert time.monotonic() - started >= 0.5
+        with connect(proxy.address) as new:
+            assert ask(new) == LOADING_REPLY
+            assert ask(old) == b'+PONG\r\n'
+    db = redis_client(redis, proxy.address)
+    try:
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            db.ping()
+    finally:
+        db.close()
+
+
+def test_loading_through_an_ini_file_and_the_command_line(tmp_path, backends, cli_proxy):
+    backend = backends(resp_backend)
+    ini = write(tmp_path, 'redis.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:loading\n'
+                '[handler:loading]\ncallable = handlers.redis.loading\nwarmup = 2\n'
+                'since = handler\n' % backend.address)
+    listing = run_cli('--config', ini, '--list-handlers')
+    assert listing.returncode == 0
+    assert 'loading: Answers -LOADING to every command' in listing.stdout
+    assert '        configured: 2.0' in listing.stdout
+    started = time.monotonic()
+    proc = cli_proxy('--config', ini)
+    with connect(proc.address) as sock:
+        sock.sendall(b'PING\r\n')
+        assert read_exactly(sock, len(LOADING_REPLY)) == LOADING_REPLY
+    if shutil.which('redis-cli'):
+        result = subprocess.run(['redis-cli', '-h', LOOP, '-p', str(proc.address[1]), 'GET', 'k'],
+                                capture_output=True, text=True, timeout=WAIT)
+        assert 'LOADING Redis is loading the dataset in memory' in result.stdout
+    assert not backend.commands
+    wait_for(lambda: round_trip(proc.address, b'PING\r\n') == b'+PONG\r\n', what='the warmup')
+    assert time.monotonic() - started >= 2.0
+    assert Client(*proc.control).get_handler()['settings'] == {'warmup': 2.0,
+                                                               'since': 'handler'}
+    for section, message in [('[handler:busy]\ncallable = handlers.ldap.busy\n'
+                              'max_connections = lots\n', 'max_connections = lots'),
+                             ('[handler:slow]\ncallable = handlers.http.slow_paths\n'
+                              'pattern = (\n', 'not a regular expression'),
+                             ('[handler:x]\ncallable = handlers.redis.nothing\n',
+                              "no attribute 'nothing'")]:
+        bad = write(tmp_path, 'bad.ini', '[vaurien]\ndistant = %s:%d\n%s'
+                    % (backend.address + (section,)))
+        result = run_cli('--config', bad)
+        assert result.returncode == 2 and message in result.stderr
+        assert result.stderr.count('\n') == 1
+
+
+def test_gone_away_pymysql_loses_the_connection_at_the_next_query(make_proxy, backends):
+    pymysql = pytest.importorskip('pymysql')
+    backend = backends(mysql_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+
+    def close(db):
+        with contextlib.suppress(pymysql.err.Error):   # "Already closed" after a loss
+            db.close()
+
+    def connect_db():
+        return pymysql.connect(host=LOOP, port=proxy.address[1], user='app', password='',
+                               connect_timeout=WAIT, read_timeout=WAIT, write_timeout=WAIT)
+    close(connect_db())                  # normal: how many queries does connect() send?
+    login_queries = sum(1 for payload in backend.commands if payload[:1] == b'\x03')
+    backend.commands.clear()
+    proxy.set_handler('gone_away', queries=login_queries + 1)
+    db = connect_db()
+    try:
+        cursor = db.cursor()
+        cursor.execute('SELECT 1')
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            cursor.execute('SELECT 2')
+        assert caught.value.args[0] == 2013
+    finally:
+        close(db)
+    queries = [payload[1:] for payload in backend.commands if payload[:1] == b'\x03']
+    assert queries[-1] == b'SELECT 1' and b'SELECT 2' not in queries
+    proxy.set_handler('gone_away')       # the default: the first query after the login
+    with pytest.raises(pymysql.err.OperationalError) as caught:
+        connect_db().cursor().execute('SELECT 3')
+    assert caught.value.args[0] == 2013
+    proxy.set_handler('gone_away', queries=login_queries, on='any')
+    db = connect_db()
+    try:
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            db.ping(reconnect=False)
+        assert caught.value.args[0] == 2013
+    finally:
+        close(db)
+    assert b'\x0e' not in backend.commands           # COM_PING never reached it
+    proxy.set_handler('gone_away', queries=login_queries, on='query')
+    db = connect_db()
+    try:
+        db.ping(reconnect=False)                      # other commands pass
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            db.cursor().execute('SELECT 4')
+        assert caught.value.args[0] == 2013
+    finally:
+        close(db)
+    assert b'\x0e' in backend.commands
+    assert all(b'SELECT 3' not in payload and b'SELECT 4' not in payload
+               for payload in backend.commands)
+
+
+def test_gone_away_on_the_wire_eof_without_an_answer_and_tls_untouched(make_proxy, backends):
+    backend = backends(mysql_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry(),
+                       behavior='100:gone_away')
+    with connect(proxy.address) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mysql_login(sock)
+        sock.sendall(mysql_packet(0, b'\x0e'))                       # COM_PING passes
+        assert read_exactly(sock, 4 + len(MYSQL_OK)) == mysql_packet(1, MYSQL_OK)
+        for byte in mysql_packet(0, b'\x03SELECT 1'):                # in 1-byte segments
+            sock.sendall(bytes((byte,)))
+        assert outcome(sock) == ('eof', b'')
+    wait_for(lambda: not backend.live, what='the backend connection to end')
+    assert backend.commands == [b'\x0e']
+    with connect(proxy.address) as sock:
+        read_mysql_packet(lambda size: read_exactly(sock, size))
+        sock.sendall(mysql_packet(1, b'\x0d\xaa\x0a\x00' + b'\x00' * 28))   # SSLRequest
+        wait_for(lambda: len(backend.logins) == 2, what='the SSLRequest')
+        opaque = mysql_packet(0, b'\x03SELECT 1') + b'\x16\x03\x01' + os.urandom(64)
+        sock.sendall(opaque)
+        assert read_exactly(sock, len(opaque)) == opaque            # echoed: relayed as is
+        sock.shutdown(socket.SHUT_WR)
+        assert outcome(sock) == ('eof', b'')
+    assert b''.join(backend.tls) == opaque
+
+
+def test_busy_answers_busy_beyond_max_connections_and_serves_again(make_proxy, backends):
+    backend = backends(ldap_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+    proxy.set_handler('busy', max_connections=2, message='try later')
+    busy_bind = ldap_answer(b'\x01', 0x61, 51, b'try later')
+    assert busy_bind == b'\x30\x15\x02\x01\x01\x61\x10\x0a\x01\x33\x04\x00\x04\x09try later'
+    with contextlib.ExitStack() as stack:
+        first, second = (stack.enter_context(connect(proxy.address)) for _ in range(2))
+        assert ldap_binds(first) and ldap_binds(second)
+        with connect(proxy.address) as third:               # pipelined: one answer each
+            third.sendall(ldap_bind(b'\x01') + LDAP_SEARCH + LDAP_UNKNOWN + LDAP_UNBIND)
+            assert outcome(third) == ('eof', busy_bind
+                                      + ldap_answer(b'\x01\x2c', 0x65, 51, b'try later')
+                                      + ldap_answer(b'\x09', 0x78, 51, b'try later'))
+        with connect(proxy.address) as fourth:              # a bind in 1-byte segments
+            fourth.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for byte in ldap_bind(b'\x01'):
+                fourth.sendall(bytes((byte,)))
+            assert outcome(fourth) == ('eof', busy_bind)
+        assert len(backend.requests) == 2                   # the two binds served
+        big = ldap_bind(b'\x02', b'cn=' + b'x' * 300 + b',dc=example,dc=com')
+        first.sendall(big + LDAP_SEARCH)                    # served: relayed intact
+        assert read_ldap_message(first) == ldap_answer(b'\x02', 0x61, 0)
+        assert read_ldap_message(first) == ldap_answer(b'\x01\x2c', 0x65, 0)
+        assert backend.requests[-2:] == [big, LDAP_SEARCH]
+        first.shutdown(socket.SHUT_WR)                      # the first one leaves...
+        assert outcome(first) == ('eof', b'')
+        assert ldap_binds(stack.enter_context(connect(proxy.address)))   # ...one is served
+        rst_close(second)                                   # a reset ends it too
+        wait_for(lambda: proxy.connection_count == 1, what='the reset connection to end')
+        one, two = (stack.enter_context(connect(proxy.address)) for _ in range(2))
+        assert ldap_binds(one) and not ldap_binds(two)
+        assert outcome(two) == ('eof', b'')
+
+
+def test_busy_counts_exactly_per_proxy_however_connections_end(make_proxy, backends):
+    backend = backends(ldap_backend)
+    proxy = make_proxy(backend.address, handlers=scenario_registry())
+    other = make_proxy(backend.address, handlers=scenario_registry())
+    proxy.set_handler('busy', max_connections=1)
+    other.set_handler('busy', max_connections=1)
+    busy_bind = ldap_answer(b'\x01', 0x61, 51, b'server is busy')
+    with contextlib.ExitStack() as stack:
+        stack.callback(backend.hold.set)
+        served = stack.enter_context(connect(proxy.address))
+        assert ldap_binds(served)
+        assert ldap_binds(stack.enter_context(connect(other.address)))   # counted apart
+        refused = stack.enter_context(connect(proxy.address))
+        refused.sendall(ldap_bind(b'\x01'))
+        assert read_exactly(refused, len(busy_bind)) == busy_bind
+        assert outcome(refused) == ('eof', b'')   # and left open: the proxy lingers on it
+        backend.hold.clear()              # the backend keeps its side open for a while...
+        served.shutdown(socket.SHUT_WR)   # ...but a client that closed its side is gone
+        wait_for(lambda: backend.eofs, what='the EOF to reach the backend')
+        assert ldap_binds(stack.enter_context(connect(proxy.address)))   # at once
+        backend.hold.set()
+        assert outcome(served) == ('eof', b'')
+        proxy.disable()                                     # kills every connection
+        wait_for(lambda: proxy.connection_count == 0, what='the killed connections to end')
+        proxy.enable()
+        assert ldap_binds(stack.enter_context(connect(proxy.address)))
+        proxy.set_handler('busy', max_connections=0)
+        assert not ldap_binds(stack.enter_context(connect(proxy.address)))
+        tls = b'\x16\x03\x01\x00\x05hello'                   # not LDAP: relayed untouched
+        opaque = stack.enter_context(connect(proxy.address))
+        opaque.sendall(tls)
+        assert read_exactly(opaque, len(tls)) == tls
+        proxy.set_handler('normal')
+    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    with contextlib.ExitStack() as stack:   # opened under another handler: counted once met
+        olds = [stack.enter_context(connect(proxy.address)) for _ in range(3)]
+        assert all(ldap_binds(old) for old in olds)
+        proxy.set_handler('busy', max_connections=2)
+        answers = []
+        for old in olds:                                    # one after the other
+            old.sendall(LDAP_SEARCH)
+            answers.append(read_ldap_message(old))
+        assert answers == [ldap_answer(b'\x01\x2c', 0x65, 0)] * 2 + [
+            ldap_answer(b'\x01\x2c', 0x65, 51, b'server is busy')]
+        assert outcome(olds[2]) == ('eof', b'')

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Vaurien's benchmark: what the proxy costs, next to a direct connection.
 
-    python3 bench/bench.py                  # the full run, 2 to 3 minutes
+    python3 bench/bench.py                  # the full run, 1 to 3 minutes
     python3 bench/bench.py --quick          # small sizes: a smoke test, under 30 s
     python3 bench/bench.py --only bulk --only delay
 
@@ -26,13 +26,16 @@ direct one measured in the same run: 1.00 means the relay costs nothing, 0.50
 that it halves the throughput or the rate.  "target" is Vaurien's goal for its
 ratio, "met" says whether this run reached it.  On a small machine the
 client, the backend and the relay share the CPUs: the ratios compare relays
-run under the same load, not relays on hosts of their own.
+run under the same load, not relays on hosts of their own, and they move by
+about 0.1 from one run to the next (more when something else runs: the load
+average at the start is printed).
 
 Below the table come Vaurien's own figures, each with its target: start-up
 time, control API latency, the accuracy of the ``delay`` and ``bandwidth``
 handlers, and its memory per held connection.  No figure fails the run: the
 exit status is 0 unless the benchmark itself crashes.  What went wrong (lost
-or wrong bytes, hangs, what a relay logged) is listed last.
+or wrong bytes, hangs, what a relay logged, a Vaurien slow to exit on
+SIGTERM) is listed last.
 """
 
 import argparse
@@ -44,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import queue
 import re
 import resource
 import selectors
@@ -70,6 +74,8 @@ MESSAGE = 64             # bytes per echo round trip
 BLOCK = 1 << 20          # bytes per bulk send and receive
 IO_TIMEOUT = 10          # seconds a client socket waits on connect, send or recv
 START_TIMEOUT = 10.0     # seconds a relay gets to accept connections
+STOP_GRACE = 30.0        # seconds Vaurien gets to exit after SIGTERM, before SIGKILL
+SLOW_STOP = 1.0          # seconds to exit after SIGTERM beyond which it is a problem
 HOLD_TIMEOUT = 60.0      # seconds the held connections get to echo
 MAX_CONNECTIONS = 6000   # haproxy's maxconn: above the connections held at once
 DELAY = 0.05             # seconds of the delay handler measured
@@ -87,7 +93,7 @@ class Scale:
     seconds: float        # duration of each measured rate
     connections: int      # connections doing round trips at once
     concurrent: int       # connections held open at once
-    redis_requests: int   # requests per redis-benchmark run with 50 clients
+    redis_requests: int   # requests per redis-benchmark run with 50 clients, half with 1
     starts: int           # samples of start_proxy()
     repeats: int          # samples of the other start-up and control API figures
     delay_samples: int    # round trips timed through the delay handler
@@ -98,7 +104,7 @@ FULL = Scale(bulk_bytes=400 * 10**6, bulk_seconds=10, seconds=2.0, connections=5
              concurrent=5000, redis_requests=50000, starts=5, repeats=20, delay_samples=30,
              bandwidth_bytes=3 * RATE)
 QUICK = Scale(bulk_bytes=40 * 10**6, bulk_seconds=3, seconds=0.5, connections=50,
-              concurrent=300, redis_requests=5000, starts=2, repeats=5, delay_samples=8,
+              concurrent=300, redis_requests=10000, starts=2, repeats=5, delay_samples=8,
               bandwidth_bytes=RATE)
 
 
@@ -174,7 +180,7 @@ class Sink(Peer):
     """Counts what arrives; at EOF answers the count (8 bytes) and closes."""
 
     count = 0
-    buffer = bytearray(BLOCK)
+    buffer = bytearray(BLOCK)   # shared: the backends run in one thread
 
     def on_event(self, mask):
         received = self.sock.recv_into(self.buffer)
@@ -214,7 +220,7 @@ def serve_backends(listeners):
         selector.register(listener, selectors.EVENT_READ, BACKENDS[kind])
     while True:
         for key, mask in selector.select():
-            if isinstance(key.data, type):
+            if isinstance(key.data, type):   # a listener, with the Peer class it serves
                 accept_all(key.fileobj, key.data, selector)
                 continue
             try:
@@ -258,11 +264,11 @@ def listen():
 
 
 @contextlib.contextmanager
-def redis_backend():
+def redis_backend(problems):
     """A redis-server on a free port, for redis-benchmark; yield {'redis': port}."""
     port = free_port()
     with external('redis-server', ['redis-server', '--port', str(port), '--bind', HOST,
-                                   '--save', '', '--appendonly', 'no'], port, []):
+                                   '--save', '', '--appendonly', 'no'], port, problems):
         yield {'redis': port}
 
 
@@ -284,35 +290,45 @@ def vaurien_relay(port, problems):
          '--http', '--http-host', HOST, '--http-port', '0'],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, errors='replace')
-    lines, ready = [], []
+    lines, ready = [], queue.Queue()
     reader = threading.Thread(target=read_vaurien, args=(process.stderr, lines, ready),
                               name='bench-vaurien-stderr', daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready and reader.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if not ready:
+        try:
+            addresses = ready.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            addresses = None
+        if addresses is None:
             raise RelayError('vaurien did not start: %s' % (' | '.join(lines) or 'no output'))
-        proxy, control = ready[0]
-        yield Relay(proxy, process.pid, control)
+        yield Relay(addresses[0], process.pid, addresses[1])
     finally:
-        stop_process(process)
+        took = stop_process(process, STOP_GRACE)
         reader.join(5)
         process.stderr.close()
         problems.extend('vaurien logged: ' + line for line in lines if ' INFO ' not in line)
-        if process.returncode not in (0, -signal.SIGTERM):
+        if took is None:
+            problems.append('vaurien did not exit within %g s of SIGTERM: killed' % STOP_GRACE)
+        elif took > SLOW_STOP:
+            problems.append('vaurien took %.1f s to exit after SIGTERM' % took)
+        elif process.returncode not in (0, -signal.SIGTERM):
             problems.append('vaurien exited with status %s' % process.returncode)
 
 
 def read_vaurien(stream, lines, ready):
-    """Keep Vaurien's stderr drained: its ready line's addresses go to `ready`."""
+    """Keep Vaurien's stderr drained: put its proxy and control addresses on
+    `ready` when it announces them (None if it exits first), its other lines
+    in `lines`."""
+    announced = False
     for line in stream:
-        match = READY.search(line)
-        if match and not ready:
-            ready.append((split_address(match[1]), split_address(match[2])))
+        match = None if announced else READY.search(line)
+        if match:
+            ready.put((split_address(match[1]), split_address(match[2])))
+            announced = True
         else:
             lines.append(line.rstrip())
+    if not announced:
+        ready.put(None)
 
 
 def split_address(text):
@@ -320,18 +336,24 @@ def split_address(text):
     return host.strip('[]'), int(port)
 
 
-def stop_process(process):
-    """Terminate, then kill if it does not exit in 5 seconds."""
+def stop_process(process, grace):
+    """Terminate, then kill if it is still there after `grace` seconds: return
+    the seconds it took to exit, or None when it had to be killed."""
+    start = time.perf_counter()
     process.terminate()
     try:
-        process.wait(5)
+        process.wait(grace)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+        return None
+    return time.perf_counter() - start
 
 
 @contextlib.contextmanager
 def socat_relay(port, problems):
+    """socat, forking a process per connection; a listen queue of 1024 as
+    Vaurien's, where socat's 5 would drop the SYNs of a burst of connects."""
     listen_port = free_port()
     with external('socat', ['socat', 'TCP-LISTEN:%d,bind=%s,reuseaddr,fork,backlog=1024'
                             % (listen_port, HOST), 'TCP:%s:%d' % (HOST, port)],
@@ -615,7 +637,7 @@ def concurrent_round_trips(relay, scale):
 
 def redis_ping(relay, scale, clients):
     """redis-benchmark's PING (RESP bulk) against redis-server, with `clients` connections."""
-    requests = scale.redis_requests if clients > 1 else scale.redis_requests // 5
+    requests = scale.redis_requests if clients > 1 else scale.redis_requests // 2
     result = subprocess.run(
         ['redis-benchmark', '-h', relay.address[0], '-p', str(relay.address[1]),
          '-c', str(clients), '-n', str(requests), '-t', 'ping_mbulk', '--csv'],
@@ -647,9 +669,9 @@ def held_connections(relay, scale):
         start = time.perf_counter()
         socks, failure = open_many(stack, relay.address, scale.concurrent)
         opened = time.perf_counter() - start
-        echoed, _ = ping_pong(socks, HOLD_TIMEOUT, rounds=1)
+        echoed, echoing = ping_pong(socks, HOLD_TIMEOUT, rounds=1)
         held = rss_mb(relay.pid)
-    notes = ['%d opened in %.1f s' % (len(socks), opened)]
+    notes = ['%d opened in %.1f s, echoed in %.1f s' % (len(socks), opened, echoing)]
     if failure is not None:
         notes.append('opening stopped: %s' % describe(failure))
     if echoed < len(socks):
@@ -722,15 +744,25 @@ def run_table(selected, relays, ports, scale, problems):
 
 def measure_cell(workload, kind, port, scale, problems):
     """One workload through one relay; None, and a problem, when it fails."""
-    try:
-        with RELAYS[kind](port, problems) as relay:
-            result = workload.measure(relay, scale)
-    except FAILURES as exc:
-        problems.append('%s, %s: %s' % (workload.label, kind, describe(exc)))
-        progress('%s, %s: failed' % (workload.label, kind))
-        return None
+    with tagged(problems, '%s, %s' % (workload.label, kind)):
+        try:
+            with RELAYS[kind](port, problems) as relay:
+                result = workload.measure(relay, scale)
+        except FAILURES as exc:
+            problems.append(describe(exc))
+            result = None
     progress('%s, %s: %s' % (workload.label, kind, absolute(result, workload.unit)))
     return result
+
+
+@contextlib.contextmanager
+def tagged(problems, tag):
+    """Prefix with `tag` the problems added to `problems` in the block."""
+    start = len(problems)
+    try:
+        yield
+    finally:
+        problems[start:] = ['%s: %s' % (tag, problem) for problem in problems[start:]]
 
 
 # ---------------------------------------------------------------------------
@@ -792,9 +824,9 @@ def enter_and_exit(client):
         pass
 
 
-def timed(function, *args, **settings):
+def timed(function, *args, **keywords):
     start = time.perf_counter()
-    function(*args, **settings)
+    function(*args, **keywords)
     return time.perf_counter() - start
 
 
@@ -839,7 +871,7 @@ def download_progress(address, size):
 
 
 def memory_figures(rows):
-    """Vaurien's RSS with the connections held, from the table's last row."""
+    """Vaurien's RSS with the connections held, from the held-connections row."""
     figures = []
     for workload, cells in rows:
         cell = cells.get('vaurien')
@@ -866,10 +898,11 @@ def run_figures(groups, ports, scale, problems):
         if group not in groups:
             continue
         progress('vaurien figures: ' + group)
-        try:
-            figures += make(ports, scale, problems)
-        except FAILURES as exc:
-            problems.append('%s figures: %s' % (group, describe(exc)))
+        with tagged(problems, group + ' figures'):
+            try:
+                figures += make(ports, scale, problems)
+            except FAILURES as exc:
+                problems.append(describe(exc))
     return figures
 
 
@@ -925,11 +958,12 @@ def markdown(header, lines):
     return '\n'.join([row(header), rule] + [row(line) for line in lines])
 
 
-def report(rows, figures, relays, missing, problems, mode, elapsed):
-    print('Vaurien %s benchmark, %s run: Python %s, %s, %d CPUs; relays: %s%s' % (
-        vaurien.__version__, mode, platform.python_version(), platform.platform(terse=True),
-        os.cpu_count(), ', '.join(relays[1:]),
-        '; not installed: ' + ', '.join(missing) if missing else ''))
+def report(rows, figures, relays, missing, problems, mode, load, elapsed):
+    print('Vaurien %s benchmark, %s run: Python %s, %s, %d CPUs, load average %.2f at '
+          'the start; relays: %s%s' % (
+              vaurien.__version__, mode, platform.python_version(),
+              platform.platform(terse=True), os.cpu_count(), load, ', '.join(relays[1:]),
+              '; not installed: ' + ', '.join(missing) if missing else ''))
     if rows:
         print('\nEach ratio is the relay\'s figure / the direct one, in this run '
               '(1.00: the relay costs nothing).\n')
@@ -995,6 +1029,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
+    load = os.getloadavg()[0]
     groups = set(args.only or GROUPS)
     scale = fit_fd_limit(QUICK if args.quick else FULL)
     relays = ['direct', 'vaurien'] + [kind for kind, tool in RELAY_TOOLS.items()
@@ -1007,12 +1042,12 @@ def main(argv=None):
         ports = stack.enter_context(backends())
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         if 'redis' in groups and not any(tool in missing for tool in REDIS_TOOLS):
-            ports.update(stack.enter_context(redis_backend()))
+            ports.update(stack.enter_context(redis_backend(problems)))
         selected = [workload for workload in workloads(scale)
                     if workload.group in groups and workload.backend in ports]
         rows = run_table(selected, relays, ports, scale, problems)
         figures = run_figures(groups, ports, scale, problems) + memory_figures(rows)
-    report(rows, figures, relays, missing, problems, 'quick' if args.quick else 'full',
+    report(rows, figures, relays, missing, problems, 'quick' if args.quick else 'full', load,
            time.perf_counter() - started)
     return 0
 

@@ -112,7 +112,7 @@ def _forget(conn, name, proxy):
         _open.get(proxy, {}).get(name, set()).discard(conn.index)
 
 
-def open_before(conn, name, proxy):
+def _open_before(conn, name, proxy):
     """How many connections counted for handler `name` of `proxy` were
     accepted before `conn`."""
     with _lock:
@@ -176,7 +176,7 @@ def busy(source, dest, to_backend, name, settings, proxy):
             break
         total, message_id, operation = head
         if overloaded is None:   # decided once, at the first request of the chunk
-            overloaded = open_before(conn, name, proxy) >= settings['max_connections']
+            overloaded = _open_before(conn, name, proxy) >= settings['max_connections']
         if overloaded:
             answers.append(ldap_result(message_id, operation, BUSY, settings['message']))
         else:
