@@ -332,24 +332,16 @@ def test_unreachable_backend_closes_the_client_promptly_and_is_logged(make_proxy
     assert 'unreachable' in caplog.text and 'refused' in caplog.text.lower()
 
 
-def thread_names():
-    return sorted(t.name for t in threading.enumerate())
-
-
-def open_fds():
-    return len(os.listdir('/proc/self/fd'))
-
-
 def test_finished_connections_release_threads_and_sockets(proxy):
     for _ in range(5):   # warm up lazily created threads and sockets
         round_trip(proxy.address)
     wait_for(lambda: proxy.connection_count == 0, what='connections to end')
-    threads, fds = len(threading.enumerate()), open_fds()
+    before = proc_counts(os.getpid())
     for _ in range(200):
         assert round_trip(proxy.address, b'x') == b'x'
     wait_for(lambda: proxy.connection_count == 0, what='connections to end')
-    wait_for(lambda: len(threading.enumerate()) <= threads, what='threads to end')
-    assert open_fds() <= fds
+    wait_for(lambda: proc_counts(os.getpid()) <= before,
+             what='descriptors and threads back to %s' % (before,))
 
 
 # ---------------------------------------------------------------------------

@@ -67,6 +67,7 @@ import subprocess
 import sys
 import threading
 import time
+import _thread
 
 __version__ = '3.0.0'
 __all__ = ['Proxy', 'Client', 'start_proxy', 'stop_proxy', 'traits',
@@ -823,6 +824,7 @@ class Behavior:
 # ---------------------------------------------------------------------------
 
 _EOF = object()  # queued on a Side: shut its socket's write half down here
+_NO_QUEUE = ()   # a Side's queue until it needs one: most sides never queue
 
 
 class BackendDown(Exception):
@@ -837,12 +839,15 @@ class Side:
     connection's pump flushes the queue when the socket is writable.
     """
 
+    __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
+                 'eof_read', 'eof_queued', 'eof_sent', 'broken', 'chunk')
+
     def __init__(self, connection, name, sock=None):
         self.connection = connection
         self.name = name          # 'client' or 'backend'
         self.sock = sock          # None until the backend is connected
         self.peer = None
-        self.queue = collections.deque()   # [due, bytes or _EOF], due in order
+        self.queue = _NO_QUEUE    # then a deque of [due, bytes or _EOF], due in order
         self.queued = 0           # bytes in the queue
         self.last_due = 0.0
         self.data = None          # the chunk the handler is being called for
@@ -903,6 +908,8 @@ class Side:
     def _push(self, due, data):
         due = max(due, self.last_due)
         self.last_due = due
+        if self.queue is _NO_QUEUE:
+            self.queue = collections.deque()
         self.queue.append([due, data])
 
 
@@ -915,11 +922,11 @@ class Connection:
         self.index = index        # accept order, from 0
         self.drawn = drawn        # the handler's name drawn from the behavior
         self.opened = time.monotonic()
-        self.random = random.Random(None if proxy.seed is None else '%s:%d' % (proxy.seed, index))
         self.client = Side(self, 'client', sock)
         self.backend = Side(self, 'backend')
         self.client.peer, self.backend.peer = self.backend, self.client
         self.handler_name = drawn
+        self._random = None
         self.selector = selectors.PollSelector() if hasattr(selectors, 'PollSelector') \
             else selectors.DefaultSelector()
         self.interest = {}        # Side: events registered
@@ -927,9 +934,16 @@ class Connection:
         self.states = {}
         self.closers = set()      # handlers called here that have an on_close hook
         self.closing_at = None    # deadline once the connection is closing
-        self.thread = None
 
     # -- what handlers use ------------------------------------------------------
+
+    @property
+    def random(self):
+        """This connection's random.Random, seeded from --seed and its index."""
+        if self._random is None:   # made on first use: a Random is costly to make
+            seed = self.proxy.seed
+            self._random = random.Random(None if seed is None else '%s:%d' % (seed, self.index))
+        return self._random
 
     def state(self, key):
         """A dict a handler keeps for this connection under `key`."""
@@ -1139,7 +1153,7 @@ class Connection:
         if self.interest.pop(side, 0):
             self.selector.unregister(side.sock)
         side.broken = side.eof_read = side.eof_queued = side.eof_sent = True
-        side.queue.clear()
+        side.queue = _NO_QUEUE
         side.queued = 0
         with contextlib.suppress(OSError, AttributeError):
             side.sock.close()
@@ -1237,7 +1251,6 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     """
 
     allow_reuse_address = True
-    daemon_threads = True
     block_on_close = False
     request_queue_size = 1024   # socketserver's 5 drops SYNs of a burst of connects
 
@@ -1261,6 +1274,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._accepted = 0
         self._connections = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)   # notified when no connection is left
         self._switch = threading.Lock()
         self._serving = None
         self.address_family = _family(local)
@@ -1287,16 +1301,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._serve()
         return self
 
-    def stop(self):
-        """Stop accepting, close every connection and the control API."""
+    def stop(self, timeout=2.0):
+        """Stop accepting, close every connection and the control API.
+
+        Waits up to `timeout` seconds in all for the connections' threads to end.
+        """
         if self.control is not None:
             self.control.shutdown()
             self.control.server_close()
             self.control = None
         self.disable()
-        for conn in self._live():
-            if conn.thread is not None:
-                conn.thread.join(2)
+        with self._lock:
+            self._idle.wait_for(lambda: not self._connections, timeout)
 
     def __enter__(self):
         return self.start()
@@ -1356,13 +1372,15 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._accepted += 1
         with self._lock:
             self._connections.add(conn)
-        conn.thread = threading.Thread(target=conn.run, daemon=True,
-                                       name='vaurien-conn-%d' % conn.index)
-        conn.thread.start()
+        # A bare thread: a threading.Thread would cost 2 KB more per connection,
+        # and stop() waits on the set of connections instead of joining threads.
+        _thread.start_new_thread(conn.run, ())
 
     def forget(self, conn):
         with self._lock:
             self._connections.discard(conn)
+            if not self._connections:
+                self._idle.notify_all()
 
     def _live(self):
         with self._lock:
