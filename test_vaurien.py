@@ -2642,3 +2642,21 @@ def test_busy_counts_exactly_per_proxy_however_connections_end(make_proxy, backe
         assert answers == [ldap_answer(b'\x01\x2c', 0x65, 0)] * 2 + [
             ldap_answer(b'\x01\x2c', 0x65, 51, b'server is busy')]
         assert outcome(olds[2]) == ('eof', b'')
+
+
+def test_the_benchmark_runs_and_prints_its_table():
+    """bench/bench.py --quick: a smoke test, so the benchmark never rots."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'bench', 'bench.py'), '--quick'],
+                            capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '| bulk upload' in result.stdout and 'handler switch' in result.stdout
+    problems = result.stdout.partition('Problems seen:')[2]
+    for sign in ('logged', 'did not exit', 'exited with status', 'Error', 'did not echo'):
+        assert sign not in problems, problems   # a slow exit on a loaded machine is no failure
+
+
+def test_readme_and_ci_run_the_same_test_command():
+    with open(os.path.join(HERE, 'README.txt')) as readme, \
+            open(os.path.join(HERE, '.ci', 'run')) as ci:
+        command = ci.read().strip().splitlines()[-1]
+        assert command.startswith('python3 -m pip install') and command in readme.read()
