@@ -46,12 +46,14 @@ import argparse
 import collections
 import configparser
 import contextlib
-import errno
+import functools
 import heapq
+import hmac
 import http.client
 import http.server
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -84,7 +86,6 @@ HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being r
 LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
 CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
 MAX_BODY = 64 * 1024     # bytes, largest control API request body
-DIRECTIONS = ('to_backend', 'to_client', 'both')
 
 
 class VaurienError(Exception):
@@ -138,7 +139,7 @@ class Setting:
             self.type, self.choices = 'choice', kind.split('|')
         else:
             self.type = kind
-        if self.type not in ('int', 'float', 'bool', 'str', 'choice'):
+        if self.type not in ('int', 'float', 'bool', 'str', 'choice', 'address'):
             raise ValueError('setting %s: unknown type %r' % (name, kind))
         self.kind = kind
         self.default = None if default == 'none' else self.convert(default)
@@ -147,20 +148,10 @@ class Setting:
         """Return `value` typed and checked, or raise ValueError saying why."""
         wanted = 'expected %s' % self.kind
         if self.type in ('int', 'float'):
-            if isinstance(value, str):
-                value = parse_value(value.strip())
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(wanted)
-            if self.type == 'int':
-                if value != int(value):
-                    raise ValueError(wanted)
-                value = int(value)
-            else:
-                value = float(value)
-            if not math.isfinite(value) or (self.low is not None and value < self.low) \
-                    or (self.high is not None and value > self.high):
-                raise ValueError(wanted)
-            return value
+            try:
+                return self._number(value)
+            except (OverflowError, ValueError):
+                raise ValueError(wanted) from None
         if self.type == 'bool':
             if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
                 return value.lower() in _TRUE
@@ -171,7 +162,24 @@ class Setting:
             raise ValueError('expected a string' if self.type == 'str' else wanted)
         if self.choices and value not in self.choices:
             raise ValueError('expected one of ' + ', '.join(self.choices))
+        if self.type == 'address':
+            try:
+                parse_address(value)
+            except ConfigError:
+                raise ValueError('expected HOST:PORT, like localhost:8000') from None
         return value
+
+    def _number(self, value):
+        if isinstance(value, str):
+            value = parse_value(value.strip())
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError
+        typed = float(value) if self.type == 'float' else int(value)
+        if typed != value or (self.low is not None and typed < self.low) \
+                or (self.high is not None and typed > self.high):
+            raise ValueError
+        return typed
 
     def describe(self):
         return '%s (%s, default %s): %s' % (self.name, self.kind, self.default, self.help)
@@ -225,6 +233,19 @@ def applies(direction, to_backend):
     return direction == 'both' or (direction == 'to_backend') == to_backend
 
 
+def directional(func):
+    """Make a handler act on the traffic of its `direction` setting only.
+
+    Chunks going the other way are relayed unchanged, as `normal` does.
+    """
+    @functools.wraps(func)
+    def handler(source, dest, to_backend, name, settings, proxy):
+        if applies(settings['direction'], to_backend):
+            return func(source, dest, to_backend, name, settings, proxy)
+        return normal(source, dest, to_backend, name, settings, proxy)
+    return handler
+
+
 # ---------------------------------------------------------------------------
 # Handlers
 # ---------------------------------------------------------------------------
@@ -234,7 +255,8 @@ def traits(backend=True, on_connect=None, on_close=None, check=None):
 
     backend: when False, the proxy does not connect to the backend for a
       connection that opens under this handler (it still connects later, on
-      the first byte a handler sends there).
+      the first byte a handler sends there); or ``backend(connection,
+      settings)``, deciding for each connection after `on_connect`.
     on_connect: ``on_connect(client, backend, name, settings, proxy)`` is
       called when a connection opens under this handler, before any data;
       it may answer (a greeting) and returns False to end the connection.
@@ -260,6 +282,7 @@ def normal(source, dest, to_backend, name, settings, proxy):
     dest.sendall(proxy.get_data(source))
 
 
+@directional
 def delay(source, dest, to_backend, name, settings, proxy):
     """Delays each chunk by `sleep` seconds from its arrival, keeping order.
 
@@ -272,8 +295,6 @@ def delay(source, dest, to_backend, name, settings, proxy):
       direction (to_backend|to_client|both, default to_backend): the traffic delayed.
     """
     data = proxy.get_data(source)
-    if not applies(settings['direction'], to_backend):
-        return dest.sendall(data)
     wait = settings['sleep']
     if settings['jitter']:
         wait = max(0.0, wait + source.connection.random.uniform(
@@ -494,6 +515,7 @@ def _send_paced(source, dest, to_backend, name, pieces):
     state['free_at'] = at
 
 
+@directional
 def bandwidth(source, dest, to_backend, name, settings, proxy):
     """Limits the throughput to `rate` bytes per second, smoothly.
 
@@ -504,8 +526,6 @@ def bandwidth(source, dest, to_backend, name, settings, proxy):
       direction (to_backend|to_client|both, default to_client): the traffic limited.
     """
     data = proxy.get_data(source)
-    if not applies(settings['direction'], to_backend):
-        return dest.sendall(data)
     rate = settings['rate']
     step = max(1, rate // 10)
     view = memoryview(data)
@@ -513,6 +533,7 @@ def bandwidth(source, dest, to_backend, name, settings, proxy):
         (view[i:i + step], len(view[i:i + step]) / rate) for i in range(0, len(data), step)))
 
 
+@directional
 def slicer(source, dest, to_backend, name, settings, proxy):
     """Splits data into small pieces sent apart; every byte arrives, in order.
 
@@ -523,8 +544,6 @@ def slicer(source, dest, to_backend, name, settings, proxy):
       direction (to_backend|to_client|both, default to_client): the traffic sliced.
     """
     data = proxy.get_data(source)
-    if not applies(settings['direction'], to_backend):
-        return dest.sendall(data)
     rng, size, spread = source.connection.random, settings['size'], settings['variation']
     pieces, start = [], 0
     while start < len(data):
@@ -575,6 +594,7 @@ def timeout(source, dest, to_backend, name, settings, proxy):
     return HOLD_EOF
 
 
+@directional
 def limit_data(source, dest, to_backend, name, settings, proxy):
     """Relays `bytes` bytes in the given direction, then closes the connection.
 
@@ -583,8 +603,6 @@ def limit_data(source, dest, to_backend, name, settings, proxy):
       direction (to_backend|to_client|both, default to_client): the traffic counted.
     """
     data = proxy.get_data(source)
-    if not applies(settings['direction'], to_backend):
-        return dest.sendall(data)
     state = source.connection.state((name, to_backend))
     room = settings['bytes'] - state.get('sent', 0)
     dest.sendall(data[:room])
@@ -593,38 +611,49 @@ def limit_data(source, dest, to_backend, name, settings, proxy):
         return False
 
 
-def _transient_errors(settings, proxy):
-    """The settings of `errors` as configured, with transient's protocol."""
-    return dict(proxy.handlers['errors'].settings, protocol=settings['protocol'])
+def _failing(conn, settings):
+    """The errors settings when `conn` is one of those transient fails, else None.
 
-
-def _is_failing(conn, settings):
-    epoch_index, epoch_time = conn.proxy.epoch
-    if settings['period'] > 0:
-        return conn.opened - epoch_time < settings['period']
-    return conn.index - epoch_index < settings['count']
+    Decided once per connection and epoch: the connections opened in the
+    first `count` (or `period`) after the handler was set.  Connections opened
+    before it was set pass.
+    """
+    state = conn.state(('transient', conn.proxy.epoch))
+    if 'errors' not in state:
+        epoch_index, epoch_time = conn.proxy.epoch
+        if settings['period'] > 0:
+            failing = 0 <= conn.opened - epoch_time < settings['period']
+        else:
+            failing = 0 <= conn.index - epoch_index < settings['count']
+        state['errors'] = dict(conn.proxy.handlers['errors'].settings,
+                               protocol=settings['protocol']) if failing else None
+    return state['errors']
 
 
 def _transient_connect(client, backend, name, settings, proxy):
-    if _is_failing(client.connection, settings):
-        return _errors_greeting(client, backend, 'errors', _transient_errors(settings, proxy), proxy)
+    failing = _failing(client.connection, settings)
+    if failing is not None:
+        return _errors_greeting(client, backend, 'errors', failing, proxy)
 
 
-@traits(on_connect=_transient_connect)
+@traits(on_connect=_transient_connect,
+        backend=lambda conn, settings: _failing(conn, settings) is None)
 def transient(source, dest, to_backend, name, settings, proxy):
     """The first `count` connections get `errors`, later ones pass: a restart.
 
     Counting starts when the handler (or a behavior holding it) is set, or
-    when the proxy starts.  The errors are those of the `errors` handler, with
-    its settings, in `protocol`.
+    when the proxy starts; connections open before then pass.  The errors are
+    those of the `errors` handler, with its settings, in `protocol`; failing
+    connections never reach the backend.
 
     Settings:
       count (int >= 0, default 3): connections that fail.
       period (float >= 0, default 0): when above 0, the connections opened in the first `period` seconds fail instead.
       protocol (auto|http|redis|memcache|mysql|postgresql|smtp|raw, default auto): the protocol of the errors.
     """
-    if _is_failing(source.connection, settings):
-        return errors(source, dest, to_backend, 'errors', _transient_errors(settings, proxy), proxy)
+    failing = _failing(source.connection, settings)
+    if failing is not None:
+        return errors(source, dest, to_backend, 'errors', failing, proxy)
     return normal(source, dest, to_backend, name, settings, proxy)
 
 
@@ -656,6 +685,7 @@ def flap(source, dest, to_backend, name, settings, proxy):
     return normal(source, dest, to_backend, name, settings, proxy)
 
 
+@directional
 def corrupt(source, dest, to_backend, name, settings, proxy):
     """Flips one random bit in a `ratio` of the bytes relayed.
 
@@ -665,7 +695,7 @@ def corrupt(source, dest, to_backend, name, settings, proxy):
     """
     data = proxy.get_data(source)
     ratio = settings['ratio']
-    if not data or not ratio or not applies(settings['direction'], to_backend):
+    if not data or not ratio:
         return dest.sendall(data)
     rng, mutable = source.connection.random, bytearray(data)
     position = -1
@@ -704,6 +734,12 @@ class Handler:
         self.check = getattr(func, 'check', None)
         self.settings = {}
         self.settings = self.validate(settings or {})
+
+    def needs_backend(self, connection, settings):
+        """Whether a connection opening under this handler connects to the backend now."""
+        if callable(self.backend):
+            return self.backend(connection, settings)
+        return self.backend
 
     def validate(self, values):
         """Return the configured settings updated with `values`, typed and checked.
@@ -824,7 +860,9 @@ class Behavior:
 # ---------------------------------------------------------------------------
 
 _EOF = object()  # queued on a Side: shut its socket's write half down here
+_RST = object()  # queued on a Side: reset its connection (SO_LINGER 0) here
 _NO_QUEUE = ()   # a Side's queue until it needs one: most sides never queue
+_sequence = itertools.count()   # orders timers due at the same moment
 
 
 class BackendDown(Exception):
@@ -836,7 +874,8 @@ class Side:
 
     Writes never block: `sendall` sends what the socket takes now and queues
     the rest, or all of it when a `delay` is given, keeping order; the
-    connection's pump flushes the queue when the socket is writable.
+    connection's pump flushes the queue when the socket is writable.  Once
+    the connection is closing, writes are dropped.
     """
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
@@ -847,12 +886,12 @@ class Side:
         self.name = name          # 'client' or 'backend'
         self.sock = sock          # None until the backend is connected
         self.peer = None
-        self.queue = _NO_QUEUE    # then a deque of [due, bytes or _EOF], due in order
+        self.queue = _NO_QUEUE    # then a deque of [due, bytes, _EOF or _RST], due in order
         self.queued = 0           # bytes in the queue
         self.last_due = 0.0
         self.data = None          # the chunk the handler is being called for
         self.eof_read = False     # this socket sent us its EOF
-        self.eof_queued = False   # its write half is (to be) shut down
+        self.eof_queued = False   # its write half is (to be) shut down, or reset
         self.eof_sent = False
         self.broken = False       # reset, or failed: no more reads or writes
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
@@ -861,7 +900,11 @@ class Side:
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
 
     def sendall(self, data, delay=0.0):
-        """Send `data` to this side, `delay` seconds from now, after what is queued."""
+        """Send `data` to this side, `delay` seconds from now, after what is queued.
+
+        Connects the backend first if it is not yet (the one case that waits,
+        up to the connect timeout).
+        """
         if not data or self.eof_queued or self.broken:
             return
         if self.sock is None:
@@ -883,27 +926,25 @@ class Side:
         """Send EOF (half-close) after what is queued; SHUT_RDWR closes the connection."""
         if how != socket.SHUT_WR:
             return self.close()
-        if self.eof_queued:
-            return
-        self.eof_queued = True
-        if self.sock is None or self.broken:
-            self.eof_sent = True
-        else:
-            self._push(time.monotonic() + delay if delay > 0 else 0.0, _EOF)
+        self._end(_EOF, delay)
 
     def close(self):
-        """End the connection: flush what is queued, send EOF, then close."""
+        """End the whole connection: flush what is queued, send EOF, then close."""
         self.connection.close()
 
     def abort(self):
         """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
         self.connection.abort(self)
 
-    def fileno(self):
-        return self.sock.fileno() if self.sock else -1
-
-    def getpeername(self):
-        return self.sock.getpeername()
+    def _end(self, marker, delay=0.0):
+        """Queue the end of this side's stream: _EOF (a FIN) or _RST, once."""
+        if self.eof_queued:
+            return
+        self.eof_queued = True
+        if self.sock is None or self.broken:
+            self.eof_sent = True
+        else:
+            self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
 
     def _push(self, due, data):
         due = max(due, self.last_due)
@@ -925,15 +966,17 @@ class Connection:
         self.client = Side(self, 'client', sock)
         self.backend = Side(self, 'backend')
         self.client.peer, self.backend.peer = self.backend, self.client
+        self.sides = (self.client, self.backend)
         self.handler_name = drawn
         self._random = None
         self.selector = selectors.PollSelector() if hasattr(selectors, 'PollSelector') \
             else selectors.DefaultSelector()
         self.interest = {}        # Side: events registered
-        self.timers = []          # heap of (due, seq, function)
+        self.timers = []          # heap of (due, sequence number, function)
         self.states = {}
         self.closers = set()      # handlers called here that have an on_close hook
         self.closing_at = None    # deadline once the connection is closing
+        self.killed = False       # ended from another thread: no linger
 
     # -- what handlers use ------------------------------------------------------
 
@@ -950,27 +993,32 @@ class Connection:
         return self.states.setdefault(key, {})
 
     def call_later(self, seconds, function):
-        """Call `function()` in this connection's thread after `seconds`."""
-        heapq.heappush(self.timers, (time.monotonic() + seconds, id(function), function))
+        """Call `function()` in this connection's thread after `seconds`, unless it closes."""
+        heapq.heappush(self.timers, (time.monotonic() + seconds, next(_sequence), function))
 
     def close(self):
-        """Flush what is queued, send EOF both ways, drain, then close."""
+        """Flush what is queued, send EOF both ways, drain, then close.
+
+        What was queued is sent first, however slowly the peer reads; then
+        the connection ends when both sides sent their EOF, or LINGER seconds
+        later.  Killed with bytes still queued, a side is reset, so that a
+        truncation is never mistaken for a whole answer.
+        """
         if self.closing_at is None:
             last = max(self.client.last_due, self.backend.last_due, time.monotonic())
             self.closing_at = last + LINGER
-            self.client.shutdown()
-            self.backend.shutdown()
+            for side in self.sides:
+                side.shutdown()
 
     def abort(self, side):
         """Reset `side` now and close the other one."""
-        if side.sock is not None and not side.broken:
-            side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-            self._drop(side)
+        self._drop(side, reset=True)
         self.close()
 
     def lost(self, side):
-        """`side` failed (reset, broken pipe): forget it and close the other one."""
+        """`side` failed (reset, broken pipe): reset the other one too, after what it has."""
         self._drop(side)
+        side.peer._end(_RST)
         self.close()
 
     def connect_backend(self):
@@ -1005,8 +1053,8 @@ class Connection:
 
     def kill(self):
         """End the connection from another thread, at once."""
-        self.closing_at = 0.0
-        for side in (self.client, self.backend):
+        self.killed = True
+        for side in self.sides:
             with contextlib.suppress(OSError, AttributeError):
                 side.sock.shutdown(socket.SHUT_RDWR)  # wakes the pump up
 
@@ -1017,31 +1065,25 @@ class Connection:
                 handler.on_connect, self.client, self.backend, handler.name,
                 settings, self.proxy) is False:
             return self.close()
-        if handler.backend and self.closing_at is None:
-            self._guard(self.connect_backend)
+        if self.closing_at is None and handler.needs_backend(self, settings):
+            self._call(self.connect_backend)
 
     def _call(self, function, *args):
         """Call a handler (or hook); its failure ends this connection only."""
-        try:
-            return self._guard(function, *args)
-        except Exception:
-            log.exception('handler %s failed on connection #%d; closing it',
-                          self.handler_name, self.index)
-            self.close()
-            return False
-
-    def _guard(self, function, *args):
         try:
             return function(*args)
         except BackendDown as exc:
             log.warning('connection #%d from %s: %s; closing it', self.index,
                         self.address[0], exc)
-            self.close()
-            return False
+        except Exception:
+            log.exception('handler %s failed on connection #%d; closing it',
+                          self.handler_name, self.index)
+        self.close()
+        return False
 
     def _pump(self):
         now = time.monotonic()
-        for side in (self.client, self.backend):
+        for side in self.sides:
             self._register(side, now)
         for key, mask in self.selector.select(self._timeout(now)):
             side = key.data
@@ -1049,7 +1091,7 @@ class Connection:
                 self._flush(side)
             if mask & selectors.EVENT_READ and not side.broken:
                 self._read(side)
-        while self.timers and self.timers[0][0] <= time.monotonic():
+        while self.timers and self.timers[0][0] <= time.monotonic() and self.closing_at is None:
             self._call(heapq.heappop(self.timers)[2])
 
     def _register(self, side, now):
@@ -1072,10 +1114,13 @@ class Connection:
         self.interest[side] = events
 
     def _timeout(self, now):
-        """Seconds until the next due write, timer or closing deadline; None: none."""
-        moments = [side.queue[0][0] for side in (self.client, self.backend)
-                   if side.queue and not side.broken]
-        if self.timers:
+        """Seconds until the next delayed write, timer or closing deadline; None: none.
+
+        Writes already due wait for EVENT_WRITE, not for a timeout.
+        """
+        moments = [side.queue[0][0] for side in self.sides
+                   if side.queue and side.queue[0][0] > now and not side.broken]
+        if self.timers and self.closing_at is None:
             moments.append(self.timers[0][0])
         if self.closing_at is not None:
             moments.append(self.closing_at)
@@ -1120,6 +1165,8 @@ class Connection:
         queue = side.queue
         while queue and queue[0][0] <= now and not side.broken:
             data = queue[0][1]
+            if data is _RST:
+                return self._drop(side, reset=True)
             if data is _EOF:
                 queue.popleft()
                 with contextlib.suppress(OSError):
@@ -1137,34 +1184,45 @@ class Connection:
                 queue[0][1] = memoryview(data)[sent:]
                 return
             queue.popleft()
+        if not queue and self.closing_at is not None:   # flushed: now linger
+            self.closing_at = max(self.closing_at, now + LINGER)
 
     def _finished(self):
-        live = [side for side in (self.client, self.backend)
-                if side.sock is not None and not side.broken]
+        if self.killed:
+            return True
+        live = [side for side in self.sides if side.sock is not None and not side.broken]
         if self.closing_at is not None:
+            if any(side.queue for side in live):
+                return False      # what was queued goes out first, however slowly
             return time.monotonic() >= self.closing_at or all(
                 side.eof_read and side.eof_sent for side in live)
         if self.backend.sock is None:
             return self.client.eof_read and not self.client.queue
         return all(side.eof_read and not side.queue for side in live)
 
-    def _drop(self, side):
-        """Close `side`'s socket now; its queue is lost with it."""
-        if self.interest.pop(side, 0):
-            self.selector.unregister(side.sock)
+    def _drop(self, side, reset=False):
+        """Close `side`'s socket now (with an RST if `reset`); its queue is lost."""
+        if side.sock is not None and not side.broken:
+            if self.interest.pop(side, 0):
+                self.selector.unregister(side.sock)
+            with contextlib.suppress(OSError):
+                if reset:
+                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack('ii', 1, 0))
+                side.sock.close()
         side.broken = side.eof_read = side.eof_queued = side.eof_sent = True
         side.queue = _NO_QUEUE
         side.queued = 0
-        with contextlib.suppress(OSError, AttributeError):
-            side.sock.close()
 
     def _release(self):
-        for side in (self.client, self.backend):
-            self._drop(side)
-        self.selector.close()
-        for handler in self.closers:
-            self._call(handler.on_close, self, handler.name, self.proxy)
-        self.proxy.forget(self)
+        try:
+            for side in self.sides:
+                self._drop(side, reset=bool(side.queue))   # bytes left: never a clean EOF
+            self.selector.close()
+            for handler in self.closers:
+                self._call(handler.on_close, self, handler.name, self.proxy)
+        finally:
+            self.proxy.forget(self)
 
 
 def _prepare(sock):
@@ -1275,7 +1333,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._connections = set()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)   # notified when no connection is left
-        self._switch = threading.Lock()
+        self._switch = threading.Lock()   # guards the listener, opened and closed
+        self._refusal = None               # the Timer that ends a refuse_for()
         self._serving = None
         self.address_family = _family(local)
         super().__init__(local, None)
@@ -1311,6 +1370,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             self.control.server_close()
             self.control = None
         self.disable()
+        self.server_close()
         with self._lock:
             self._idle.wait_for(lambda: not self._connections, timeout)
 
@@ -1325,37 +1385,72 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                                          name='vaurien-accept', daemon=True)
         self._serving.start()
 
-    def disable(self, close_connections=True):
-        """Close the listener (connects are refused) and, by default, live connections."""
-        with self._switch:
-            was_enabled, self.enabled = self.enabled, False
-            if was_enabled and self._serving is not None:
-                self.shutdown()
-                self._serving = None
-            self.socket.close()
-        if close_connections:
-            for conn in self._live():
-                conn.kill()
-        return was_enabled
+    def disable(self):
+        """Refuse connections as a stopped server: close the listener and live connections.
+
+        Returns the status, as Client.disable() does.
+        """
+        self._cancel_refusal()
+        self._close_listener()
+        for conn in self._live():
+            conn.kill()
+        return self.status()
 
     def enable(self):
-        """Listen again, on the same address."""
-        with self._switch:
-            if self.enabled:
-                return False
-            self.socket = socket.socket(self.address_family, self.socket_type)
-            self.server_bind()
-            self.server_activate()
-            self.enabled = True
-            self._serve()
-            return True
+        """Listen again, on the same address; returns the status.
+
+        Raises OSError when the address cannot be listened on (taken meanwhile).
+        """
+        self._cancel_refusal()
+        self._open_listener()
+        return self.status()
 
     def refuse_for(self, seconds):
         """Refuse new connections for `seconds`, keeping live ones."""
-        if self.disable(close_connections=False):
-            timer = threading.Timer(seconds, self.enable)
-            timer.daemon = True
-            timer.start()
+        with self._switch:
+            if not self.enabled or self._refusal is not None:
+                return
+            self._refusal = threading.Timer(seconds, self._end_refusal)
+            self._refusal.daemon = True
+        self._close_listener()
+        self._refusal.start()
+
+    def _end_refusal(self):
+        with self._switch:
+            self._refusal = None
+        try:
+            self._open_listener()
+        except OSError as exc:
+            log.error('cannot listen on %s again: %s; connections stay refused',
+                      format_address(self.address), exc.strerror or exc)
+
+    def _cancel_refusal(self):
+        with self._switch:
+            refusal, self._refusal = self._refusal, None
+        if refusal is not None:
+            refusal.cancel()
+
+    def _close_listener(self):
+        with self._switch:
+            if self.enabled and self._serving is not None:
+                self.shutdown()
+                self._serving = None
+            self.enabled = False
+            self.socket.close()
+
+    def _open_listener(self):
+        with self._switch:
+            if self.enabled:
+                return
+            self.socket = socket.socket(self.address_family, self.socket_type)
+            try:
+                self.server_bind()
+                self.server_activate()
+            except OSError:
+                self.socket.close()
+                raise
+            self.enabled = True
+            self._serve()
 
     # -- connections ---------------------------------------------------------------
 
@@ -1374,7 +1469,12 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             self._connections.add(conn)
         # A bare thread: a threading.Thread would cost 2 KB more per connection,
         # and stop() waits on the set of connections instead of joining threads.
-        _thread.start_new_thread(conn.run, ())
+        try:
+            _thread.start_new_thread(conn.run, ())
+        except RuntimeError as exc:
+            log.error('cannot start a thread for %s: %s', format_address(client_address), exc)
+            self.forget(conn)
+            request.close()
 
     def forget(self, conn):
         with self._lock:
@@ -1434,7 +1534,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return sorted(self.handlers)
 
     def get_behavior(self):
-        return {'behavior': str(self.behavior)}
+        """The mix drawn from, with what goes to normal: '20:delay,80:normal'."""
+        return str(self.behavior)
 
     def set_behavior(self, spec):
         """Draw each new connection's handler from `spec`; drops a handler set."""
@@ -1482,7 +1583,7 @@ class ControlServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         """A caller that went away is no error of ours; anything else is logged."""
-        if isinstance(sys.exc_info()[1], OSError):
+        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
             log.debug('control API caller %s went away', format_address(client_address))
         else:
             log.exception('control API request from %s failed', format_address(client_address))
@@ -1496,14 +1597,13 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     timeout = 10   # seconds: a half-sent request does not hold a thread forever
     disable_nagle_algorithm = True   # headers and body go in two writes
 
-    def routes(self):
-        proxy = self.server.proxy
-        return {
-            '/handler': {'GET': proxy.get_handler, 'PUT': self.put_handler},
-            '/handlers': {'GET': self.get_handlers},
-            '/behavior': {'GET': proxy.get_behavior, 'PUT': self.put_behavior},
-            '/proxy': {'GET': proxy.status, 'PUT': self.put_proxy},
-        }
+    #: path: {method: the name of the method answering it, given the request body}
+    ROUTES = {
+        '/handler': {'GET': 'get_handler', 'PUT': 'put_handler'},
+        '/handlers': {'GET': 'get_handlers'},
+        '/behavior': {'GET': 'get_behavior', 'PUT': 'put_behavior'},
+        '/proxy': {'GET': 'get_proxy', 'PUT': 'put_proxy'},
+    }
 
     def do_GET(self):
         self.serve('GET')
@@ -1512,16 +1612,17 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         self.serve('PUT')
 
     do_POST = do_PUT
+    do_HEAD = do_GET
 
     def do_DELETE(self):
         self.serve('DELETE')
 
-    do_PATCH = do_HEAD = do_DELETE
+    do_PATCH = do_DELETE
 
     def serve(self, method):
         try:
             self.check_caller()
-            methods = self.routes().get(self.path.split('?')[0].rstrip('/') or '/')
+            methods = self.ROUTES.get(self.path.split('?')[0].rstrip('/') or '/')
             if methods is None:
                 raise ApiError(404, 'no such resource %r (try /handler, /handlers, '
                                     '/behavior, /proxy)' % self.path)
@@ -1530,7 +1631,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                                allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
                                                               else set())))
             body = self.read_body() if method == 'PUT' else b''
-            self.reply(200, methods[method](body) if method == 'PUT' else methods[method]())
+            self.reply(200, getattr(self, methods[method])(body))
         except ApiError as exc:
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
         except ConfigError as exc:
@@ -1541,7 +1642,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get('Origin') or _BROWSER_AGENT.search(self.headers.get('User-Agent', '')):
             raise ApiError(403, 'browser requests are refused')
         token = self.server.token
-        if token and self.headers.get('Authorization', '') != 'Bearer ' + token:
+        if token and not hmac.compare_digest(self.headers.get('Authorization', ''),
+                                             'Bearer ' + token):
             raise ApiError(401, 'missing or wrong bearer token')
 
     def read_body(self):
@@ -1574,6 +1676,9 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, 'expected a JSON object')
         return value
 
+    def get_handler(self, body):
+        return self.server.proxy.get_handler()
+
     def put_handler(self, body):
         request = self.parse(body, 'name')
         name, settings = request.get('name'), request.get('settings', {})
@@ -1586,7 +1691,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, 'unknown handler %r' % name, known=proxy.list_handlers())
         return proxy.set_handler(name, **settings)
 
-    def get_handlers(self):
+    def get_handlers(self, body):
         proxy = self.server.proxy
         return {'handlers': proxy.list_handlers(),
                 'details': {name: proxy.handlers[name].describe() for name in proxy.handlers}}
@@ -1595,7 +1700,14 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         spec = self.parse(body, 'behavior').get('behavior')
         if not isinstance(spec, str):
             raise ApiError(400, 'give the mix as {"behavior": "20:delay,10:errors"}')
-        return self.server.proxy.set_behavior(spec)
+        self.server.proxy.set_behavior(spec)
+        return self.get_behavior(body)
+
+    def get_behavior(self, body):
+        return {'behavior': self.server.proxy.get_behavior()}
+
+    def get_proxy(self, body):
+        return self.server.proxy.status()
 
     def put_proxy(self, body):
         enabled = self.parse(body, 'enabled').get('enabled')
@@ -1604,8 +1716,11 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(enabled, bool):
             raise ApiError(400, 'give {"enabled": true} or {"enabled": false}')
         proxy = self.server.proxy
-        proxy.enable() if enabled else proxy.disable()
-        return proxy.status()
+        try:
+            return proxy.enable() if enabled else proxy.disable()
+        except OSError as exc:
+            raise ApiError(409, 'cannot listen on %s: %s' % (
+                format_address(proxy.address), exc.strerror or exc)) from None
 
     def reply(self, status, payload):
         body = (json.dumps(payload) + '\n').encode()
@@ -1711,7 +1826,7 @@ class Client(_Driving):
                 self.close()
                 raise VaurienError('cannot reach %s: connection refused (is the proxy '
                                    'running, with --http?)' % where) from None
-            except (http.client.HTTPException, ConnectionError, BrokenPipeError) as exc:
+            except (http.client.HTTPException, ConnectionError) as exc:
                 self.close()   # an idle keep-alive connection the server closed: retry once
                 if not reused or attempt == 2:
                     raise VaurienError('%s %s on %s failed: %s' % (method, path, where, exc)) \
@@ -1754,11 +1869,13 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     flags = dict(options, local=local, distant=distant, behavior=behavior, config=config,
                  seed=seed, http_host=http_host, http_port=http_port, http_token=http_token,
                  log_level=log_level, log_output=log_output)
+    flags['http'] = http
     for key, value in flags.items():
-        if value is not None:
-            args += ['--' + key.replace('_', '-'), str(value)]
-    if http:
-        args.append('--http')
+        flag = '--' + key.replace('_', '-')
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
     child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, errors='replace')
     lines = collections.deque(maxlen=200)
@@ -1772,13 +1889,15 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
 
 def _default_control():
     """The control API of the last proxy start_proxy() started and that still runs."""
-    controls = [control for _, _, control in _children.values() if control]
+    controls = [control for child, _, control in _children.values()
+                if control and child.poll() is None]
     return controls[-1] if controls else ('localhost', 8080)
 
 
 def _wait_ready(child, lines, timeout):
     """Read the child's stderr until its ready line; raise if it dies or stalls."""
-    timer = threading.Timer(timeout, child.kill)
+    expired = []
+    timer = threading.Timer(timeout, lambda: (expired.append(True), child.kill()))
     timer.start()
     try:
         for line in child.stderr:
@@ -1789,8 +1908,10 @@ def _wait_ready(child, lines, timeout):
     finally:
         timer.cancel()
     status = child.wait()
-    raise VaurienError('the proxy did not start (exit status %s): %s' % (
-        status, ''.join(lines).strip() or 'no output'))
+    why = 'was not ready after %g s: killed' % timeout if expired \
+        else 'exited with status %s' % status
+    raise VaurienError('the proxy did not start (it %s): %s' % (
+        why, ''.join(lines).strip() or 'no output'))
 
 
 def stop_proxy(pid):
@@ -1814,8 +1935,9 @@ def stop_proxy(pid):
 
 #: The options of [vaurien] and of the command line: name -> Setting.
 OPTIONS = {s.name: s for s in (
-    Setting('local', 'str', 'localhost:8000', 'HOST:PORT the proxy listens on; port 0 picks one.'),
-    Setting('distant', 'str', 'none', 'HOST:PORT of the backend.'),
+    Setting('local', 'address', 'localhost:8000',
+            'HOST:PORT the proxy listens on; port 0 picks one.'),
+    Setting('distant', 'address', 'none', 'HOST:PORT of the backend.'),
     Setting('behavior', 'str', '100:normal', 'the mix of handlers drawn per connection, '
             'like 20:delay,10:errors; the rest goes to normal.'),
     Setting('seed', 'int >= 0', 'none', 'seed of the draws, for reproducible runs.'),
@@ -1943,13 +2065,13 @@ def resolve(args):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     options = {name: setting.default for name, setting in OPTIONS.items()}
-    if args.config:
-        options.update(read_config(args.config, handlers))
+    from_file = read_config(args.config, handlers) if args.config else {}
+    options.update(from_file)
     for name in OPTIONS:
         value = getattr(args, name)
         if value is not None:
             options[name] = _convert_option(name, value, '--' + name.replace('_', '-'))
-    if args.demo and args.behavior is None and 'behavior' not in _config_keys(args):
+    if args.demo and args.behavior is None and 'behavior' not in from_file:
         options['behavior'] = DEMO_BEHAVIOR
     if args.demo:
         options['http'] = True
@@ -1958,12 +2080,6 @@ def resolve(args):
     if not options['distant'] and not args.demo and not args.list_handlers:
         raise ConfigError('no backend: give --distant HOST:PORT (or try --demo)')
     return options, handlers
-
-
-def _config_keys(args):
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(args.config or [])
-    return parser['vaurien'].keys() if parser.has_section('vaurien') else ()
 
 
 def list_handlers(handlers):
@@ -2012,10 +2128,9 @@ def main(argv=None):
         demo = DemoBackend() if args.demo else None
         if demo:
             options['distant'] = format_address(demo.server_address)
-        proxy = Proxy(options['local'], options['distant'], options['behavior'], handlers,
-                      options['seed'], options['http'], options['http_host'],
-                      options['http_port'], options['http_token'],
-                      options['connect_timeout'], options['max_connections'])
+        proxy = Proxy(handlers=handlers, **{key: options[key] for key in (
+            'local', 'distant', 'behavior', 'seed', 'http', 'http_host', 'http_port',
+            'http_token', 'connect_timeout', 'max_connections')})
     except ConfigError as exc:
         print('vaurien: error: %s' % exc, file=sys.stderr)
         return 2
@@ -2027,10 +2142,11 @@ def main(argv=None):
         signal.signal(signum, lambda *_: stop.set())
     try:
         proxy.start()
-    except OSError as exc:
-        print('vaurien: error: cannot serve the control API: %s' % (exc.strerror or exc),
-              file=sys.stderr)
-        return 1
+    except (OSError, ConfigError) as exc:
+        proxy.server_close()
+        print('vaurien: error: cannot serve the control API: %s' % (
+            getattr(exc, 'strerror', None) or exc), file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
     _announce(proxy, demo)
     while not stop.wait(1.0):
         pass
