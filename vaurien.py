@@ -312,6 +312,7 @@ _MEMCACHE_WORDS = frozenset(
 _PG_SSL_REQUEST = 80877103
 _PG_GSS_REQUEST = 80877104
 _PG_PROTOCOL_3 = 196608
+_PG_ENCRYPTION_REQUESTS = (struct.pack('!I', _PG_SSL_REQUEST), struct.pack('!I', _PG_GSS_REQUEST))
 
 
 def detect_protocol(data, final=True):
@@ -444,8 +445,7 @@ def errors(source, dest, to_backend, name, settings, proxy):
         if protocol is None:
             state['start'] = data   # a request line cut short: wait for the rest
             return None
-    if protocol == 'postgresql' and data[4:8] in (struct.pack('!I', _PG_SSL_REQUEST),
-                                                  struct.pack('!I', _PG_GSS_REQUEST)):
+    if protocol == 'postgresql' and data[4:8] in _PG_ENCRYPTION_REQUESTS:
         source.sendall(b'N')  # no TLS: the client goes on with its StartupMessage
         return None
     source.sendall(error_answer(protocol, settings, source.connection.random))
@@ -530,7 +530,7 @@ def bandwidth(source, dest, to_backend, name, settings, proxy):
     step = max(1, rate // 10)
     view = memoryview(data)
     _send_paced(source, dest, to_backend, name, (
-        (view[i:i + step], len(view[i:i + step]) / rate) for i in range(0, len(data), step)))
+        (view[i:i + step], min(step, len(data) - i) / rate) for i in range(0, len(data), step)))
 
 
 @directional
@@ -545,10 +545,10 @@ def slicer(source, dest, to_backend, name, settings, proxy):
     """
     data = proxy.get_data(source)
     rng, size, spread = source.connection.random, settings['size'], settings['variation']
-    pieces, start = [], 0
+    view, pieces, start = memoryview(data), [], 0
     while start < len(data):
         end = start + max(1, size + rng.randint(-spread, spread))
-        pieces.append((data[start:end], settings['delay']))
+        pieces.append((view[start:end], settings['delay']))
         start = end
     _send_paced(source, dest, to_backend, name, pieces)
 
@@ -705,7 +705,7 @@ def corrupt(source, dest, to_backend, name, settings, proxy):
         if position >= len(mutable):
             break
         mutable[position] ^= 1 << rng.randrange(8)
-    dest.sendall(bytes(mutable))
+    dest.sendall(mutable)
 
 
 BUILTIN_HANDLERS = (normal, delay, errors, hang, blackout, abort, bandwidth, slicer,
