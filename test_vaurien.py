@@ -1164,7 +1164,7 @@ def test_errors_redis_clients_report_it(make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address, behavior='100:errors')
     redis = pytest.importorskip('redis')
     with pytest.raises(redis.exceptions.ResponseError, match='Service Unavailable'):
-        redis.Redis(host=LOOP, port=proxy.address[1], socket_timeout=WAIT).ping()
+        redis.Redis(host=LOOP, port=proxy.address[1], socket_timeout=WAIT, protocol=3).ping()
     if not shutil.which('redis-cli'):
         pytest.skip('redis-cli is not installed (apt-get install redis-tools)')
     proxy.set_handler('errors', message='LOADING Redis is loading the dataset in memory')

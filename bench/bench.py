@@ -849,7 +849,9 @@ def bandwidth_figures(ports, scale, problems):
         with contextlib.closing(vaurien.Client(*relay.control)) as client:
             client.set_handler('bandwidth', rate=RATE, direction='to_client')
         moments, totals = download_progress(relay.address, scale.bandwidth_bytes)
-    rate = statistics.linear_regression(moments, totals).slope
+    mean_t, mean_b = statistics.fmean(moments), statistics.fmean(totals)
+    rate = (sum((t - mean_t) * (b - mean_b) for t, b in zip(moments, totals))
+            / sum((t - mean_t) ** 2 for t in moments))   # least squares; linear_regression is 3.10+
     return [Figure('bandwidth %s B/s to_client: observed / configured' % format(RATE, ','),
                    '%.3f (%s B/s)' % (rate / RATE, format(round(rate), ',')), '1.00 ideal')]
 
