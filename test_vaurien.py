@@ -88,14 +88,19 @@ class Backend:
             thread.join(WAIT)
 
 
-def echo(sock):
-    """Echo until EOF, then half-close."""
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            break
-        sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
+def chunk_server(answer):
+    """A `serve` that answers each chunk with answer(chunk), and half-closes at EOF."""
+    def serve(sock):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(answer(data))
+        sock.shutdown(socket.SHUT_WR)
+    return serve
+
+
+echo = chunk_server(lambda data: data)
 
 
 def read_all(sock, deadline=WAIT):
@@ -294,14 +299,7 @@ def test_half_close_from_the_backend_keeps_the_client_direction_open():
 
 def test_a_backend_that_writes_while_reading_does_not_deadlock_the_pump():
     """Each chunk is answered with 4 times its size while the client sends megabytes."""
-    def amplify(sock):
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            sock.sendall(data * 4)
-        sock.shutdown(socket.SHUT_WR)
-    backend = Backend(amplify)
+    backend = Backend(chunk_server(lambda data: data * 4))
     try:
         with Proxy(LOOP + ':0', '%s:%d' % backend.address) as proxy, \
                 connect(proxy.address) as sock:
@@ -349,15 +347,10 @@ def test_finished_connections_release_threads_and_sockets(proxy):
 
 def timestamped_backend():
     """Records when each chunk arrives; answers `pong` to each."""
-    def serve(sock):
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            backend.arrivals.append((time.monotonic(), data))
-            sock.sendall(b'pong')
-        sock.shutdown(socket.SHUT_WR)
-    backend = Backend(serve)
+    def arrived(data):
+        backend.arrivals.append((time.monotonic(), data))
+        return b'pong'
+    backend = Backend(chunk_server(arrived))
     backend.arrivals = []
     return backend
 
