@@ -2795,3 +2795,15 @@ def test_proxy_and_client_calls_return_the_same_things(proxy):
 def test_start_proxy_reports_a_proxy_that_never_gets_ready(tmp_path):
     with pytest.raises(vaurien.VaurienError, match='not ready after 0.01 s'):
         start_proxy(distant='127.0.0.1:9', local=LOOP + ':0', http_port=0, timeout=0.01)
+
+
+def test_the_example_ini_files_load(tmp_path):
+    """Every examples/*.ini reads cleanly and registers what it names."""
+    folder = os.path.join(HERE, 'examples')
+    for name in sorted(os.listdir(folder)):
+        if name.endswith('.ini'):
+            result = run_cli('--config', os.path.join(folder, name), '--list-handlers')
+            assert result.returncode == 0, (name, result.stderr)
+    listing = run_cli('--config', os.path.join(folder, 'redis-warmup.ini'),
+                      '--list-handlers').stdout
+    assert 'loading: ' in listing and 'configured: 3.0' in listing
