@@ -18,11 +18,12 @@ How it is built (each role is a class or a function below, in this order):
 - Handlers: plain functions ``handler(source, dest, to_backend, name,
   settings, proxy)`` called by the pump each time ``source`` has data or EOF.
   ``proxy.get_data(source)`` returns that data (``b''`` at EOF).  Handlers
-  write with ``dest.sendall(data, delay=0)``, which never blocks.  Returning
-  ``False`` ends the connection; returning ``HOLD_EOF`` keeps the pump from
-  relaying an EOF; anything else goes on.  A handler may carry traits, set
-  with ``@traits``: ``backend=False`` (do not connect to the backend for it)
-  and ``on_connect`` (called when a connection opens under it).
+  write with ``dest.sendall(data, delay=0)``, which never blocks (but for
+  connecting a backend not yet connected).  Returning ``False`` ends the
+  connection; returning ``HOLD_EOF`` keeps the pump from relaying an EOF;
+  anything else goes on.  A handler may carry traits, set with ``@traits``:
+  ``backend`` (whether to connect to the backend for it), ``on_connect`` and
+  ``on_close`` hooks, and a ``check`` of its settings.
 - Behavior: a mix like ``20:delay,10:errors``; every new connection draws one
   handler from it, in accept order, and keeps it.  A handler set through the
   control API overrides the mix, for every connection, live ones included,
@@ -33,10 +34,12 @@ How it is built (each role is a class or a function below, in this order):
   and flushed when its socket is writable, so neither direction ever waits on
   the other.  A direction stops reading while its destination holds more than
   ``HIGH_WATER`` bytes: memory stays bounded when a peer stops reading.  EOF
-  is relayed as ``shutdown(SHUT_WR)`` (half-close), after the data before it.
-- ``Proxy``: a ``socketserver.ThreadingTCPServer`` that draws, then hands each
-  accepted socket to a ``Connection`` thread.  It also owns the handler
-  registry, the behavior, and the optional control API.
+  is relayed as ``shutdown(SHUT_WR)`` (half-close), after the data before it;
+  a reset is relayed as a reset.
+- ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose ``process_request``
+  draws, then hands each accepted socket to a ``Connection`` in a thread of
+  its own.  It also owns the handler registry, the behavior, the listener
+  (closed to refuse connections) and the optional control API.
 - ``ControlServer``: an ``http.server`` thread serving the JSON control API.
 - ``Client``, ``start_proxy``, ``stop_proxy``: drive a proxy from tests.
 - Configuration and command line: the ini file, ``main()``, ``--demo``.
