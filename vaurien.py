@@ -1572,7 +1572,6 @@ _BROWSER_AGENT = re.compile(r'^Mozilla/|Chrome/|Safari/|Firefox/')
 class ControlServer(http.server.ThreadingHTTPServer):
     """The JSON control API, in threads of the proxy's process."""
 
-    daemon_threads = True
     request_queue_size = 128
 
     def __init__(self, proxy, host='localhost', port=8080, token=None):
@@ -2207,7 +2206,6 @@ class _DemoPage(http.server.BaseHTTPRequestHandler):
 class DemoBackend(http.server.ThreadingHTTPServer):
     """A small HTTP server on an ephemeral loopback port, serving in a thread."""
 
-    daemon_threads = True
     request_queue_size = 128
 
     def __init__(self):
