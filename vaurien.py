@@ -49,6 +49,7 @@ import argparse
 import collections
 import configparser
 import contextlib
+import errno
 import functools
 import heapq
 import hmac
@@ -89,6 +90,8 @@ HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being r
 LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
 CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
 MAX_BODY = 64 * 1024     # bytes, largest control API request body
+SLOW_CALL = 0.05         # seconds a handler call may hold the pump before a warning
+RESOLVE_TTL = 5.0        # seconds a backend's resolved addresses are reused
 
 
 class VaurienError(Exception):
@@ -253,8 +256,8 @@ def directional(func):
 # Handlers
 # ---------------------------------------------------------------------------
 
-def traits(backend=True, on_connect=None, on_close=None, check=None):
-    """Decorate a handler with how connections that open under it start.
+def traits(backend=True, on_connect=None, on_close=None, check=None, blocking=True):
+    """Decorate a handler with how connections that open under it start, and where it runs.
 
     backend: when False, the proxy does not connect to the backend for a
       connection that opens under this handler (it still connects later, on
@@ -267,8 +270,14 @@ def traits(backend=True, on_connect=None, on_close=None, check=None):
       connection this handler was called for ends, however it ends.
     check: ``check(settings)`` raises ValueError when settings that are each
       valid do not go together; called whenever the settings are set.
+    blocking: False promises that the handler and its hooks never wait (no
+      sleep, no blocking I/O: delays go through ``sendall(delay=)``), so the
+      pump calls them in its own thread, at full speed.  Otherwise (and for
+      any handler without traits) they run in a thread of the connection,
+      one call at a time, and a sleep holds up that connection only.
     """
     def mark(func):
+        func.blocking = blocking
         func.backend = backend
         func.on_connect = on_connect
         func.on_close = on_close
@@ -713,6 +722,8 @@ def corrupt(source, dest, to_backend, name, settings, proxy):
 
 BUILTIN_HANDLERS = (normal, delay, errors, hang, blackout, abort, bandwidth, slicer,
                     slow_close, timeout, limit_data, transient, flap, corrupt)
+for _builtin in BUILTIN_HANDLERS:
+    _builtin.blocking = False   # none of them waits: the pump calls them itself
 
 
 # ---------------------------------------------------------------------------
@@ -735,6 +746,8 @@ class Handler:
         self.on_connect = getattr(func, 'on_connect', None)
         self.on_close = getattr(func, 'on_close', None)
         self.check = getattr(func, 'check', None)
+        self.blocking = getattr(func, 'blocking', True)
+        self.warned = False   # about a call that held the pump up
         self.settings = {}
         self.settings = self.validate(settings or {})
 
@@ -859,13 +872,227 @@ class Behavior:
 
 
 # ---------------------------------------------------------------------------
-# The pump: one Connection per accepted client, two Sides
+# The pump: one selector loop for every connection of every Proxy
 # ---------------------------------------------------------------------------
 
 _EOF = object()  # queued on a Side: shut its socket's write half down here
 _RST = object()  # queued on a Side: reset its connection (SO_LINGER 0) here
 _NO_QUEUE = ()   # a Side's queue until it needs one: most sides never queue
 _sequence = itertools.count()   # orders timers due at the same moment
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Pump:
+    """One selector loop, in a thread of its own, serving every Proxy of the process.
+
+    It accepts, connects to backends without blocking, reads, calls the
+    handlers, flushes the queued writes and runs the timers.  Whatever touches
+    a connection or a listener happens in this thread.  Other threads hand
+    work over with `call_soon` (a byte on a socketpair wakes the loop up) or
+    `call` (which waits for the result).  Registered with the selector is a
+    callable per socket, ``on_event(mask)``; connections touched in a round
+    are `settle`d at its end: their interest updated, or their end noticed.
+    """
+
+    ACCEPT_BATCH = 64    # connections accepted per readiness of a listener
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []                  # heap of [due, sequence, function, args]
+        self.ready = collections.deque()  # (function, args) handed over by any thread
+        self.dirty = set()                # connections to settle at the end of the round
+        self.starving = False             # out of descriptors: logged once per episode
+        self._waker, self._wakeup = socket.socketpair()
+        self._waker.setblocking(False)
+        self._wakeup.setblocking(False)
+        self._woken = False
+        self.selector.register(self._wakeup, selectors.EVENT_READ, self._drain_wakeup)
+        self._spare = self._open_spare()
+        self.pid = os.getpid()
+        thread = threading.Thread(target=self._run, name='vaurien-pump', daemon=True)
+        thread.start()
+        self.ident = thread.ident
+
+    # -- what other threads and the loop use --------------------------------------------
+
+    def in_loop(self):
+        return _thread.get_ident() == self.ident
+
+    def call_soon(self, function, *args):
+        """Run ``function(*args)`` in the loop, after what was handed over before."""
+        self.ready.append((function, args))
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(OSError):
+                self._waker.send(b'\0')
+
+    def call(self, function, *args):
+        """Run ``function(*args)`` in the loop; return its result or raise its exception."""
+        if self.in_loop():
+            return function(*args)
+        done, outcome = threading.Event(), []
+
+        def job():
+            try:
+                outcome.append((True, function(*args)))
+            except Exception as exc:
+                outcome.append((False, exc))
+            finally:
+                done.set()
+        self.call_soon(job)
+        done.wait()
+        succeeded, value = outcome[0]
+        if succeeded:
+            return value
+        raise value
+
+    def call_at(self, due, function, *args):
+        """Run ``function(*args)`` in the loop at `due` (monotonic); from the loop only.
+
+        Returns the timer, which `cancel` takes.
+        """
+        timer = [due, next(_sequence), function, args]
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def call_later(self, seconds, function, *args):
+        return self.call_at(time.monotonic() + seconds, function, *args)
+
+    @staticmethod
+    def cancel(timer):
+        timer[2] = _ignore
+
+    def starved(self, exc, what):
+        """Out of descriptors: one error line for each episode."""
+        if not self.starving:
+            self.starving = True
+            log.error('out of file descriptors (%s): %s until some close; raise the limit '
+                      '(ulimit -n)', exc.strerror or exc, what)
+
+    def fed(self):
+        if self.starving:
+            self.starving = False
+            log.warning('file descriptors available again: connections are served')
+
+    def shed(self, listener):
+        """Accept one connection with the spare descriptor, and reset it at once."""
+        with contextlib.suppress(OSError):
+            os.close(self._spare)
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return False
+        finally:
+            self._spare = self._open_spare()
+        _reset(sock)
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _run(self):
+        while True:
+            try:
+                self._round()
+            except Exception:   # a bug of ours: logged, and the loop goes on
+                log.exception('the pump failed; it goes on')
+
+    def _round(self):
+        for key, mask in self.selector.select(self._timeout()):
+            key.data(mask)
+        if self.timers:
+            self._run_timers()
+        if self.ready:
+            self._run_ready()
+        dirty = self.dirty
+        while dirty:
+            dirty.pop().settle()
+
+    def _timeout(self):
+        if self.ready:
+            return 0
+        if self.timers:
+            return max(0.0, self.timers[0][0] - time.monotonic())
+        return None
+
+    def _run_timers(self):
+        now, timers = time.monotonic(), self.timers
+        while timers and timers[0][0] <= now:
+            _, _, function, args = heapq.heappop(timers)
+            self.guarded(function, args)
+
+    def _run_ready(self):
+        for _ in range(len(self.ready)):
+            function, args = self.ready.popleft()
+            self.guarded(function, args)
+
+    @staticmethod
+    def guarded(function, args):
+        try:
+            function(*args)
+        except Exception:
+            log.exception('the pump failed running %r; it goes on', function)
+
+    def _drain_wakeup(self, mask):
+        with contextlib.suppress(OSError):
+            self._wakeup.recv(4096)
+        self._woken = False
+
+    @staticmethod
+    def _open_spare():
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return -1
+
+
+def _ignore(*args):
+    """What a cancelled timer runs."""
+
+
+_pump = None
+_pump_lock = threading.Lock()
+
+
+def shared_pump():
+    """The process's Pump, started on first use (and again in a forked child)."""
+    global _pump
+    with _pump_lock:
+        if _pump is None or _pump.pid != os.getpid():
+            _pump = Pump()
+        return _pump
+
+
+class _Worker:
+    """A thread that runs one connection's blocking handler calls, one at a time, in order.
+
+    It starts with the first job and ends after IDLE seconds without one.
+    """
+
+    IDLE = 1.0
+
+    def __init__(self):
+        self.jobs = collections.deque()
+        self.condition = threading.Condition()
+        self.running = False
+
+    def submit(self, function, *args):
+        with self.condition:
+            self.jobs.append((function, args))
+            if self.running:
+                return self.condition.notify()
+            _thread.start_new_thread(self._run, ())   # RuntimeError: no thread to be had
+            self.running = True
+
+    def _run(self):
+        while True:
+            with self.condition:
+                if not self.jobs:
+                    self.condition.wait(self.IDLE)
+                if not self.jobs:
+                    self.running = False
+                    return
+                function, args = self.jobs.popleft()
+            function(*args)
 
 
 class BackendDown(Exception):
@@ -876,18 +1103,21 @@ class Side:
     """One end of a relayed connection, as handlers see it (`source`, `dest`).
 
     Writes never block: `sendall` sends what the socket takes now and queues
-    the rest, or all of it when a `delay` is given, keeping order; the
-    connection's pump flushes the queue when the socket is writable.  Once
-    the connection is closing, writes are dropped.
+    the rest, or all of it when a `delay` is given, keeping order; the pump
+    flushes the queue when the socket is writable.  Writes to a backend that
+    is still connecting wait in its queue.  Once the connection is closing,
+    writes are dropped.  Called from a blocking handler's thread, the calls
+    are handed to the pump, in order.
     """
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
-                 'eof_read', 'eof_queued', 'eof_sent', 'broken', 'chunk')
+                 'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
+                 'events', 'on_event')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
         self.name = name          # 'client' or 'backend'
-        self.sock = sock          # None until the backend is connected
+        self.sock = sock          # None until the backend is connecting
         self.peer = None
         self.queue = _NO_QUEUE    # then a deque of [due, bytes, _EOF or _RST], due in order
         self.queued = 0           # bytes in the queue
@@ -897,7 +1127,10 @@ class Side:
         self.eof_queued = False   # its write half is (to be) shut down, or reset
         self.eof_sent = False
         self.broken = False       # reset, or failed: no more reads or writes
+        self.connecting = False   # a backend being resolved or connected
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
+        self.events = 0           # what the selector watches this socket for
+        self.on_event = functools.partial(connection.on_event, self)
 
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
@@ -905,14 +1138,14 @@ class Side:
     def sendall(self, data, delay=0.0):
         """Send `data` to this side, `delay` seconds from now, after what is queued.
 
-        Connects the backend first if it is not yet (the one case that waits,
-        up to the connect timeout).
+        A backend not yet connected is connected first; the data waits meanwhile.
         """
+        if _thread.get_ident() != self.connection.pump.ident:
+            return self.connection.pump.call_soon(
+                self._send_at, bytes(data), time.monotonic() + delay if delay > 0 else 0.0)
         if not data or self.eof_queued or self.broken:
             return
-        if self.sock is None:
-            self.connection.connect_backend()
-        if delay <= 0 and not self.queue:
+        if delay <= 0 and not self.queue and not self.connecting and self.sock is not None:
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -922,8 +1155,7 @@ class Side:
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
-        self._push(time.monotonic() + delay if delay > 0 else 0.0, data)
-        self.queued += len(data)
+        self._send_at(data, time.monotonic() + delay if delay > 0 else 0.0)
 
     def shutdown(self, how=socket.SHUT_WR, delay=0.0):
         """Send EOF (half-close) after what is queued; SHUT_RDWR closes the connection."""
@@ -939,12 +1171,22 @@ class Side:
         """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
         self.connection.abort(self)
 
+    def _send_at(self, data, due):
+        if not data or self.eof_queued or self.broken:
+            return
+        if self.sock is None and not self.connecting:
+            self.connection.connect_backend()
+        self._push(due, data)
+        self.queued += len(data)
+
     def _end(self, marker, delay=0.0):
         """Queue the end of this side's stream: _EOF (a FIN) or _RST, once."""
+        if _thread.get_ident() != self.connection.pump.ident:
+            return self.connection.pump.call_soon(self._end, marker, delay)
         if self.eof_queued:
             return
         self.eof_queued = True
-        if self.sock is None or self.broken:
+        if (self.sock is None and not self.connecting) or self.broken:
             self.eof_sent = True
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
@@ -955,13 +1197,24 @@ class Side:
         if self.queue is _NO_QUEUE:
             self.queue = collections.deque()
         self.queue.append([due, data])
+        self.connection.pump.dirty.add(self.connection)
 
 
 class Connection:
-    """Relays one client connection to the backend, through the handler in force."""
+    """Relays one client connection to the backend, through the handler in force.
+
+    Everything here runs in the pump's thread, but for the calls of a blocking
+    handler, which run in the connection's `_Worker` and hand their effects
+    back to the pump in order (see `_dispatch`).
+    """
+
+    __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
+                 'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
+                 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
+        self.pump = proxy.pump
         self.address = address
         self.index = index        # accept order, from 0
         self.drawn = drawn        # the handler's name drawn from the behavior
@@ -972,14 +1225,15 @@ class Connection:
         self.sides = (self.client, self.backend)
         self.handler_name = drawn
         self._random = None
-        self.selector = selectors.PollSelector() if hasattr(selectors, 'PollSelector') \
-            else selectors.DefaultSelector()
-        self.interest = {}        # Side: events registered
-        self.timers = []          # heap of (due, sequence number, function)
-        self.states = {}
-        self.closers = set()      # handlers called here that have an on_close hook
+        self.states = None
+        self.closers = None       # handlers called here that have an on_close hook
         self.closing_at = None    # deadline once the connection is closing
-        self.killed = False       # ended from another thread: no linger
+        self.released = False
+        self.wake_at = None       # when the pump is to look at this connection again
+        self.targets = None       # backend addresses still to try
+        self.worker = None        # the _Worker of blocking handlers, once needed
+        self.jobs = 0             # calls handed to the worker whose effects are not all in
+        self.held = 0             # bytes of those calls
 
     # -- what handlers use ------------------------------------------------------
 
@@ -993,11 +1247,18 @@ class Connection:
 
     def state(self, key):
         """A dict a handler keeps for this connection under `key`."""
+        if self.states is None:
+            self.states = {}
         return self.states.setdefault(key, {})
 
     def call_later(self, seconds, function):
-        """Call `function()` in this connection's thread after `seconds`, unless it closes."""
-        heapq.heappush(self.timers, (time.monotonic() + seconds, next(_sequence), function))
+        """Call `function()` after `seconds`, unless the connection is closing by then.
+
+        It runs where the caller runs: in the pump, or in the worker of a
+        blocking handler.
+        """
+        due, blocking = time.monotonic() + seconds, not self.pump.in_loop()
+        self._in_loop(self.pump.call_at, due, self._timer, function, blocking)
 
     def close(self):
         """Flush what is queued, send EOF both ways, drain, then close.
@@ -1007,14 +1268,19 @@ class Connection:
         later.  Killed with bytes still queued, a side is reset, so that a
         truncation is never mistaken for a whole answer.
         """
+        if not self.pump.in_loop():
+            return self.pump.call_soon(self.close)
         if self.closing_at is None:
             last = max(self.client.last_due, self.backend.last_due, time.monotonic())
             self.closing_at = last + LINGER
             for side in self.sides:
                 side.shutdown()
+            self.pump.dirty.add(self)
 
     def abort(self, side):
         """Reset `side` now and close the other one."""
+        if not self.pump.in_loop():
+            return self.pump.call_soon(self.abort, side)
         self._drop(side, reset=True)
         self.close()
 
@@ -1025,14 +1291,14 @@ class Connection:
         self.close()
 
     def connect_backend(self):
-        """Connect to the backend now; raise BackendDown when it cannot be reached."""
-        try:
-            sock = socket.create_connection(self.proxy.distant, self.proxy.connect_timeout)
-        except OSError as exc:
-            raise BackendDown('backend %s:%s unreachable (%s)' % (
-                self.proxy.distant[0], self.proxy.distant[1], exc.strerror or exc)) from None
-        _prepare(sock)
-        self.backend.sock = sock
+        """Start connecting to the backend (once); what is sent there waits meanwhile."""
+        if not self.pump.in_loop():
+            return self.pump.call_soon(self.connect_backend)
+        backend = self.backend
+        if backend.sock is None and not backend.connecting and not backend.broken:
+            backend.connecting = True
+            self.pump.call_later(self.proxy.connect_timeout, self._connect_expired, None)
+            self.proxy.resolve_distant(self._connect_first)
 
     def current(self):
         """The handler in force and its settings: the one set, else the one drawn."""
@@ -1042,92 +1308,108 @@ class Connection:
         handler = self.proxy.handlers[self.drawn]
         return handler, handler.settings
 
-    # -- the pump ---------------------------------------------------------------
-
-    def run(self):
-        try:
-            self._open()
-            while not self._finished():
-                self._pump()
-        except Exception:
-            log.exception('connection #%d from %s failed', self.index, self.address)
-        finally:
-            self._release()
-
     def kill(self):
-        """End the connection from another thread, at once."""
-        self.killed = True
-        for side in self.sides:
-            with contextlib.suppress(OSError, AttributeError):
-                side.sock.shutdown(socket.SHUT_RDWR)  # wakes the pump up
+        """End the connection at once (from any thread): a side holding bytes is reset."""
+        if not self.pump.in_loop():
+            return self.pump.call_soon(self.kill)
+        self._release()
 
-    def _open(self):
+    # -- opening ------------------------------------------------------------------
+
+    def open(self):
+        """Start the connection under the handler in force: its on_connect, the backend."""
         _prepare(self.client.sock)
         handler, settings = self._in_force()
-        if handler.on_connect is not None and self._call(
-                handler.on_connect, self.client, self.backend, handler.name,
-                settings, self.proxy) is False:
-            return self.close()
-        if self.closing_at is None and handler.needs_backend(self, settings):
-            self._call(self.connect_backend)
-
-    def _call(self, function, *args):
-        """Call a handler (or hook); its failure ends this connection only."""
-        try:
-            return function(*args)
-        except BackendDown as exc:
-            log.warning('connection #%d from %s: %s; closing it', self.index,
-                        self.address[0], exc)
-        except Exception:
-            log.exception('handler %s failed on connection #%d; closing it',
-                          self.handler_name, self.index)
-        self.close()
-        return False
-
-    def _pump(self):
-        now = time.monotonic()
-        for side in self.sides:
-            self._register(side, now)
-        for key, mask in self.selector.select(self._timeout(now)):
-            side = key.data
-            if mask & selectors.EVENT_WRITE:
-                self._flush(side)
-            if mask & selectors.EVENT_READ and not side.broken:
-                self._read(side)
-        while self.timers and self.timers[0][0] <= time.monotonic() and self.closing_at is None:
-            self._call(heapq.heappop(self.timers)[2])
-
-    def _register(self, side, now):
-        events = 0
-        if side.sock is not None and not side.broken:
-            if not side.eof_read and (self.closing_at is not None
-                                      or side.peer.queued < HIGH_WATER):
-                events |= selectors.EVENT_READ
-            if side.queue and side.queue[0][0] <= now:
-                events |= selectors.EVENT_WRITE
-        registered = self.interest.get(side, 0)
-        if events == registered:
-            return
-        if not registered:
-            self.selector.register(side.sock, events, side)
-        elif not events:
-            self.selector.unregister(side.sock)
+        if handler.on_connect is None:
+            self._opened(handler, settings, None)
         else:
-            self.selector.modify(side.sock, events, side)
-        self.interest[side] = events
+            self._run_for(handler, self._on_connect, (handler, settings))
+        self.pump.dirty.add(self)
 
-    def _timeout(self, now):
-        """Seconds until the next delayed write, timer or closing deadline; None: none.
+    def _on_connect(self, handler, settings):
+        result = self._call(handler.on_connect, self.client, self.backend, handler.name,
+                            settings, self.proxy)
+        self._in_loop(self._opened, handler, settings, result)
 
-        Writes already due wait for EVENT_WRITE, not for a timeout.
-        """
-        moments = [side.queue[0][0] for side in self.sides
-                   if side.queue and side.queue[0][0] > now and not side.broken]
-        if self.timers and self.closing_at is None:
-            moments.append(self.timers[0][0])
-        if self.closing_at is not None:
-            moments.append(self.closing_at)
-        return max(0.0, min(moments) - now) if moments else None
+    def _opened(self, handler, settings, result):
+        if result is False:
+            return self.close()
+        if self.closing_at is None and self._call(handler.needs_backend, self, settings):
+            self.connect_backend()
+
+    def _connect_first(self, addresses, error):
+        if self.closing_at is not None or self.released:
+            return self._backend_failed(None)
+        if error is not None:
+            return self._backend_failed(error)
+        self.targets = list(addresses)
+        self._connect_next(None)
+
+    def _connect_next(self, error):
+        """Try the next address of the backend; with none left, fail with `error`."""
+        backend = self.backend
+        if backend.sock is not None:     # the attempt before failed
+            self._unwatch(backend)
+            backend.sock.close()
+            backend.sock = None
+        if not self.targets:
+            return self._backend_failed(error)
+        family, address = self.targets.pop(0)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                self.pump.starved(exc, 'new connections are reset')
+                self.targets = None
+                return self.abort(self.client)
+            return self._connect_next(exc)
+        _prepare(sock)
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            sock.close()
+            return self._connect_next(OSError(code, os.strerror(code)))
+        backend.sock = sock
+        self.pump.call_later(self.proxy.connect_timeout, self._connect_expired, sock)
+        self.pump.dirty.add(self)
+
+    def _connected(self, side):
+        code = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            return self._connect_next(OSError(code, os.strerror(code)))
+        side.connecting, self.targets = False, None
+        self.pump.fed()
+        self._flush(side)
+
+    def _connect_expired(self, sock):
+        if self.backend.sock is sock and self.backend.connecting:
+            self._connect_next(socket.timeout('timed out after %g s' % self.proxy.connect_timeout))
+
+    def _backend_failed(self, error):
+        backend = self.backend
+        backend.connecting = False
+        self._drop(backend)
+        if error is not None:
+            log.warning('connection #%d from %s: backend %s unreachable (%s); closing it',
+                        self.index, self.address[0], format_address(self.proxy.distant),
+                        getattr(error, 'strerror', None) or error)
+        self.close()
+
+    # -- events -----------------------------------------------------------------
+
+    def on_event(self, side, mask):
+        """The selector's call: `side`'s socket is readable or writable."""
+        try:
+            if side.connecting:
+                self._connected(side)
+            else:
+                if mask & selectors.EVENT_WRITE and side.events & selectors.EVENT_WRITE:
+                    self._flush(side)
+                if mask & selectors.EVENT_READ and not side.broken:
+                    self._read(side)
+        except Exception:
+            log.exception('connection #%d from %s failed', self.index, self.address)
+            self._release()
+        self.pump.dirty.add(self)
 
     def _read(self, side):
         try:
@@ -1145,23 +1427,107 @@ class Connection:
         if self.closing_at is None:
             self._dispatch(side, data)
 
-    def _in_force(self):
-        handler, settings = self.current()
-        self.handler_name = handler.name
-        if handler.on_close is not None:
-            self.closers.add(handler)
-        return handler, settings
-
     def _dispatch(self, side, data):
+        """Give `data` to the handler in force: in the pump, or in the worker.
+
+        While the worker still has calls whose effects are not all in, every
+        chunk goes there too, whatever the handler: bytes keep their order
+        when a handler is switched from blocking to non-blocking.
+        """
+        handler = self.current()[0]
+        if handler.blocking or self.jobs:
+            self._run_for(handler, self._handle, (side, data), len(data))
+        else:
+            self._handle(side, data)
+
+    def _handle(self, side, data):
         handler, settings = self._in_force()
         side.data = data
+        started = time.perf_counter()
         result = self._call(handler.func, side, side.peer, side is self.client,
                             handler.name, settings, self.proxy)
+        if time.perf_counter() - started > SLOW_CALL and not handler.warned:
+            self._warn_slow(handler, time.perf_counter() - started)
         side.data = None
         if result is False:
             self.close()
         elif not data and not (isinstance(result, str) and result == HOLD_EOF):
             side.peer.shutdown()
+
+    def _warn_slow(self, handler, seconds):
+        if self.pump.in_loop():
+            handler.warned = True
+            log.warning('handler %s took %.0f ms in the pump, holding every connection up: '
+                        'use sendall(data, delay=...) to delay data, or mark a handler that '
+                        'must block with @traits(blocking=True)', handler.name, seconds * 1000)
+
+    def _run_for(self, handler, function, args, size=0):
+        """Call `function(*args)` now, or in the worker when `handler` may block.
+
+        `handler` None means the worker, whatever the handler.  `size` is the
+        bytes the call holds: they count against HIGH_WATER until it is done.
+        """
+        if handler is not None and not (handler.blocking or self.jobs):
+            return function(*args)
+        if self.worker is None:
+            self.worker = _Worker()
+        self.jobs += 1
+        self.held += size
+        try:
+            self.worker.submit(self._job, function, args, size)
+        except RuntimeError as exc:
+            self._job_done(size)
+            log.error('connection #%d: no thread for its handler (%s); closing it',
+                      self.index, exc)
+            self.close()
+
+    def _job(self, function, args, size):
+        """A worker's call; its effects reach the pump before the news that it is done."""
+        try:
+            function(*args)
+        except Exception:
+            log.exception('connection #%d failed in its handler thread', self.index)
+            self.close()
+        finally:
+            self.pump.call_soon(self._job_done, size)
+
+    def _job_done(self, size):
+        self.jobs -= 1
+        self.held -= size
+        self.pump.dirty.add(self)
+
+    def _in_loop(self, function, *args):
+        if self.pump.in_loop():
+            return function(*args)
+        self.pump.call_soon(function, *args)
+
+    def _timer(self, function, blocking):
+        if self.closing_at is not None or self.released:
+            return
+        if blocking and self.worker is not None:
+            self._run_for(None, self._call, (function,))
+        else:
+            self._call(function)
+        self.pump.dirty.add(self)
+
+    def _in_force(self):
+        handler, settings = self.current()
+        self.handler_name = handler.name
+        if handler.on_close is not None:
+            if self.closers is None:
+                self.closers = set()
+            self.closers.add(handler)
+        return handler, settings
+
+    def _call(self, function, *args):
+        """Call a handler (or hook); its failure ends this connection only."""
+        try:
+            return function(*args)
+        except Exception:
+            log.exception('handler %s failed on connection #%d; closing it',
+                          self.handler_name, self.index)
+        self.close()
+        return False
 
     def _flush(self, side):
         now = time.monotonic()
@@ -1190,40 +1556,101 @@ class Connection:
         if not queue and self.closing_at is not None:   # flushed: now linger
             self.closing_at = max(self.closing_at, now + LINGER)
 
+    # -- settling: what the pump does with a connection touched in a round -------------
+
+    def settle(self):
+        """Watch what is to be watched, plan the next wake-up, or end the connection."""
+        if self.released:
+            return
+        if self._finished():
+            return self._release()
+        now = time.monotonic()
+        self._watch(self.client, now)
+        self._watch(self.backend, now)
+        moment = self._next_moment(now)
+        if moment is not None and (self.wake_at is None or moment < self.wake_at):
+            self.wake_at = moment
+            self.pump.call_at(moment, self._wake, moment)
+
+    def _watch(self, side, now):
+        events = 0
+        if side.sock is not None and not side.broken:
+            if side.connecting:
+                events = selectors.EVENT_WRITE
+            else:
+                if not side.eof_read and (self.closing_at is not None
+                                          or side.peer.queued + self.held < HIGH_WATER):
+                    events = selectors.EVENT_READ
+                if side.queue and side.queue[0][0] <= now:
+                    events |= selectors.EVENT_WRITE
+        if events == side.events:
+            return
+        selector = self.pump.selector
+        if not side.events:
+            selector.register(side.sock, events, side.on_event)
+        elif not events:
+            selector.unregister(side.sock)
+        else:
+            selector.modify(side.sock, events, side.on_event)
+        side.events = events
+
+    def _unwatch(self, side):
+        if side.events:
+            self.pump.selector.unregister(side.sock)
+            side.events = 0
+
+    def _next_moment(self, now):
+        """When a delayed write falls due or the linger ends: the next wake-up, if any."""
+        moments = [side.queue[0][0] for side in self.sides
+                   if side.queue and side.queue[0][0] > now and not side.broken]
+        if self.closing_at is not None and self.closing_at > now:
+            moments.append(self.closing_at)
+        return min(moments) if moments else None
+
+    def _wake(self, moment):
+        if self.wake_at == moment:
+            self.wake_at = None
+        if self.released:
+            return
+        for side in self.sides:
+            if side.queue and side.sock is not None and not side.connecting:
+                self._flush(side)
+        self.pump.dirty.add(self)
+
     def _finished(self):
-        if self.killed:
-            return True
-        live = [side for side in self.sides if side.sock is not None and not side.broken]
+        live = [side for side in self.sides
+                if (side.sock is not None or side.connecting) and not side.broken]
         if self.closing_at is not None:
             if any(side.queue for side in live):
                 return False      # what was queued goes out first, however slowly
             return time.monotonic() >= self.closing_at or all(
                 side.eof_read and side.eof_sent for side in live)
-        if self.backend.sock is None:
-            return self.client.eof_read and not self.client.queue
+        if self.jobs:
+            return False
         return all(side.eof_read and not side.queue for side in live)
 
     def _drop(self, side, reset=False):
         """Close `side`'s socket now (with an RST if `reset`); its queue is lost."""
         if side.sock is not None and not side.broken:
-            if self.interest.pop(side, 0):
-                self.selector.unregister(side.sock)
-            with contextlib.suppress(OSError):
-                if reset:
-                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         struct.pack('ii', 1, 0))
+            self._unwatch(side)
+            if reset:
+                _reset(side.sock)
+            else:
                 side.sock.close()
         side.broken = side.eof_read = side.eof_queued = side.eof_sent = True
         side.queue = _NO_QUEUE
         side.queued = 0
 
     def _release(self):
+        if self.released:
+            return
+        self.released = True
         try:
             for side in self.sides:
                 self._drop(side, reset=bool(side.queue))   # bytes left: never a clean EOF
-            self.selector.close()
-            for handler in self.closers:
-                self._call(handler.on_close, self, handler.name, self.proxy)
+            for handler in self.closers or ():
+                self._run_for(handler, self._call,
+                              (handler.on_close, self, handler.name, self.proxy))
         finally:
             self.proxy.forget(self)
 
@@ -1233,6 +1660,13 @@ def _prepare(sock):
     sock.setblocking(False)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _reset(sock):
+    """Close `sock` with an RST (SO_LINGER on, zero timeout)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    sock.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1251,6 +1685,17 @@ def parse_address(text, what='address'):
 def format_address(address):
     host, port = address[:2]
     return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
+
+
+def _is_ip(host):
+    """Whether `host` is an IPv4 or IPv6 address, not a name to resolve."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
 
 
 def _family(address):
@@ -1336,13 +1781,17 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._connections = set()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)   # notified when no connection is left
-        self._switch = threading.Lock()   # guards the listener, opened and closed
-        self._refusal = None               # the Timer that ends a refuse_for()
-        self._serving = None
+        self._accepting = False            # the listener is watched by the pump
+        self._refusal = None               # the pump timer that ends a refuse_for()
+        self._stopped = threading.Event()  # what serve_forever() waits for
+        self._addresses = None             # (the backend's addresses, when resolved)
+        self._resolving = []               # callbacks waiting for them
         self.address_family = _family(local)
+        self.pump = shared_pump()
         super().__init__(local, None)
+        self.socket.setblocking(False)
 
-    # -- life cycle ---------------------------------------------------------------
+    # -- life cycle: everything that touches the listener runs in the pump -----------
 
     @property
     def address(self):
@@ -1355,27 +1804,31 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return self.control.server_address[:2] if self.control else None
 
     def start(self):
-        """Serve in background threads (with the control API if asked); return self."""
+        """Serve (with the control API if asked) and return self; again: no-op.
+
+        Started after stop(), the proxy listens again on the same address.
+        """
         if self._control_options and self.control is None:
             self.control = ControlServer(self, *self._control_options)
             threading.Thread(target=self.control.serve_forever, args=(0.05,),
                              name='vaurien-control', daemon=True).start()
-        self._serve()
+        self._stopped.clear()
+        self.pump.call(self._listen)
         return self
 
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection and the control API.
 
-        Waits up to `timeout` seconds in all for the connections' threads to end.
+        Waits up to `timeout` seconds in all for the connections to end.
         """
         if self.control is not None:
             self.control.shutdown()
             self.control.server_close()
             self.control = None
         self.disable()
-        self.server_close()
         with self._lock:
             self._idle.wait_for(lambda: not self._connections, timeout)
+        self._stopped.set()
 
     def __enter__(self):
         return self.start()
@@ -1383,20 +1836,24 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     def __exit__(self, *exc_info):
         self.stop()
 
-    def _serve(self):
-        self._serving = threading.Thread(target=self.serve_forever, args=(0.05,),
-                                         name='vaurien-accept', daemon=True)
-        self._serving.start()
+    def serve_forever(self, poll_interval=None):
+        """socketserver's call: serve until stop() or shutdown() (the pump does the work)."""
+        self.start()
+        self._stopped.wait()
+
+    def shutdown(self):
+        """socketserver's call: stop serving, and end serve_forever()."""
+        self.stop()
+
+    def server_close(self):
+        self.pump.call(self._close_listener)
 
     def disable(self):
         """Refuse connections as a stopped server: close the listener and live connections.
 
         Returns the status, as Client.disable() does.
         """
-        self._cancel_refusal()
-        self._close_listener()
-        for conn in self._live():
-            conn.kill()
+        self.pump.call(self._disable)
         return self.status()
 
     def enable(self):
@@ -1404,47 +1861,51 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
         Raises OSError when the address cannot be listened on (taken meanwhile).
         """
-        self._cancel_refusal()
-        self._open_listener()
+        self.pump.call(self._enable)
         return self.status()
 
     def refuse_for(self, seconds):
-        """Refuse new connections for `seconds`, keeping live ones."""
-        with self._switch:
-            if not self.enabled or self._refusal is not None:
-                return
-            self._refusal = threading.Timer(seconds, self._end_refusal)
-            self._refusal.daemon = True
+        """Refuse new connections for `seconds`, keeping live ones (in the pump)."""
+        if not self.enabled or self._refusal is not None:
+            return
         self._close_listener()
-        self._refusal.start()
+        self._refusal = self.pump.call_later(seconds, self._end_refusal)
 
     def _end_refusal(self):
-        with self._switch:
-            self._refusal = None
+        self._refusal = None
         try:
-            self._open_listener()
+            self._listen()
         except OSError as exc:
             log.error('cannot listen on %s again: %s; connections stay refused',
                       format_address(self.address), exc.strerror or exc)
 
     def _cancel_refusal(self):
-        with self._switch:
-            refusal, self._refusal = self._refusal, None
-        if refusal is not None:
-            refusal.cancel()
+        if self._refusal is not None:
+            self.pump.cancel(self._refusal)
+            self._refusal = None
+
+    def _disable(self):
+        self._cancel_refusal()
+        self._close_listener()
+        for conn in self._live():
+            conn.kill()
+
+    def _enable(self):
+        self._cancel_refusal()
+        self._listen()
 
     def _close_listener(self):
-        with self._switch:
-            if self.enabled and self._serving is not None:
-                self.shutdown()
-                self._serving = None
-            self.enabled = False
-            self.socket.close()
+        if self._accepting:
+            self.pump.selector.unregister(self.socket)
+            self._accepting = False
+        self.enabled = False
+        self.socket.close()
 
-    def _open_listener(self):
-        with self._switch:
-            if self.enabled:
-                return
+    def _listen(self):
+        """Watch the listener, bound again first if it was closed."""
+        if self._accepting:
+            return
+        if not self.enabled:
             self.socket = socket.socket(self.address_family, self.socket_type)
             try:
                 self.server_bind()
@@ -1452,32 +1913,96 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             except OSError:
                 self.socket.close()
                 raise
+            self.socket.setblocking(False)
             self.enabled = True
-            self._serve()
+        self.pump.selector.register(self.socket, selectors.EVENT_READ, self._on_acceptable)
+        self._accepting = True
 
     # -- connections ---------------------------------------------------------------
 
+    def _on_acceptable(self, mask):
+        """The pump's call: accept what waits, through get_request, verify_request and
+        process_request, as socketserver does."""
+        for _ in range(self.pump.ACCEPT_BATCH):
+            try:
+                request, client_address = self.get_request()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_DESCRIPTORS:
+                    continue        # the client left before we took it: next one
+                self.pump.starved(exc, 'new connections are reset')
+                if not self.pump.shed(self.socket):
+                    return self._pause_accepting()
+                continue
+            if not self.verify_request(request, client_address):
+                self.shutdown_request(request)
+                continue
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+
+    def _pause_accepting(self, seconds=0.1):
+        """Stop watching the listener for a moment: it stays readable while accept fails."""
+        if self._accepting:
+            self.pump.selector.unregister(self.socket)
+            self._accepting = False
+            self.pump.call_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self):
+        if self.enabled and not self._accepting and self._refusal is None:
+            self._listen()
+
     def process_request(self, request, client_address):
-        """Draw the connection's handler, in accept order, and pump it in a thread."""
+        """Draw the connection's handler, in accept order, and open it in the pump."""
         if self.max_connections and len(self._connections) >= self.max_connections:
             log.warning('refusing %s: %d connections open (--max-connections)',
                         format_address(client_address), len(self._connections))
-            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-            request.close()
-            return
+            return _reset(request)
         conn = Connection(self, request, client_address, self._accepted,
                           self.behavior.draw(self._random))
         self._accepted += 1
         with self._lock:
             self._connections.add(conn)
-        # A bare thread: a threading.Thread would cost 2 KB more per connection,
-        # and stop() waits on the set of connections instead of joining threads.
+        conn.open()
+
+    def resolve_distant(self, callback):
+        """Call ``callback(addresses, error)`` in the pump with the backend's addresses.
+
+        A host name is resolved in a thread, so that the pump never waits on
+        a name server, and reused for RESOLVE_TTL seconds; an IP address is
+        used as it is.
+        """
+        if self._addresses is not None:
+            addresses, until = self._addresses
+            if time.monotonic() < until:
+                return callback(addresses, None)
+        self._resolving.append(callback)
+        if len(self._resolving) > 1:
+            return None
+        if _is_ip(self.distant[0]):
+            return self._resolved(*self._lookup())
+        return threading.Thread(target=lambda: self.pump.call_soon(
+            self._resolved, *self._lookup()), name='vaurien-resolve', daemon=True).start()
+
+    def _lookup(self):
+        """(addresses, None) or (None, the error), and until when they hold."""
+        host, port = self.distant
         try:
-            _thread.start_new_thread(conn.run, ())
-        except RuntimeError as exc:
-            log.error('cannot start a thread for %s: %s', format_address(client_address), exc)
-            self.forget(conn)
-            request.close()
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            return None, exc, 0
+        until = math.inf if _is_ip(host) else time.monotonic() + RESOLVE_TTL
+        return [(info[0], info[4]) for info in infos], None, until
+
+    def _resolved(self, addresses, error, until):
+        if addresses:
+            self._addresses = (addresses, until)
+        waiting, self._resolving = self._resolving, []
+        for callback in waiting:
+            self.pump.guarded(callback, (addresses, error))
 
     def forget(self, conn):
         with self._lock:
@@ -2117,16 +2642,13 @@ def setup_logging(level, output):
 def main(argv=None):
     """The `vaurien` command: returns the exit status."""
     args = build_parser().parse_args(argv)
-    # Every thread here waits on sockets, releasing the GIL as it does; a long
-    # switch interval spares thousands of waiting threads from waking up every
-    # 5 ms to ask for it, which made a proxy with 5,000 connections crawl.
-    sys.setswitchinterval(0.05)
     try:
         options, handlers = resolve(args)
         if args.list_handlers:
             print(list_handlers(handlers))
             return 0
         setup_logging(options['log_level'], options['log_output'])
+        raise_descriptor_limit()
         demo = DemoBackend() if args.demo else None
         if demo:
             options['distant'] = format_address(demo.server_address)
@@ -2157,6 +2679,22 @@ def main(argv=None):
     if demo:
         demo.shutdown()
     return 0
+
+
+def raise_descriptor_limit():
+    """Raise the soft limit of open files to the hard one, as Go programs and haproxy do.
+
+    Each relayed connection takes two descriptors; a desktop's soft limit of
+    1024 would cap the proxy near 500 connections.
+    """
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug('open files limit: %s (was %s)', hard, soft)
+    except (ImportError, ValueError, OSError) as exc:
+        log.debug('open files limit left as it is: %s', exc)
 
 
 def _announce(proxy, demo):

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Vaurien's benchmark: what the proxy costs, next to a direct connection.
 
-    python3 bench/bench.py                  # the full run, 1 to 3 minutes
-    python3 bench/bench.py --quick          # small sizes: a smoke test, under 30 s
+    python3 bench/bench.py                  # the full run, 2 to 4 minutes
+    python3 bench/bench.py --quick          # small sizes: a smoke test, under a minute
     python3 bench/bench.py --only bulk --only delay
+    VAURIEN_BENCH_MODULE=/tmp/vaurien.py python3 bench/bench.py --quick
+
+VAURIEN_BENCH_MODULE names the vaurien.py to measure (imported for the
+in-process figures, run as the relay): by default the one beside bench/.
 
 Everything runs on 127.0.0.1, on ephemeral ports, with the standard library.
 The backends are in this file: an echo, a sink and a source server, driven by
@@ -11,14 +15,22 @@ one selector in a child process, so that they never share the load
 generator's interpreter.  Each workload runs against the backend directly,
 then through each relay in turn: Vaurien as a ``python3 vaurien.py``
 subprocess (its memory and CPU are its own), and socat, haproxy and
-toxiproxy-server when they are installed.  When redis-server and
-redis-benchmark are installed, a C client adds round-trip rows against a
-redis-server behind the same relays.
+toxiproxy-server when they are installed.  Clients and servers written in C
+add rows when installed, each against its own server behind the same relays,
+started for the run on an ephemeral port and stopped at its end:
+redis-benchmark against redis-server; wrk against an nginx (a config of its
+own in a temporary folder: one process, no access log, ``return 200 "ok"``);
+iperf3 against an ``iperf3 -s``, its control and data connections both
+through the relay.  A row whose tool is missing is skipped, with a note.
 
 The workloads: bulk throughput one way or the other on one stream (upload:
-client to server; download: server to client); echo round trips of 64 bytes
-on 1 connection and on 50 at once; new connections per second (connect, one
-round trip, close); and connections held open at once, each checked to echo.
+client to server; download: server to client), from Python and from iperf3
+(``-R`` for the download); echo round trips of 64 bytes on 1 connection, on
+50 and on 500 at once; redis-benchmark PING on 1 and 50 connections; HTTP
+requests per second from wrk (2 threads, 50 connections), keep-alive, then
+with ``Connection: close``, a new connection per request; new connections
+per second from Python (connect, one round trip, close); and connections held
+open at once, each checked to echo.
 
 Reading the table: "direct" is the absolute figure of the client against the
 backend itself.  Each relay's column is the relay's figure divided by the
@@ -32,18 +44,26 @@ average at the start is printed).
 
 Below the table come Vaurien's own figures, each with its target: start-up
 time, control API latency, the accuracy of the ``delay`` and ``bandwidth``
-handlers, and its memory per held connection.  No figure fails the run: the
-exit status is 0 unless the benchmark itself crashes.  What went wrong (lost
-or wrong bytes, hangs, what a relay logged, a Vaurien slow to exit on
-SIGTERM) is listed last.
+handlers; from the held-connections row, its memory per held connection and
+the seconds it takes to exit on SIGTERM with them all still open; and, in the
+full run only, whether 20,000 connections held at once all echo.  That one
+needs an open-files limit of 2 x 20,000 + 512 in each of the proxy (two
+sockets per connection), the client and the backend: the benchmark raises its
+soft limit, which they inherit, up to the hard limit, and when the hard limit
+is below that the figure says so instead.  No figure fails the run: the exit
+status is 0 unless the benchmark itself crashes.  What went wrong (lost or
+wrong bytes, hangs, what a relay or a server logged, a Vaurien slow to exit
+on SIGTERM in the other rows) is listed last.
 """
 
 import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -65,9 +85,20 @@ import urllib.request
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VAURIEN = os.path.join(ROOT, 'vaurien.py')
-sys.path.insert(0, ROOT)
-import vaurien  # noqa: E402  (the module under test, beside bench/)
+VAURIEN = os.path.abspath(os.environ.get('VAURIEN_BENCH_MODULE')
+                          or os.path.join(ROOT, 'vaurien.py'))
+
+
+def load_vaurien(path):
+    """Import the vaurien.py at `path` as ``vaurien``: the module under test."""
+    spec = importlib.util.spec_from_file_location('vaurien', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['vaurien'] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+vaurien = load_vaurien(VAURIEN)
 
 HOST = '127.0.0.1'
 MESSAGE = 64             # bytes per echo round trip
@@ -75,12 +106,15 @@ BLOCK = 1 << 20          # bytes per bulk send and receive
 IO_TIMEOUT = 10          # seconds a client socket waits on connect, send or recv
 START_TIMEOUT = 10.0     # seconds a relay gets to accept connections
 STOP_GRACE = 30.0        # seconds Vaurien gets to exit after SIGTERM, before SIGKILL
-SLOW_STOP = 1.0          # seconds to exit after SIGTERM beyond which it is a problem
+SLOW_STOP = 1.0          # seconds to exit after SIGTERM, idle, beyond which it is a problem
 HOLD_TIMEOUT = 60.0      # seconds the held connections get to echo
 MAX_CONNECTIONS = 6000   # haproxy's maxconn: above the connections held at once
 DELAY = 0.05             # seconds of the delay handler measured
 RATE = 1_000_000         # bytes per second of the bandwidth handler measured
 RELAY_TOOLS = {'socat': 'socat', 'haproxy': 'haproxy', 'toxiproxy': 'toxiproxy-server'}
+SBIN = ('/usr/local/sbin', '/usr/sbin', '/sbin')   # where to look too for servers (nginx)
+HTTP_CONNECTIONS = 50    # wrk's connections
+MANY_HELD = 20000        # connections held at once in the full run's last figure
 READY = re.compile(r'Vaurien ready: proxy (\S+) -> \S+, control http://(\S+);')
 
 
@@ -93,19 +127,22 @@ class Scale:
     seconds: float        # duration of each measured rate
     connections: int      # connections doing round trips at once
     concurrent: int       # connections held open at once
+    crowd: int            # connections doing round trips at once, in the crowded row
+    tool_seconds: int     # duration of each wrk and iperf3 run (whole seconds)
     redis_requests: int   # requests per redis-benchmark run with 50 clients, half with 1
     starts: int           # samples of start_proxy()
     repeats: int          # samples of the other start-up and control API figures
     delay_samples: int    # round trips timed through the delay handler
     bandwidth_bytes: int  # bytes downloaded through the bandwidth handler
+    many_held: int        # connections held at once in the last figure; 0: not run
 
 
 FULL = Scale(bulk_bytes=400 * 10**6, bulk_seconds=10, seconds=2.0, connections=50,
-             concurrent=5000, redis_requests=50000, starts=5, repeats=20, delay_samples=30,
-             bandwidth_bytes=3 * RATE)
+             concurrent=5000, crowd=500, tool_seconds=3, redis_requests=50000, starts=5,
+             repeats=20, delay_samples=30, bandwidth_bytes=3 * RATE, many_held=MANY_HELD)
 QUICK = Scale(bulk_bytes=40 * 10**6, bulk_seconds=3, seconds=0.5, connections=50,
-              concurrent=300, redis_requests=10000, starts=2, repeats=5, delay_samples=8,
-              bandwidth_bytes=RATE)
+              concurrent=300, crowd=500, tool_seconds=1, redis_requests=10000, starts=2,
+              repeats=5, delay_samples=8, bandwidth_bytes=RATE, many_held=0)
 
 
 class Mismatch(Exception):
@@ -122,6 +159,7 @@ class Relay(NamedTuple):
     address: tuple
     pid: int = None       # None: direct, or socat (one process per connection)
     control: tuple = None  # Vaurien's control API
+    stop: object = None    # Vaurien's Stopper: a workload may stop it before the end
 
 
 class Measured(NamedTuple):
@@ -130,6 +168,7 @@ class Measured(NamedTuple):
     value: float
     note: str = ''
     memory: tuple = None   # (MB resident with the connections held, KB per connection)
+    stopped: float = None  # seconds to exit on SIGTERM, connections held (inf: killed)
 
 
 class Figure(NamedTuple):
@@ -272,6 +311,78 @@ def redis_backend(problems):
         yield {'redis': port}
 
 
+NGINX_CONFIG = '''\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {folder}/client_body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    server {{
+        listen {host}:{port} backlog=1024;
+        location / {{
+            return 200 "ok\\n";
+        }}
+    }}
+}}
+'''
+
+
+@contextlib.contextmanager
+def nginx_backend(problems):
+    """An nginx in the foreground, one process, answering 3 bytes to any GET,
+    with its config, pid and error log in a temporary folder; yield {'nginx': port}.
+    What it logged goes to `problems`."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix='vaurien-bench-nginx-') as folder:
+        config, log = os.path.join(folder, 'nginx.conf'), os.path.join(folder, 'error.log')
+        with open(config, 'w') as stream:
+            stream.write(NGINX_CONFIG.format(folder=folder, host=HOST, port=port))
+        try:
+            with external('nginx', [which('nginx'), '-p', folder, '-c', config, '-e', log],
+                          port, problems):
+                yield {'nginx': port}
+        finally:
+            with contextlib.suppress(FileNotFoundError), open(log, errors='replace') as lines:
+                problems.extend('nginx logged: ' + line.rstrip() for line in lines
+                                if line.strip())
+
+
+# What iperf3 -s says on stderr that is no problem: a connection that closes
+# before it sends a test (a relay's or the start's check that it accepts, which
+# may reach it late, during a test), its exit.  A spoiled test is the client's error.
+IPERF3_QUIET = re.compile(r'unable to receive (parameters from client|cookie at server)'
+                          r'|client has unexpectedly closed|server has terminated')
+IPERF3_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def iperf3_backend(problems):
+    """An ``iperf3 -s`` on a free port, serving test after test; yield {'iperf3': port}."""
+    port = free_port()
+    with external('iperf3', ['iperf3', '-s', '-B', HOST, '-p', str(port)], port, problems,
+                  quiet=IPERF3_QUIET):
+        yield {'iperf3': port}
+
+
+SERVERS = {'redis': redis_backend, 'nginx': nginx_backend, 'iperf3': iperf3_backend}
+
+
+def which(tool):
+    """The path of `tool`, on the PATH or in an sbin folder, or None."""
+    return shutil.which(tool) or shutil.which(tool, path=os.pathsep.join(SBIN))
+
+
 # ---------------------------------------------------------------------------
 # Relays: direct, Vaurien, socat, haproxy, toxiproxy
 # ---------------------------------------------------------------------------
@@ -284,13 +395,14 @@ def direct_relay(port, problems):
 @contextlib.contextmanager
 def vaurien_relay(port, problems):
     """``python3 vaurien.py`` in front of `port`, with its control API; what it logs
-    beyond its ready line and the info lines goes to `problems`."""
+    beyond its ready line and the info lines goes to `problems`.  A workload may
+    stop it itself, through the relay's `stop`, and report the time it took."""
     process = subprocess.Popen(
         [sys.executable, VAURIEN, '--local', '%s:0' % HOST, '--distant', '%s:%d' % (HOST, port),
          '--http', '--http-host', HOST, '--http-port', '0'],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, errors='replace')
-    lines, ready = [], queue.Queue()
+    lines, ready, stop = [], queue.Queue(), Stopper(process)
     reader = threading.Thread(target=read_vaurien, args=(process.stderr, lines, ready),
                               name='bench-vaurien-stderr', daemon=True)
     reader.start()
@@ -301,18 +413,19 @@ def vaurien_relay(port, problems):
             addresses = None
         if addresses is None:
             raise RelayError('vaurien did not start: %s' % (' | '.join(lines) or 'no output'))
-        yield Relay(addresses[0], process.pid, addresses[1])
+        yield Relay(addresses[0], process.pid, addresses[1], stop)
     finally:
-        took = stop_process(process, STOP_GRACE)
+        reported = stop.took is not None   # the workload stopped it and reports the time
+        took = stop()
         reader.join(5)
         process.stderr.close()
         problems.extend('vaurien logged: ' + line for line in lines if ' INFO ' not in line)
-        if took is None:
+        if took == math.inf:
             problems.append('vaurien did not exit within %g s of SIGTERM: killed' % STOP_GRACE)
-        elif took > SLOW_STOP:
-            problems.append('vaurien took %.1f s to exit after SIGTERM' % took)
         elif process.returncode not in (0, -signal.SIGTERM):
             problems.append('vaurien exited with status %s' % process.returncode)
+        elif took > SLOW_STOP and not reported:
+            problems.append('vaurien took %.1f s to exit after SIGTERM' % took)
 
 
 def read_vaurien(stream, lines, ready):
@@ -336,9 +449,22 @@ def split_address(text):
     return host.strip('[]'), int(port)
 
 
+class Stopper:
+    """Stops a process once, however often called: returns the seconds it took
+    to exit after SIGTERM, inf when it was killed after STOP_GRACE."""
+
+    def __init__(self, process):
+        self.process, self.took = process, None
+
+    def __call__(self):
+        if self.took is None:
+            self.took = stop_process(self.process, STOP_GRACE)
+        return self.took
+
+
 def stop_process(process, grace):
     """Terminate, then kill if it is still there after `grace` seconds: return
-    the seconds it took to exit, or None when it had to be killed."""
+    the seconds it took to exit, or inf when it had to be killed."""
     start = time.perf_counter()
     process.terminate()
     try:
@@ -346,7 +472,7 @@ def stop_process(process, grace):
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        return None
+        return math.inf
     return time.perf_counter() - start
 
 
@@ -405,10 +531,10 @@ def toxiproxy_relay(port, problems):
 
 
 @contextlib.contextmanager
-def external(name, args, port, problems):
+def external(name, args, port, problems, quiet=None):
     """Run a tool in a session of its own until it accepts on `port`; yield its
     process; then end it with every child it forked.  What it printed on
-    stderr goes to `problems`."""
+    stderr goes to `problems`, but for the lines the regex `quiet` matches."""
     with tempfile.TemporaryFile('w+', errors='replace') as errors:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=errors, start_new_session=True)
@@ -418,8 +544,8 @@ def external(name, args, port, problems):
         finally:
             stop_group(process)
             errors.seek(0)
-            problems.extend('%s said: %s' % (name, line.rstrip())
-                            for line in errors if line.strip())
+            problems.extend('%s said: %s' % (name, line.rstrip()) for line in errors
+                            if line.strip() and not (quiet and quiet.search(line)))
 
 
 def stop_group(process):
@@ -627,10 +753,12 @@ def round_trips(relay, scale):
         return Measured(count / (time.perf_counter() - start))
 
 
-def concurrent_round_trips(relay, scale):
-    """Echo round trips on `scale.connections` connections at once, from one selector."""
+def concurrent_round_trips(relay, scale, crowd=False):
+    """Echo round trips on `scale.connections` connections at once (`scale.crowd`
+    with `crowd`), from one selector."""
+    count = scale.crowd if crowd else scale.connections
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(connect(relay.address)) for _ in range(scale.connections)]
+        socks = [stack.enter_context(connect(relay.address)) for _ in range(count)]
         done, elapsed = ping_pong(socks, scale.seconds, float('inf'))
     return Measured(done / elapsed)
 
@@ -649,6 +777,63 @@ def redis_ping(relay, scale, clients):
     raise RelayError('redis-benchmark printed no result: %s' % (result.stdout + result.stderr))
 
 
+WRK_RATE = re.compile(r'^Requests/sec:\s*([\d.]+)', re.MULTILINE)
+WRK_ERRORS = re.compile(r'^\s*(Socket errors: .*|Non-2xx or 3xx responses: \d+)$', re.MULTILINE)
+
+
+def wrk(relay, scale, close=False):
+    """wrk's GETs of nginx's 3 bytes on HTTP_CONNECTIONS connections, kept alive,
+    or with `close` a ``Connection: close`` request: a new connection for each."""
+    args = ['wrk', '-t2', '-c%d' % HTTP_CONNECTIONS, '-d%ds' % scale.tool_seconds,
+            '--timeout', '%ds' % IO_TIMEOUT]
+    if close:
+        args += ['-H', 'Connection: close']
+    result = subprocess.run(
+        args + ['http://%s:%d/' % relay.address], stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=scale.tool_seconds + 60, check=True)
+    rate = WRK_RATE.search(result.stdout)
+    if rate is None:
+        raise RelayError('wrk printed no rate: %s' % (result.stdout + result.stderr))
+    return Measured(float(rate[1]), ', '.join(WRK_ERRORS.findall(result.stdout)))
+
+
+def iperf3(relay, scale, download=False):
+    """iperf3 -c for `scale.tool_seconds`, one stream; `download`: -R, the server
+    sends.  The figure is what the receiver counted, in MB/s.  A failed test is
+    tried again, up to IPERF3_ATTEMPTS in all: iperf3 -s serves one client at a
+    time, and a relay's check that it accepts may reach it late (haproxy's
+    connection to the backend outlives the client that closed it), spoiling the
+    test that comes at the same moment."""
+    failures = []
+    for _ in range(IPERF3_ATTEMPTS):
+        try:
+            result = iperf3_once(relay, scale, download)
+        except RelayError as exc:
+            failures.append(str(exc))
+            time.sleep(0.5)
+            continue
+        if failures:
+            result = result._replace(note='after %d failed: %s' % (len(failures),
+                                                                   '; '.join(failures)))
+        return result
+    raise RelayError('; '.join(failures))
+
+
+def iperf3_once(relay, scale, download):
+    args = ['iperf3', '-c', relay.address[0], '-p', str(relay.address[1]),
+            '-t', str(scale.tool_seconds), '-J'] + (['-R'] if download else [])
+    result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=scale.tool_seconds + 60)
+    try:
+        output = json.loads(result.stdout)
+    except ValueError:
+        raise RelayError('iperf3 printed no JSON: %s' % (result.stdout + result.stderr)[:300]) \
+            from None
+    if 'error' in output:
+        raise RelayError('iperf3: %s' % output['error'])
+    return Measured(output['end']['sum_received']['bits_per_second'] / 8e6)
+
+
 def new_connections(relay, scale):
     """Connect, one round trip, close; again and again, on one thread."""
     count = 0
@@ -663,7 +848,8 @@ def new_connections(relay, scale):
 
 def held_connections(relay, scale):
     """Open `scale.concurrent` connections, then, all of them open, a round trip
-    on each at once; the value is the number that echoed correctly."""
+    on each at once; the value is the number that echoed correctly.  Vaurien
+    is then stopped, all of them still open, to time its exit on SIGTERM."""
     idle = rss_mb(relay.pid)
     with contextlib.ExitStack() as stack:
         start = time.perf_counter()
@@ -671,6 +857,7 @@ def held_connections(relay, scale):
         opened = time.perf_counter() - start
         echoed, echoing = ping_pong(socks, HOLD_TIMEOUT, rounds=1)
         held = rss_mb(relay.pid)
+        stopped = relay.stop() if relay.stop else None   # SIGTERM, all still open
     notes = ['%d opened in %.1f s, echoed in %.1f s' % (len(socks), opened, echoing)]
     if failure is not None:
         notes.append('opening stopped: %s' % describe(failure))
@@ -681,7 +868,9 @@ def held_connections(relay, scale):
         memory = (held, (held - idle) * 1024 / max(1, len(socks)))
         notes.append('RSS %.1f MB held, %.1f MB idle: %.1f KB per connection'
                      % (held, idle, memory[1]))
-    return Measured(echoed, ', '.join(notes), memory)
+    if stopped is not None:
+        notes.append('exit %.2f s after SIGTERM, all open' % stopped)
+    return Measured(echoed, ', '.join(notes), memory, stopped)
 
 
 def open_many(stack, address, count):
@@ -702,25 +891,39 @@ class Workload(NamedTuple):
     backend: str      # the backend the relays stand in front of
     measure: object   # measure(relay, scale) -> Measured
     target: float     # Vaurien's target ratio
+    tools: tuple = ()  # the programs it needs: its client, its server
 
 
 def workloads(scale):
     size = '%d MB' % (scale.bulk_bytes // 10**6)
     many = '%d conns' % scale.connections
+    wrk_conns = 'wrk %d conns' % HTTP_CONNECTIONS
     return [
-        Workload('bulk', 'bulk upload, 1 stream, ' + size, 'MB/s', 'sink', bulk_upload, 0.50),
+        Workload('bulk', 'bulk upload, 1 stream, ' + size, 'MB/s', 'sink', bulk_upload, 0.80),
         Workload('bulk', 'bulk download, 1 stream, ' + size, 'MB/s', 'source', bulk_download,
-                 0.50),
+                 0.80),
+        Workload('iperf3', 'bulk upload, iperf3, 1 stream', 'MB/s', 'iperf3', iperf3, 0.80,
+                 ('iperf3',)),
+        Workload('iperf3', 'bulk download, iperf3 -R, 1 stream', 'MB/s', 'iperf3',
+                 functools.partial(iperf3, download=True), 0.80, ('iperf3',)),
         Workload('roundtrip', 'echo 64 B round trips, 1 conn', 'rt/s', 'echo', round_trips,
                  0.65),
         Workload('roundtrip', 'echo 64 B round trips, ' + many, 'rt/s', 'echo',
                  concurrent_round_trips, 0.35),
+        Workload('crowd', 'echo 64 B round trips, %d conns' % scale.crowd, 'rt/s', 'echo',
+                 functools.partial(concurrent_round_trips, crowd=True), 0.35),
         Workload('redis', 'redis-benchmark PING, 1 conn', 'rt/s', 'redis',
-                 functools.partial(redis_ping, clients=1), 0.65),
+                 functools.partial(redis_ping, clients=1), 0.75,
+                 ('redis-server', 'redis-benchmark')),
         Workload('redis', 'redis-benchmark PING, 50 conns', 'rt/s', 'redis',
-                 functools.partial(redis_ping, clients=50), 0.35),
+                 functools.partial(redis_ping, clients=50), 0.50,
+                 ('redis-server', 'redis-benchmark')),
+        Workload('http', 'HTTP keep-alive, %s, nginx' % wrk_conns, 'req/s', 'nginx', wrk, 0.50,
+                 ('nginx', 'wrk')),
+        Workload('http', 'HTTP new conn per request, ' + wrk_conns, 'req/s', 'nginx',
+                 functools.partial(wrk, close=True), 0.35, ('nginx', 'wrk')),
         Workload('connect', 'new conns: connect, 1 round trip, close', 'conn/s', 'echo',
-                 new_connections, 0.15),
+                 new_connections, 0.35),
         Workload('concurrent', '%d conns held open, each echoing' % scale.concurrent, 'conns',
                  'echo', held_connections, 1.0),
     ]
@@ -775,8 +978,8 @@ def startup_figures(ports, scale, problems):
     subprocesses = [time_start_proxy(distant) for _ in range(scale.starts)]
     in_process = [time_in_process_proxy((HOST, ports['echo'])) for _ in range(scale.repeats)]
     return [
-        Figure('start_proxy() until ready', summary(subprocesses, 1, 's', 3), '<= 0.3 s',
-               statistics.median(subprocesses) <= 0.3),
+        Figure('start_proxy() until ready', summary(subprocesses, 1, 's', 3), '<= 0.1 s',
+               statistics.median(subprocesses) <= 0.1),
         Figure('in-process Proxy(...).start() until ready', summary(in_process, 1000, 'ms'),
                '<= 20 ms', statistics.median(in_process) <= 0.020),
     ]
@@ -814,7 +1017,7 @@ def switch_figures(ports, scale, problems):
             scoped = [timed(enter_and_exit, client) for _ in range(calls)]
     return [
         Figure('handler switch, Client.set_handler', summary(switches, 1000, 'ms'),
-               '<= 2 ms', statistics.median(switches) <= 0.002),
+               '<= 0.2 ms median', statistics.median(switches) <= 0.0002),
         Figure('Client.with_handler, enter + exit (3 calls)', summary(scoped, 1000, 'ms')),
     ]
 
@@ -872,16 +1075,43 @@ def download_progress(address, size):
     return moments, totals
 
 
-def memory_figures(rows):
-    """Vaurien's RSS with the connections held, from the held-connections row."""
+def many_held_figures(ports, scale, problems):
+    """MANY_HELD connections held through Vaurien, each echoing: only in the full
+    run, and when the open-files limit (raised by fit_fd_limit) allows them."""
+    label = '%s conns held open, all echoing' % format(scale.many_held or MANY_HELD, ',')
+    if not scale.many_held:
+        return [Figure(label, 'not run: full run only', 'all echo')]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < fds_needed(scale.many_held):
+        return [Figure(label, 'not run: open files limit %s (hard %s), %s needed' % (
+            format(soft, ','), format(hard, ','), format(fds_needed(scale.many_held), ',')),
+            'all echo')]
+    with vaurien_relay(ports['echo'], problems) as relay:
+        cell = held_connections(relay, dataclasses.replace(scale, concurrent=scale.many_held))
+    progress('%s: %s' % (label, cell.note))
+    return [Figure(label, '%s of %s echoed' % (format(cell.value, ','),
+                                               format(scale.many_held, ',')),
+                   'all echo', cell.value == scale.many_held)]
+
+
+def held_figures(rows):
+    """From the held-connections row: Vaurien's RSS per connection held, and the
+    seconds it took to exit after SIGTERM with them all open."""
     figures = []
     for workload, cells in rows:
         cell = cells.get('vaurien')
-        if workload.measure is held_connections and cell and cell.memory:
+        if workload.measure is not held_connections or cell is None:
+            continue
+        if cell.memory:
             held, per_connection = cell.memory
-            figures.append(Figure('RSS with %d conns held' % cell.value,
-                                  '%.1f MB, %.1f KB per connection' % (held, per_connection),
-                                  '<= 150 MB at 5000', held <= 150))
+            figures.append(Figure('RSS per held conn, %s held' % format(cell.value, ','),
+                                  '%.1f KB (%.1f MB in all)' % (per_connection, held),
+                                  '<= 4 KB', per_connection <= 4))
+        if cell.stopped is not None:
+            figures.append(Figure(
+                'exit after SIGTERM with %s conns open' % format(cell.value, ','),
+                'killed after %g s' % STOP_GRACE if cell.stopped == math.inf
+                else '%.2f s' % cell.stopped, '<= 0.5 s', cell.stopped <= 0.5))
     return figures
 
 
@@ -891,7 +1121,7 @@ def summary(samples, factor, unit, digits=2):
 
 
 FIGURES = {'startup': startup_figures, 'switch': switch_figures, 'delay': delay_figures,
-           'bandwidth': bandwidth_figures}
+           'bandwidth': bandwidth_figures, 'held20k': many_held_figures}
 
 
 def run_figures(groups, ports, scale, problems):
@@ -960,12 +1190,13 @@ def markdown(header, lines):
     return '\n'.join([row(header), rule] + [row(line) for line in lines])
 
 
-def report(rows, figures, relays, missing, problems, mode, load, elapsed):
+def report(rows, skipped, figures, relays, missing, problems, mode, load, elapsed):
     print('Vaurien %s benchmark, %s run: Python %s, %s, %d CPUs, load average %.2f at '
-          'the start; relays: %s%s' % (
+          'the start; relays: %s%s%s' % (
               vaurien.__version__, mode, platform.python_version(),
               platform.platform(terse=True), os.cpu_count(), load, ', '.join(relays[1:]),
-              '; not installed: ' + ', '.join(missing) if missing else ''))
+              '; not installed: ' + ', '.join(missing) if missing else '',
+              '' if VAURIEN == os.path.join(ROOT, 'vaurien.py') else '; vaurien: ' + VAURIEN))
     if rows:
         print('\nEach ratio is the relay\'s figure / the direct one, in this run '
               '(1.00: the relay costs nothing).\n')
@@ -974,6 +1205,8 @@ def report(rows, figures, relays, missing, problems, mode, load, elapsed):
             for kind, cell in cells.items():
                 if cell is not None and cell.note:
                     print('- %s, %s: %s' % (workload.label, kind, cell.note))
+    for label, why in skipped:
+        print('- skipped, %s: %s' % (label, why))
     if figures:
         print()
         print(figure_table(figures))
@@ -987,8 +1220,8 @@ def report(rows, figures, relays, missing, problems, mode, load, elapsed):
 # Main
 # ---------------------------------------------------------------------------
 
-GROUPS = ('bulk', 'roundtrip', 'redis', 'connect', 'concurrent') + tuple(FIGURES)
-REDIS_TOOLS = ('redis-server', 'redis-benchmark')
+GROUPS = ('bulk', 'iperf3', 'roundtrip', 'crowd', 'redis', 'http', 'connect',
+          'concurrent') + tuple(FIGURES)
 
 
 class ProblemLog(logging.Handler):
@@ -1006,23 +1239,61 @@ def progress(text, started=time.perf_counter()):
     print('[%5.1f s] %s' % (time.perf_counter() - started, text), file=sys.stderr, flush=True)
 
 
+def fds_needed(connections):
+    """Open files for a relay holding `connections`: two sockets each, and some."""
+    return 2 * connections + 512
+
+
 def fit_fd_limit(scale):
     """Raise the open-files limit, which the backends and the relays inherit, for
-    the connections held; return the scale, holding no more than that allows."""
+    the connections held, up to the hard limit; return the scale, holding no more
+    than that allows (many_held: the figure checks it and says why it did not run)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * scale.concurrent + 512
+    wanted = fds_needed(max(scale.concurrent, scale.crowd, scale.many_held))
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
-    if soft < wanted:
+    if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         soft = wanted
-    return dataclasses.replace(scale, concurrent=min(scale.concurrent, (soft - 512) // 2))
+    most = (soft - 512) // 2 if soft != resource.RLIM_INFINITY else math.inf
+    return dataclasses.replace(scale, concurrent=min(scale.concurrent, most),
+                               crowd=min(scale.crowd, most))
+
+
+def select_workloads(scale, groups):
+    """The workloads of `groups` whose tools are installed, and (label, why) of
+    those skipped."""
+    selected, skipped = [], []
+    for workload in workloads(scale):
+        if workload.group not in groups:
+            continue
+        absent = [tool for tool in workload.tools if not which(tool)]
+        if absent:
+            skipped.append((workload.label, ' and '.join(absent) + ' not installed'))
+        else:
+            selected.append(workload)
+    return selected, skipped
+
+
+def start_servers(stack, selected, problems):
+    """Start the servers the workloads need beside the echo, sink and source (redis,
+    nginx, iperf3), closed with `stack`; return {backend: port} of those that started."""
+    ports = {}
+    for backend in dict.fromkeys(workload.backend for workload in selected):
+        if backend not in SERVERS:
+            continue
+        with tagged(problems, backend + ' server'):
+            try:
+                ports.update(stack.enter_context(SERVERS[backend](problems)))
+            except FAILURES as exc:
+                problems.append(describe(exc))
+    return ports
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true',
-                        help='small sizes: a smoke test for CI, under 30 s')
+                        help='small sizes: a smoke test for CI, under a minute')
     parser.add_argument('--only', action='append', choices=GROUPS, metavar='NAME',
                         help='run only this part; repeat it for several (%s)' % ', '.join(GROUPS))
     return parser.parse_args(argv)
@@ -1036,21 +1307,23 @@ def main(argv=None):
     scale = fit_fd_limit(QUICK if args.quick else FULL)
     relays = ['direct', 'vaurien'] + [kind for kind, tool in RELAY_TOOLS.items()
                                       if shutil.which(tool)]
-    missing = [tool for tool in list(RELAY_TOOLS.values()) + list(REDIS_TOOLS)
-               if not shutil.which(tool)]
+    tools = list(RELAY_TOOLS.values()) + [tool for workload in workloads(scale)
+                                          for tool in workload.tools]
+    missing = [tool for tool in dict.fromkeys(tools) if not which(tool)]
+    selected, skipped = select_workloads(scale, groups)
     problems = []
     logging.getLogger('vaurien').addHandler(ProblemLog(problems))
     with contextlib.ExitStack() as stack:
         ports = stack.enter_context(backends())
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-        if 'redis' in groups and not any(tool in missing for tool in REDIS_TOOLS):
-            ports.update(stack.enter_context(redis_backend(problems)))
-        selected = [workload for workload in workloads(scale)
-                    if workload.group in groups and workload.backend in ports]
+        ports.update(start_servers(stack, selected, problems))
+        skipped += [(workload.label, 'its %s server did not start' % workload.backend)
+                    for workload in selected if workload.backend not in ports]
+        selected = [workload for workload in selected if workload.backend in ports]
         rows = run_table(selected, relays, ports, scale, problems)
-        figures = run_figures(groups, ports, scale, problems) + memory_figures(rows)
-    report(rows, figures, relays, missing, problems, 'quick' if args.quick else 'full', load,
-           time.perf_counter() - started)
+        figures = run_figures(groups, ports, scale, problems) + held_figures(rows)
+    report(rows, skipped, figures, relays, missing, problems,
+           'quick' if args.quick else 'full', load, time.perf_counter() - started)
     return 0
 
 
