@@ -1188,6 +1188,10 @@ class Side:
         self.eof_queued = True
         if (self.sock is None and not self.connecting) or self.broken:
             self.eof_sent = True
+        elif marker is _EOF and delay <= 0 and not self.queue and not self.connecting:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            self.eof_sent = True
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
 
@@ -1318,7 +1322,7 @@ class Connection:
 
     def open(self):
         """Start the connection under the handler in force: its on_connect, the backend."""
-        _prepare(self.client.sock)
+        _prepare(self.client.sock, nodelay=False)   # inherited from the listener
         handler, settings = self._in_force()
         if handler.on_connect is None:
             self._opened(handler, settings, None)
@@ -1356,14 +1360,14 @@ class Connection:
             return self._backend_failed(error)
         family, address = self.targets.pop(0)
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as exc:
             if exc.errno in _OUT_OF_DESCRIPTORS:
                 self.pump.starved(exc, 'new connections are reset')
                 self.targets = None
                 return self.abort(self.client)
             return self._connect_next(exc)
-        _prepare(sock)
+        _prepare(sock, nodelay=True)
         code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
             sock.close()
@@ -1655,11 +1659,16 @@ class Connection:
             self.proxy.forget(self)
 
 
-def _prepare(sock):
-    """Make a relayed socket non-blocking, with Nagle off."""
-    sock.setblocking(False)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: a socket born non-blocking
+
+
+def _prepare(sock, nodelay):
+    """Make a relayed socket non-blocking, with Nagle off if `nodelay`."""
+    if sock.gettimeout() != 0:
+        sock.setblocking(False)
+    if nodelay:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _reset(sock):
@@ -1789,7 +1798,6 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.address_family = _family(local)
         self.pump = shared_pump()
         super().__init__(local, None)
-        self.socket.setblocking(False)
 
     # -- life cycle: everything that touches the listener runs in the pump -----------
 
@@ -1844,6 +1852,13 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     def shutdown(self):
         """socketserver's call: stop serving, and end serve_forever()."""
         self.stop()
+
+    def server_activate(self):
+        """Listen without blocking, with Nagle off: accepted sockets inherit TCP_NODELAY."""
+        self.socket.setblocking(False)
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().server_activate()
 
     def server_close(self):
         self.pump.call(self._close_listener)
@@ -1913,7 +1928,6 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             except OSError:
                 self.socket.close()
                 raise
-            self.socket.setblocking(False)
             self.enabled = True
         self.pump.selector.register(self.socket, selectors.EVENT_READ, self._on_acceptable)
         self._accepting = True
