@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import random
+import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -188,12 +190,17 @@ def run_cli(*args, timeout=30, cwd=HERE):
 
 
 class CliProxy:
-    """`python vaurien.py ...` in a subprocess, ready once it printed its ready line."""
+    """`python vaurien.py ...` in a subprocess, ready once it printed its ready line.
 
-    def __init__(self, *args, cwd=HERE):
+    `files` gives the child's (soft, hard) limit of open files.
+    """
+
+    def __init__(self, *args, cwd=HERE, files=None):
+        limit = files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, files))
         self.process = subprocess.Popen(
             [sys.executable, VAURIEN, '--local', LOOP + ':0', '--http', '--http-port', '0']
-            + list(args), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd)
+            + list(args), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd,
+            preexec_fn=limit)
         self.lines = []
         for line in self.process.stderr:
             self.lines.append(line)
@@ -1530,6 +1537,248 @@ def test_soak_switching_handlers_on_a_live_stream_keeps_every_number_in_order(pr
     assert bytes(received) == numbers
 
 
+# ---------------------------------------------------------------------------
+# One pump for every connection: blocking handlers, descriptors, crowds
+# ---------------------------------------------------------------------------
+
+def gate_registry(gate):
+    """Handlers: `gated` blocks (undecorated, as the announcement's delay) until
+    `gate` is set, then relays; `sleepy` sleeps a little, then relays."""
+    def gated(source, dest, to_backend, name, settings, proxy):
+        gate.wait(WAIT)
+        dest.sendall(proxy.get_data(source))
+
+    def sleepy(source, dest, to_backend, name, settings, proxy):
+        time.sleep(0.001)
+        dest.sendall(proxy.get_data(source))
+    handlers = vaurien.default_handlers()
+    handlers['gated'] = vaurien.Handler('gated', gated)
+    handlers['sleepy'] = vaurien.Handler('sleepy', sleepy)
+    return handlers
+
+
+def test_a_blocking_handler_holds_only_its_own_connections(make_proxy, echo_backend):
+    gate = threading.Event()
+    stuck = make_proxy(echo_backend.address, handlers=gate_registry(gate), behavior='100:gated')
+    free = make_proxy(echo_backend.address)     # another Proxy: the same pump
+    held = [connect(stuck.address) for _ in range(3)]
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(b'held %d' % i)
+        results = [None] * 40
+
+        def run(i):
+            results[i] = round_trip(free.address, b'free %d' % i)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert results == [b'free %d' % i for i in range(40)]
+        assert not gate.is_set()    # ...all answered while the handler was blocked
+        gate.set()
+        for i, sock in enumerate(held):
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == b'held %d' % i
+    finally:
+        gate.set()
+        for sock in held:
+            sock.close()
+
+
+def test_switching_between_blocking_and_loop_handlers_keeps_every_number_in_order(
+        make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, handlers=gate_registry(threading.Event()),
+                       http=True)
+    client = Client(*proxy.control_address)
+    numbers = b''.join(struct.pack('!I', i) for i in range(65535))
+    received = bytearray()
+    stop = threading.Event()
+    cycle = [('sleepy', {}), ('normal', {}), ('delay', {'sleep': 0.002, 'direction': 'both'}),
+             ('sleepy', {}), ('delay', {'sleep': 0.001, 'direction': 'to_client'})]
+
+    def toggle():
+        switches = 0
+        while (not stop.is_set() or switches < 300) and switches < 2000:
+            name, settings = cycle[switches % len(cycle)]
+            client.set_handler(name, **settings)
+            switches += 1
+        toggle.switches = switches
+    with connect(proxy.address) as sock:
+        toggler = threading.Thread(target=toggle)
+        toggler.start()
+        reader = threading.Thread(target=lambda: received.extend(read_all(sock, 120)))
+        reader.start()
+        for start in range(0, len(numbers), 400):
+            sock.sendall(numbers[start:start + 400])
+            if start % 40000 == 0:
+                time.sleep(0.01)
+        stop.set()
+        toggler.join(120)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(120)
+    assert toggle.switches >= 300
+    assert bytes(received) == numbers
+
+
+def test_a_handler_that_holds_the_pump_up_is_logged_once(make_proxy, echo_backend, caplog):
+    @vaurien.traits(blocking=False)
+    def hasty(source, dest, to_backend, name, settings, proxy):
+        time.sleep(0.06)      # wrongly promised not to block
+        dest.sendall(proxy.get_data(source))
+    handlers = vaurien.default_handlers()
+    handlers['hasty'] = vaurien.Handler('hasty', hasty)
+    proxy = make_proxy(echo_backend.address, handlers=handlers, behavior='100:hasty')
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        for _ in range(2):
+            assert round_trip(proxy.address) == b'ping'
+    warnings = [r.message for r in caplog.records if 'hasty' in r.message]
+    assert len(warnings) == 1 and 'delay=' in warnings[0]
+
+
+def test_a_backend_name_is_resolved_off_the_pump_and_each_address_tried(make_proxy,
+                                                                        echo_backend):
+    """localhost may resolve to ::1 first, where nothing listens: 127.0.0.1 is tried next."""
+    proxy = make_proxy(('localhost', echo_backend.address[1]))
+    for _ in range(3):
+        assert round_trip(proxy.address) == b'ping'
+
+
+def cpu_seconds(pid):
+    with open('/proc/%d/stat' % pid) as stat:
+        fields = stat.read().rpartition(')')[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def fill_up(address, count, patience):
+    """Open `count` connections that each send a byte; return them, and what each got
+    back within `patience` seconds: b'x' (served), b'' (EOF), None (reset) or 'open'."""
+    held = []
+    for _ in range(count):
+        sock = connect(address)
+        sock.sendall(b'x')
+        held.append(sock)
+    ends = {}
+    with selectors.DefaultSelector() as selector:
+        for sock in held:
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + patience
+        while len(ends) < count and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                try:
+                    ends[key.fileobj] = key.fileobj.recv(1)
+                except ConnectionResetError:
+                    ends[key.fileobj] = None
+                selector.unregister(key.fileobj)
+    return held, [ends.get(sock, 'open') for sock in held]
+
+
+def test_at_the_descriptor_limit_excess_connections_end_at_once_and_service_resumes(
+        cli_proxy, echo_backend):
+    """64 descriptors: a backend that cannot be connected, then a client that cannot be
+    accepted (under `hang`, a connection takes one descriptor)."""
+    proc = cli_proxy('--distant', '%s:%d' % echo_backend.address, files=(64, 64))
+    client = Client(*proc.control)
+    for episode, (handler, served) in enumerate((('normal', b'x'), ('hang', 'open')), 1):
+        client.set_handler(handler)
+        held, ends = fill_up(proc.address, 80, patience=WAIT if handler == 'normal' else 2)
+        try:
+            assert ends.count(served) >= 10, ends
+            assert ends.count(None) + ends.count(b'') >= 10 and len(set(ends)) <= 3, ends
+            # a control API call waiting to be accepted must not make it spin either
+            held.append(socket.create_connection(proc.control, timeout=WAIT))
+            before = cpu_seconds(proc.process.pid)
+            time.sleep(1)
+            assert cpu_seconds(proc.process.pid) - before < 0.3    # no spinning meanwhile
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: client.status()['connections'] == 0, what='the connections to end')
+        client.set_handler('normal')
+        assert round_trip(proc.address) == b'ping'    # served again, on its own
+        wait_for(lambda: ''.join(proc.rest).count('available again')
+                 == ''.join(proc.lines + proc.rest).count('out of file descriptors') >= episode,
+                 what='the line that ends the episode')
+    log = ''.join(proc.lines + proc.rest)
+    assert log.count('out of file descriptors') <= 4, log    # a line per episode, not per client
+
+
+def test_the_command_line_raises_the_soft_descriptor_limit(cli_proxy, echo_backend):
+    proc = cli_proxy('--distant', '%s:%d' % echo_backend.address, files=(64, 1024))
+    held = [connect(proc.address) for _ in range(100)]   # 200 descriptors in the proxy
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(b'%d' % i)
+        for i, sock in enumerate(held):
+            assert read_exactly(sock, len(b'%d' % i)) == b'%d' % i
+    finally:
+        for sock in held:
+            sock.close()
+
+
+class SelectorEcho:
+    """An echo backend of one thread and one selector, for thousands of connections."""
+
+    def __init__(self):
+        self.listener = socket.create_server((LOOP, 0), backlog=4096)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping:
+            for key, _ in self.selector.select(0.05):
+                if key.fileobj is self.listener:
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            sock, _ = self.listener.accept()
+                            sock.setblocking(False)
+                            self.selector.register(sock, selectors.EVENT_READ)
+                    continue
+                with contextlib.suppress(BlockingIOError):
+                    data = key.fileobj.recv(65536)
+                    if data:
+                        key.fileobj.send(data)   # tiny messages: the buffer takes them
+                    else:
+                        self.selector.unregister(key.fileobj)
+                        key.fileobj.close()
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(WAIT)
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()
+        self.selector.close()
+
+
+def test_5000_held_connections_all_echo(cli_proxy):
+    count = 5000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2 * count + 200:
+        pytest.skip('the open files limit (%d) is below %d' % (hard, 2 * count + 200))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    backend = SelectorEcho()
+    socks = []
+    try:
+        proc = cli_proxy('--distant', '%s:%d' % backend.address, '--log-level', 'warning')
+        for _ in range(count):
+            socks.append(connect(proc.address))
+        for i, sock in enumerate(socks):
+            sock.sendall(b'%d;' % i)
+        for i, sock in enumerate(socks):
+            assert read_exactly(sock, len(b'%d;' % i)) == b'%d;' % i
+        assert Client(*proc.control).status()['connections'] == count
+    finally:
+        for sock in socks:
+            sock.close()
+        backend.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_half_close_with_data_in_flight_both_ways(make_proxy):
     """Each side half-closes while megabytes are still on their way to it."""
     big = os.urandom(5_000_000)
@@ -1836,7 +2085,8 @@ def test_max_connections_refuses_beyond_with_a_log_line(make_proxy, echo_backend
     assert round_trip(proxy.address) == b'ping'
 
 
-def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_proxy):
+def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_proxy,
+                                                                         echo_backend):
     silent = socket.socket()
     silent.bind((LOOP, 0))
     silent.listen(0)
@@ -1848,8 +2098,13 @@ def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_p
             filler.connect_ex(silent.getsockname())
             fillers.append(filler)
         proxy = make_proxy(silent.getsockname(), connect_timeout=0.5)
+        other = make_proxy(echo_backend.address)
         with connect(proxy.address) as sock:
             started = time.monotonic()
+            sock.sendall(b'waiting for a backend')
+            # the connect is a timer in the pump: other connections go on meanwhile
+            assert round_trip(other.address) == b'ping'
+            assert time.monotonic() - started < 0.4
             assert outcome(sock)[0] in ('eof', 'rst')
             assert 0.4 <= time.monotonic() - started < 5
     finally:

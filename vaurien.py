@@ -902,6 +902,7 @@ class Pump:
         self.ready = collections.deque()  # (function, args) handed over by any thread
         self.dirty = set()                # connections to settle at the end of the round
         self.starving = False             # out of descriptors: logged once per episode
+        self.starved_at = 0.0
         self._waker, self._wakeup = socket.socketpair()
         self._waker.setblocking(False)
         self._wakeup.setblocking(False)
@@ -963,29 +964,45 @@ class Pump:
         timer[2] = _ignore
 
     def starved(self, exc, what):
-        """Out of descriptors: one error line for each episode."""
+        """Out of descriptors: one error line for each episode (it ends after a second
+        without a shortage, with a line that says so)."""
+        self.starved_at = time.monotonic()
         if not self.starving:
             self.starving = True
             log.error('out of file descriptors (%s): %s until some close; raise the limit '
                       '(ulimit -n)', exc.strerror or exc, what)
+            self.call_later(1.0, self._check_fed)
 
-    def fed(self):
-        if self.starving:
+    def _check_fed(self):
+        if time.monotonic() - self.starved_at < 1.0:
+            self.call_at(self.starved_at + 1.0, self._check_fed)
+        else:
             self.starving = False
-            log.warning('file descriptors available again: connections are served')
+            log.warning('file descriptors available again: no shortage for a second')
 
     def shed(self, listener):
-        """Accept one connection with the spare descriptor, and reset it at once."""
-        with contextlib.suppress(OSError):
-            os.close(self._spare)
+        """Accept one connection with the spare descriptor, and reset it at once.
+
+        False when there is no spare (it could not be opened again yet) or
+        nothing to accept.
+        """
+        self.restock()
+        if self._spare < 0:
+            return False
+        os.close(self._spare)
         try:
             sock, _ = listener.accept()
         except OSError:
-            return False
-        finally:
+            sock = None
+        else:
+            _reset(sock)
+        self._spare = self._open_spare()
+        return sock is not None
+
+    def restock(self):
+        """Open the spare descriptor again if shedding used it up (call when some closed)."""
+        if self._spare < 0:
             self._spare = self._open_spare()
-        _reset(sock)
-        return True
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -1279,7 +1296,7 @@ class Connection:
             self.closing_at = last + LINGER
             for side in self.sides:
                 side.shutdown()
-            self.pump.dirty.add(self)
+        self.pump.dirty.add(self)
 
     def abort(self, side):
         """Reset `side` now and close the other one."""
@@ -1365,7 +1382,8 @@ class Connection:
             if exc.errno in _OUT_OF_DESCRIPTORS:
                 self.pump.starved(exc, 'new connections are reset')
                 self.targets = None
-                return self.abort(self.client)
+                self._drop(self.client, reset=True)
+                return self._backend_failed(None)
             return self._connect_next(exc)
         _prepare(sock, nodelay=True)
         code = sock.connect_ex(address)
@@ -1381,7 +1399,6 @@ class Connection:
         if code:
             return self._connect_next(OSError(code, os.strerror(code)))
         side.connecting, self.targets = False, None
-        self.pump.fed()
         self._flush(side)
 
     def _connect_expired(self, sock):
@@ -1644,6 +1661,7 @@ class Connection:
         side.broken = side.eof_read = side.eof_queued = side.eof_sent = True
         side.queue = _NO_QUEUE
         side.queued = 0
+        self.pump.dirty.add(self)
 
     def _release(self):
         if self.released:
@@ -1656,6 +1674,7 @@ class Connection:
                 self._run_for(handler, self._call,
                               (handler.on_close, self, handler.name, self.proxy))
         finally:
+            self.pump.restock()
             self.proxy.forget(self)
 
 
@@ -2121,6 +2140,17 @@ class ControlServer(http.server.ThreadingHTTPServer):
             log.warning('the control API listens on %s, beyond loopback: anyone who reaches '
                         'it can drive this proxy%s', format_address(self.server_address),
                         '' if token else ' (set --http-token)')
+
+    def get_request(self):
+        """Accept; out of descriptors, wait a moment (the listener stays readable: no spin)."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                self.proxy.pump.call_soon(self.proxy.pump.starved, exc,
+                                          'control API calls wait')
+                time.sleep(0.1)
+            raise
 
     def handle_error(self, request, client_address):
         """A caller that went away is no error of ours; anything else is logged."""

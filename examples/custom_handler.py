@@ -8,8 +8,17 @@ Run it from the repository root (the ini file's folder is importable, so
 
 The backend is whatever answers on localhost:8080: with no server of your
 own, ``python -m http.server 8080`` serves the current folder.
+
+``@traits(blocking=False)`` promises that the handler never waits, so the
+proxy calls it in its own loop, at full speed.  Leave it out for a handler
+that sleeps or does blocking I/O: it then runs in a thread of its
+connection, and holds up that connection only.
 """
 
+from vaurien import traits
+
+
+@traits(blocking=False)
 
 def shout(source, dest, to_backend, name, settings, proxy):
     """Upper-cases the backend's replies, like a misbehaving middlebox.

@@ -53,7 +53,7 @@ def _matches(source, name, settings, data):
     return state.get('match', False)
 
 
-@vaurien.traits(check=_check_pattern)
+@vaurien.traits(check=_check_pattern, blocking=False)
 def slow_paths(source, dest, to_backend, name, settings, proxy):
     """Delays requests whose path matches `pattern` by `sleep` seconds; others pass.
 
@@ -74,7 +74,7 @@ def slow_paths(source, dest, to_backend, name, settings, proxy):
     dest.sendall(data)
 
 
-@vaurien.traits(backend=False, check=_check_pattern)
+@vaurien.traits(backend=False, check=_check_pattern, blocking=False)
 def status_on_paths(source, dest, to_backend, name, settings, proxy):
     """Answers `status` to requests whose path matches `pattern`; others pass.
 

@@ -123,7 +123,7 @@ def _count_at_connect(client, backend, name, settings, proxy):
     _count(client.connection, name, proxy)
 
 
-@vaurien.traits(on_connect=_count_at_connect, on_close=_forget)
+@vaurien.traits(on_connect=_count_at_connect, on_close=_forget, blocking=False)
 def busy(source, dest, to_backend, name, settings, proxy):
     """Answers busy (51) to every request of connections over `max_connections`, then closes.
 

@@ -23,11 +23,14 @@ never fail.  Test with TLS off (``ssl_disabled=True`` in PyMySQL,
 ``ssl-mode=DISABLED``).
 """
 
+import vaurien
+
 COM_QUERY = 0x03
 MAX_PAYLOAD = 0xFFFFFF      # a packet this long is continued by the next one
 SSL_REQUEST_LENGTH = 32
 
 
+@vaurien.traits(blocking=False)
 def gone_away(source, dest, to_backend, name, settings, proxy):
     """Relays the login and `queries` queries, then drops the connection on the next one.
 

@@ -8,6 +8,8 @@ read back from disk.  Clients see ``BusyLoadingError`` (redis-py),
 
 import time
 
+import vaurien
+
 LOADING_REPLY = b'-LOADING Redis is loading the dataset in memory\r\n'
 MAX_LINE = 64 * 1024   # longest inline command or RESP header line kept while counting
 
@@ -67,6 +69,7 @@ def count_commands(parser, data, until_idle=False):
     return count, pos
 
 
+@vaurien.traits(blocking=False)
 def loading(source, dest, to_backend, name, settings, proxy):
     """Answers -LOADING to every command for the first `warmup` seconds, then relays.
 
