@@ -16,30 +16,38 @@ How it is built (each role is a class or a function below, in this order):
   whether it comes from an ini file (strings), the control API (JSON) or a
   Python call (keywords), at the moment it is set.
 - Handlers: plain functions ``handler(source, dest, to_backend, name,
-  settings, proxy)`` called by the pump each time ``source`` has data or EOF.
+  settings, proxy)`` called each time ``source`` has data or EOF.
   ``proxy.get_data(source)`` returns that data (``b''`` at EOF).  Handlers
-  write with ``dest.sendall(data, delay=0)``, which never blocks (but for
-  connecting a backend not yet connected).  Returning ``False`` ends the
-  connection; returning ``HOLD_EOF`` keeps the pump from relaying an EOF;
-  anything else goes on.  A handler may carry traits, set with ``@traits``:
-  ``backend`` (whether to connect to the backend for it), ``on_connect`` and
-  ``on_close`` hooks, and a ``check`` of its settings.
+  write with ``dest.sendall(data, delay=0)``, which never blocks.  Returning
+  ``False`` ends the connection; returning ``HOLD_EOF`` keeps the pump from
+  relaying an EOF; anything else goes on.  A handler may carry traits, set
+  with ``@traits``: ``backend`` (whether to connect to the backend for it),
+  ``on_connect`` and ``on_close`` hooks, a ``check`` of its settings, and
+  ``blocking`` (False: it never waits, so the pump may call it).
 - Behavior: a mix like ``20:delay,10:errors``; every new connection draws one
   handler from it, in accept order, and keeps it.  A handler set through the
   control API overrides the mix, for every connection, live ones included,
   from their next chunk on.
-- The pump (``Side``, ``Connection``): one thread per connection, one selector
-  over the client and backend sockets.  Reads go through the handler in force;
-  writes are queued on the destination ``Side`` (with an optional due time)
-  and flushed when its socket is writable, so neither direction ever waits on
-  the other.  A direction stops reading while its destination holds more than
+- The pump (``Pump``, ``Connection``, ``Side``): one selector loop, in one
+  thread, serves every connection of every Proxy in the process: it
+  accepts, connects to backends without blocking (the connect timeout is a
+  timer; a host name is resolved in a thread), reads, calls the handlers,
+  flushes the queued writes and runs the timers.  Writes are queued on the
+  destination ``Side`` (with an optional due time) and flushed when its
+  socket is writable, so neither direction ever waits on the other.  A
+  direction stops reading while its destination holds more than
   ``HIGH_WATER`` bytes: memory stays bounded when a peer stops reading.  EOF
   is relayed as ``shutdown(SHUT_WR)`` (half-close), after the data before it;
-  a reset is relayed as a reset.
-- ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose ``process_request``
-  draws, then hands each accepted socket to a ``Connection`` in a thread of
-  its own.  It also owns the handler registry, the behavior, the listener
-  (closed to refuse connections) and the optional control API.
+  a reset is relayed as a reset.  A handler not marked non-blocking (a
+  user's, which may sleep) runs in a thread of its connection (``_Worker``),
+  one call at a time; its writes come back to the pump in order, so a sleep
+  holds that connection only.  Out of descriptors, the pump resets the
+  excess connections at once (a spare descriptor lets it accept them).
+- ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose listener the pump
+  watches; it accepts through ``get_request``, ``verify_request`` and
+  ``process_request``, which draws the handler and opens a ``Connection``.
+  It also owns the handler registry, the behavior, the listener (closed to
+  refuse connections) and the optional control API.
 - ``ControlServer``: an ``http.server`` thread serving the JSON control API.
 - ``Client``, ``start_proxy``, ``stop_proxy``: drive a proxy from tests.
 - Configuration and command line: the ini file, ``main()``, ``--demo``.
