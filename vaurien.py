@@ -92,10 +92,12 @@ log = logging.getLogger('vaurien')
 #: Return this from a handler to keep the pump from relaying an EOF.
 HOLD_EOF = 'hold-eof'
 
+FIRST_BYTES = 256        # bytes of a connection kept to tell its protocol
 CHUNK = 65536            # bytes read at once from a socket, at first
 MAX_CHUNK = 1 << 20      # ... and at most, while reads keep filling the chunk
 HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being read
 LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
+MAX_DRAIN = 60.0         # ... while the peer keeps sending: at most this long
 CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
 MAX_BODY = 64 * 1024     # bytes, largest control API request body
 SLOW_CALL = 0.05         # seconds a handler call may hold the pump before a warning
@@ -326,6 +328,7 @@ def delay(source, dest, to_backend, name, settings, proxy):
 
 _HTTP_METHODS = (b'GET ', b'HEAD ', b'POST ', b'PUT ', b'DELETE ', b'OPTIONS ', b'PATCH ',
                  b'TRACE ', b'CONNECT ')
+_HTTP_REQUEST_LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[0-9]\r?$")
 _MEMCACHE_WORDS = frozenset(
     b'get gets gat gats set add replace append prepend cas delete incr decr touch '
     b'stats version flush_all verbosity quit mg ms md ma mn me'.split())
@@ -333,35 +336,54 @@ _PG_SSL_REQUEST = 80877103
 _PG_GSS_REQUEST = 80877104
 _PG_PROTOCOL_3 = 196608
 _PG_ENCRYPTION_REQUESTS = (struct.pack('!I', _PG_SSL_REQUEST), struct.pack('!I', _PG_GSS_REQUEST))
+MAX_FIRST_LINE = 8192    # bytes `errors` waits for, at most, to see a client's first line
+FIRST_LINE_WAIT = 0.5    # ... and seconds
 
 
 def detect_protocol(data, final=True):
     """Guess the protocol from a client's first bytes; None: wait for more.
 
-    HTTP by its request line; PostgreSQL by its startup or SSL request
-    packet; Redis by a RESP array (``*``) or an upper-case inline command;
+    PostgreSQL by its startup or SSL request packet (8 bytes); then, from the
+    first line: HTTP by a request line (``METHOD target HTTP/1.x``, any
+    method); Redis by a RESP array (``*``) or an upper-case inline command;
     memcached by a lower-case command word (``get foo`` is memcached: Redis
     clients send RESP arrays, memcached commands are lower case); else raw.
-    MySQL and SMTP clients say nothing first: name them with `protocol`.
-    Unless `final`, bytes that may still become HTTP or PostgreSQL give None.
+    MySQL and SMTP clients say nothing first: their servers' greetings tell
+    them (`detect_greeting`).  Unless `final` (EOF, or MAX_FIRST_LINE bytes),
+    a first line or packet cut short gives None.
     """
+    final = final or len(data) >= MAX_FIRST_LINE
     if data.startswith(_HTTP_METHODS):
         return 'http'
-    if not final and (any(method.startswith(data) for method in _HTTP_METHODS)
-                      or (len(data) < 8 and data.startswith(b'\x00'))):
-        return None
     if len(data) >= 8:
         length, code = struct.unpack('!II', data[:8])
         if code in (_PG_SSL_REQUEST, _PG_GSS_REQUEST, _PG_PROTOCOL_3) and length >= 8:
             return 'postgresql'
-    if data.startswith(b'*'):
+    elif data.startswith(b'\x00') and not final:
+        return None
+    end = data.find(b'\n')
+    if end < 0 and not final:
+        return None
+    line = data if end < 0 else data[:end]
+    if _HTTP_REQUEST_LINE.match(line):
+        return 'http'
+    if line.startswith(b'*'):
         return 'redis'
-    word = data.split(None, 1)[0] if data.strip() else b''
+    word = line.split(None, 1)[0] if line.strip() else b''
     if word in _MEMCACHE_WORDS:
         return 'memcache'
-    if word.isalpha() and word.isupper() and data.endswith(b'\n'):
+    if word.isalpha() and word.isupper():
         return 'redis'
     return 'raw'
+
+
+def detect_greeting(data):
+    """The protocol of a server that speaks first, from its greeting: mysql, smtp or None."""
+    if len(data) >= 5 and data[3] == 0 and data[4] == 10:   # packet 0, protocol version 10
+        return 'mysql'
+    if data.startswith((b'220 ', b'220-')):
+        return 'smtp'
+    return None
 
 
 def http_error(status, message):
@@ -373,10 +395,15 @@ def http_error(status, message):
             % (status, reason, len(body))).encode() + body
 
 
-def mysql_error(code, message):
-    """A MySQL ERR packet sent in place of the server greeting (no SQLSTATE)."""
-    payload = b'\xff' + struct.pack('<H', code) + message.encode()
-    return struct.pack('<I', len(payload))[:3] + b'\x00' + payload
+def mysql_error(code, message, request=b''):
+    """A MySQL ERR packet: in place of the greeting (no SQLSTATE), or answering
+    the client packet `request` (numbered after it, with a SQLSTATE)."""
+    payload = b'\xff' + struct.pack('<H', code)
+    if len(request) >= 4:
+        payload += b'#HY000'
+    payload += message.encode()
+    sequence = (request[3] + 1) % 256 if len(request) >= 4 else 0
+    return struct.pack('<I', len(payload))[:3] + bytes([sequence]) + payload
 
 
 def postgresql_error(code, message):
@@ -396,8 +423,8 @@ _ERROR_DEFAULTS = {  # protocol: (code, message)
 }
 
 
-def error_answer(protocol, settings, rng):
-    """The bytes `errors` answers with, for `protocol`."""
+def error_answer(protocol, settings, rng, request=b''):
+    """The bytes `errors` answers with, for `protocol`, to `request` (b'': a greeting)."""
     if protocol == 'http':
         return http_error(settings['status'], settings['message'])
     code, message = _ERROR_DEFAULTS[protocol]
@@ -406,8 +433,8 @@ def error_answer(protocol, settings, rng):
         return b'-' + message.encode() + b'\r\n'
     if protocol == 'memcache':
         return b'SERVER_ERROR ' + message.encode() + b'\r\n'
-    if protocol == 'mysql':
-        return mysql_error(int(code), message)
+    if protocol == 'mysql':   # a code set for another protocol (transient): MySQL's own
+        return mysql_error(int(code) if _is_mysql_code(code) else 1040, message, request)
     if protocol == 'postgresql':
         return postgresql_error(code, message)
     if protocol == 'smtp':
@@ -425,9 +452,13 @@ def _errors_greeting(client, backend, name, settings, proxy):
         return False
 
 
+def _is_mysql_code(code):
+    return code.isascii() and code.isdigit() and int(code) < 65536
+
+
 def _check_error_code(settings):
     if settings['protocol'] == 'mysql' and settings['code'] and \
-            not (settings['code'].isdigit() and int(settings['code']) < 65536):
+            not _is_mysql_code(settings['code']):
         raise ValueError('code %r: a MySQL error number is an integer below 65536'
                          % settings['code'])
 
@@ -459,16 +490,28 @@ def errors(source, dest, to_backend, name, settings, proxy):
     data = state.pop('start', b'') + data
     if not data:
         return False
+    return _answer_error(source, state, data, settings, final=source.eof_read)
+
+
+def _answer_error(source, state, data, settings, final):
+    """Answer `data` with the error of its protocol; or, the first line or packet cut
+    short, keep it and wait for more, FIRST_LINE_WAIT seconds at most."""
     protocol = settings['protocol']
-    if protocol == 'auto':
-        protocol = detect_protocol(data, final=source.eof_read)
+    conn = source.connection
+    if protocol == 'auto':   # what the connection showed before, else this request
+        protocol = conn.protocol() or detect_protocol(data, final=final)
         if protocol is None:
-            state['start'] = data   # a request line cut short: wait for the rest
+            state['start'] = data
+            if not state.get('waiting'):
+                state['waiting'], armed = True, conn.current()[0]
+                conn.call_later(FIRST_LINE_WAIT, lambda: 'start' in state
+                                and conn.current()[0] is armed and _answer_error(
+                                    source, state, state.pop('start'), settings, final=True))
             return None
     if protocol == 'postgresql' and data[4:8] in _PG_ENCRYPTION_REQUESTS:
         source.sendall(b'N')  # no TLS: the client goes on with its StartupMessage
         return None
-    source.sendall(error_answer(protocol, settings, source.connection.random))
+    source.sendall(error_answer(protocol, settings, conn.random, data))
     source.close()
     return None
 
@@ -524,17 +567,6 @@ def abort(source, dest, to_backend, name, settings, proxy):
     return False
 
 
-def _send_paced(source, dest, to_backend, name, pieces):
-    """Queue (piece, seconds) pairs on `dest`, each piece `seconds` after the last."""
-    state = source.connection.state((name, to_backend))
-    now = time.monotonic()
-    at = max(now, state.get('free_at', now))
-    for piece, seconds in pieces:
-        dest.sendall(piece, delay=at - now)
-        at += seconds
-    state['free_at'] = at
-
-
 @directional
 def bandwidth(source, dest, to_backend, name, settings, proxy):
     """Limits the throughput to `rate` bytes per second, smoothly.
@@ -545,12 +577,13 @@ def bandwidth(source, dest, to_backend, name, settings, proxy):
       rate (int >= 1, default 10240): bytes per second.
       direction (to_backend|to_client|both, default to_client): the traffic limited.
     """
-    data = proxy.get_data(source)
     rate = settings['rate']
     step = max(1, rate // 10)
-    view = memoryview(data)
-    _send_paced(source, dest, to_backend, name, (
-        (view[i:i + step], min(step, len(data) - i) / rate) for i in range(0, len(data), step)))
+
+    def pace(available):
+        size = min(step, available)
+        return size, size / rate
+    dest.sendall(proxy.get_data(source), pace=pace)
 
 
 @directional
@@ -563,14 +596,9 @@ def slicer(source, dest, to_backend, name, settings, proxy):
       delay (float >= 0, default 0.001): seconds between pieces.
       direction (to_backend|to_client|both, default to_client): the traffic sliced.
     """
-    data = proxy.get_data(source)
     rng, size, spread = source.connection.random, settings['size'], settings['variation']
-    view, pieces, start = memoryview(data), [], 0
-    while start < len(data):
-        end = start + max(1, size + rng.randint(-spread, spread))
-        pieces.append((view[start:end], settings['delay']))
-        start = end
-    _send_paced(source, dest, to_backend, name, pieces)
+    dest.sendall(proxy.get_data(source), pace=lambda available: (
+        max(1, size + rng.randint(-spread, spread)), settings['delay']))
 
 
 def slow_close(source, dest, to_backend, name, settings, proxy):
@@ -592,7 +620,8 @@ def _start_timeout(client, backend, name, settings, proxy):
     state = conn.state(name)
     if not state and settings['timeout'] > 0:
         state['armed'] = True
-        conn.call_later(settings['timeout'], lambda: conn.handler_name == name and conn.close())
+        conn.call_later(settings['timeout'], lambda: conn.current()[0].name == name
+                        and conn.close())
 
 
 @traits(on_connect=_start_timeout)
@@ -721,7 +750,7 @@ def corrupt(source, dest, to_backend, name, settings, proxy):
     position = -1
     while True:
         # geometric skips: each byte is hit with probability `ratio`
-        position += 1 if ratio >= 1 else 1 + int(math.log(1.0 - rng.random()) / math.log(1.0 - ratio))
+        position += 1 if ratio >= 1 else 1 + int(math.log(1.0 - rng.random()) / math.log1p(-ratio))
         if position >= len(mutable):
             break
         mutable[position] ^= 1 << rng.randrange(8)
@@ -1035,8 +1064,8 @@ class Pump:
     def _timeout(self):
         if self.ready:
             return 0
-        if self.timers:
-            return max(0.0, self.timers[0][0] - time.monotonic())
+        if self.timers:   # at most an hour: poll() takes no more than 24 days
+            return min(3600.0, max(0.0, self.timers[0][0] - time.monotonic()))
         return None
 
     def _run_timers(self):
@@ -1160,17 +1189,23 @@ class Side:
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
 
-    def sendall(self, data, delay=0.0):
+    def sendall(self, data, delay=0.0, pace=None):
         """Send `data` to this side, `delay` seconds from now, after what is queued.
 
         A backend not yet connected is connected first; the data waits meanwhile.
+        With `pace`, the data goes out in pieces: ``pace(available)`` gives the
+        size of the next piece (at most `available` bytes are left) and the
+        seconds before the piece after it.  Pieces are cut as they go, so
+        pacing costs no memory per piece.
         """
         if _thread.get_ident() != self.connection.pump.ident:
             return self.connection.pump.call_soon(
-                self._send_at, bytes(data), time.monotonic() + delay if delay > 0 else 0.0)
+                self._send_at, bytes(data), time.monotonic() + delay if delay > 0 else 0.0,
+                pace)
         if not data or self.eof_queued or self.broken:
             return
-        if delay <= 0 and not self.queue and not self.connecting and self.sock is not None:
+        if delay <= 0 and pace is None and not self.queue and not self.connecting \
+                and self.sock is not None:
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -1180,7 +1215,7 @@ class Side:
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
-        self._send_at(data, time.monotonic() + delay if delay > 0 else 0.0)
+        self._send_at(data, time.monotonic() + delay if delay > 0 else 0.0, pace)
 
     def shutdown(self, how=socket.SHUT_WR, delay=0.0):
         """Send EOF (half-close) after what is queued; SHUT_RDWR closes the connection."""
@@ -1196,12 +1231,12 @@ class Side:
         """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
         self.connection.abort(self)
 
-    def _send_at(self, data, due):
+    def _send_at(self, data, due, pace=None):
         if not data or self.eof_queued or self.broken:
             return
         if self.sock is None and not self.connecting:
             self.connection.connect_backend()
-        self._push(due, data)
+        self._push(due, data, pace)
         self.queued += len(data)
 
     def _end(self, marker, delay=0.0):
@@ -1220,12 +1255,17 @@ class Side:
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
 
-    def _push(self, due, data):
+    def _push(self, due, data, pace=None):
+        """Queue `data` (or a marker) due at `due`, after what is queued.
+
+        An entry is [due, data], or [due, data, pace, bytes left of the
+        piece going out, seconds after it] when paced.
+        """
         due = max(due, self.last_due)
         self.last_due = due
         if self.queue is _NO_QUEUE:
             self.queue = collections.deque()
-        self.queue.append([due, data])
+        self.queue.append([due, data] if pace is None else [due, data, pace, 0, 0.0])
         self.connection.pump.dirty.add(self.connection)
 
 
@@ -1239,7 +1279,8 @@ class Connection:
 
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
-                 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held')
+                 'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held',
+                 'first')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -1257,12 +1298,14 @@ class Connection:
         self.states = None
         self.closers = None       # handlers called here that have an on_close hook
         self.closing_at = None    # deadline once the connection is closing
+        self.drain_until = None   # the latest it may be pushed to by a peer still talking
         self.released = False
         self.wake_at = None       # when the pump is to look at this connection again
         self.targets = None       # backend addresses still to try
         self.worker = None        # the _Worker of blocking handlers, once needed
         self.jobs = 0             # calls handed to the worker whose effects are not all in
         self.held = 0             # bytes of those calls
+        self.first = None         # (from the client?, first bytes): what protocol it speaks
 
     # -- what handlers use ------------------------------------------------------
 
@@ -1300,8 +1343,9 @@ class Connection:
         if not self.pump.in_loop():
             return self.pump.call_soon(self.close)
         if self.closing_at is None:
-            last = max(self.client.last_due, self.backend.last_due, time.monotonic())
-            self.closing_at = last + LINGER
+            now = time.monotonic()
+            self.closing_at = max(self.client.last_due, self.backend.last_due, now) + LINGER
+            self.drain_until = now + MAX_DRAIN
             for side in self.sides:
                 side.shutdown()
         self.pump.dirty.add(self)
@@ -1453,8 +1497,27 @@ class Connection:
             side.chunk = CHUNK   # small messages: no large buffer to allocate
         if not data:
             side.eof_read = True
+        elif self.first is None:    # who spoke first, and how: the protocol, for `errors`
+            self.first = (side is self.client, bytes(data[:FIRST_BYTES]))
         if self.closing_at is None:
             self._dispatch(side, data)
+        elif data:    # a peer still talking is drained, so that no RST hides our answer
+            self.closing_at = max(self.closing_at, min(time.monotonic() + LINGER,
+                                                       self.drain_until))
+
+    def protocol(self):
+        """The protocol this connection's first bytes showed, or None (none yet, or raw).
+
+        A client's first line (HTTP, Redis, memcached) or packet (PostgreSQL);
+        or, when the backend spoke first, its greeting (MySQL, SMTP).
+        """
+        if self.first is None:
+            return None
+        from_client, data = self.first
+        if from_client:
+            protocol = detect_protocol(data, final=False)
+            return None if protocol == 'raw' else protocol
+        return detect_greeting(data)
 
     def _dispatch(self, side, data):
         """Give `data` to the handler in force: in the pump, or in the worker.
@@ -1549,13 +1612,16 @@ class Connection:
         return handler, settings
 
     def _call(self, function, *args):
-        """Call a handler (or hook); its failure ends this connection only."""
+        """Call a handler (or hook); its failure resets this connection's client only.
+
+        A reset, not an EOF: a truncated answer must not pass for a whole one.
+        """
         try:
             return function(*args)
         except Exception:
-            log.exception('handler %s failed on connection #%d; closing it',
+            log.exception('handler %s failed on connection #%d; resetting it',
                           self.handler_name, self.index)
-        self.close()
+        self.abort(self.client)
         return False
 
     def _flush(self, side):
@@ -1571,17 +1637,28 @@ class Connection:
                     side.sock.shutdown(socket.SHUT_WR)
                 side.eof_sent = True
                 continue
+            entry = queue[0]
+            paced = len(entry) > 2
+            if paced and not entry[3]:    # a new piece: its size, and the pause after it
+                entry[3], entry[4] = entry[2](len(data))
             try:
-                sent = side.sock.send(data)
+                sent = side.sock.send(memoryview(data)[:entry[3]] if paced else data)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return self.lost(side)
             side.queued -= sent
+            if paced:
+                entry[3] -= sent
             if sent < len(data):
-                queue[0][1] = memoryview(data)[sent:]
-                return
+                entry[1] = memoryview(data)[sent:]
+                if not paced or entry[3]:
+                    return                # the socket is full: wait until it is writable
+                entry[0] = now + entry[4]   # a whole piece went out: the next one waits
+                continue
             queue.popleft()
+            if paced and queue:   # the pause after the last piece holds what follows
+                queue[0][0] = max(queue[0][0], now + entry[4])
         if not queue and self.closing_at is not None:   # flushed: now linger
             self.closing_at = max(self.closing_at, now + LINGER)
 
@@ -1713,7 +1790,7 @@ def parse_address(text, what='address'):
     """``host:port`` (or ``[v6]:port``) into (host, port); port 0 is ephemeral."""
     host, sep, port = str(text).strip().rpartition(':')
     host = host.strip('[]')
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError('%s %r is not HOST:PORT (like localhost:8000)' % (what, text))
     return host, int(port)
 
@@ -1799,6 +1876,10 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     def __init__(self, local='localhost:8000', distant='localhost:80', behavior='100:normal',
                  handlers=None, seed=None, http=False, http_host='localhost', http_port=8080,
                  http_token=None, connect_timeout=CONNECT_TIMEOUT, max_connections=0):
+        connect_timeout, max_connections, seed, http_token = (
+            _convert_option(key, value, key) if value is not None else None for key, value in (
+                ('connect_timeout', connect_timeout), ('max_connections', max_connections),
+                ('seed', seed), ('http_token', http_token)))
         local = parse_address(local, 'local') if isinstance(local, str) else tuple(local)
         self.distant = parse_address(distant, 'distant') if isinstance(distant, str) \
             else tuple(distant)
@@ -2142,12 +2223,23 @@ class ControlServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, proxy, host='localhost', port=8080, token=None):
         self.proxy, self.token = proxy, token
+        self.tokens = {token.encode('utf-8')} if token else set()   # what a client sends:
+        with contextlib.suppress(UnicodeEncodeError, AttributeError):   # UTF-8, or Latin-1
+            self.tokens.add(token.encode('latin-1'))
         self.address_family = _family((host, port))
         super().__init__((host, port), ControlHandler)
         if not self.socket.getsockname()[0].startswith(('127.', '::1')):
             log.warning('the control API listens on %s, beyond loopback: anyone who reaches '
                         'it can drive this proxy%s', format_address(self.server_address),
                         '' if token else ' (set --http-token)')
+
+    def authorized(self, header):
+        """Whether an Authorization header carries the token: ``Bearer TOKEN``, the
+        scheme in any case, the token in UTF-8 or Latin-1, compared in constant time."""
+        scheme, _, credentials = (header or '').strip().partition(' ')
+        given = credentials.strip().encode('latin-1', 'replace')   # the header's own bytes
+        return scheme.lower() == 'bearer' and any(
+            hmac.compare_digest(given, expected) for expected in self.tokens)
 
     def get_request(self):
         """Accept; out of descriptors, wait a moment (the listener stays readable: no spin)."""
@@ -2198,6 +2290,29 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     do_PATCH = do_DELETE
 
+    def do_OPTIONS(self):
+        self.serve('OPTIONS')
+
+    def handle_one_request(self):
+        """One request, whose head and body must arrive within `timeout` seconds in all
+        (the socket's timeout is per read: a caller trickling bytes would hold a thread)."""
+        self.reading = number = getattr(self, 'reading', 0) + 1
+        pump = self.server.proxy.pump
+        pump.call_soon(pump.call_later, self.timeout, self.expire, number)
+        super().handle_one_request()
+
+    def expire(self, number):
+        """The pump's call: the request `number` is still being read: cut it off."""
+        if self.reading == number:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, 414, 431, 501, 505) in JSON."""
+        self.request_version = 'HTTP/1.1'   # still 0.9 for a bad version: no status line
+        self.reply(code, {'error': message or http.client.responses.get(code, 'error'),
+                          'status': code})
+
     def serve(self, method):
         try:
             self.check_caller()
@@ -2209,7 +2324,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                 raise ApiError(405, '%s does not take %s' % (self.path, self.command),
                                allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
                                                               else set())))
-            body = self.read_body() if method == 'PUT' else b''
+            body = self.read_body() if method == 'PUT' else self.no_body()
+            self.reading = None
             self.reply(200, getattr(self, methods[method])(body))
         except ApiError as exc:
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
@@ -2220,19 +2336,24 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         """Refuse browsers (a web page must not drive a developer's proxy) and bad tokens."""
         if self.headers.get('Origin') or _BROWSER_AGENT.search(self.headers.get('User-Agent', '')):
             raise ApiError(403, 'browser requests are refused')
-        token = self.server.token
-        if token and not hmac.compare_digest(self.headers.get('Authorization', ''),
-                                             'Bearer ' + token):
+        if self.server.token and not self.server.authorized(self.headers.get('Authorization')):
             raise ApiError(401, 'missing or wrong bearer token')
+
+    def no_body(self):
+        """A GET with a body is refused: read as the next request, it would smuggle one."""
+        if self.headers.get('Transfer-Encoding') or \
+                self.headers.get('Content-Length', '0').strip() not in ('', '0'):
+            raise ApiError(400, '%s takes no request body' % self.command)
+        return b''
 
     def read_body(self):
         if self.headers.get('Transfer-Encoding'):
             raise ApiError(411, 'send a Content-Length, not a chunked body')
-        try:
-            length = int(self.headers.get('Content-Length') or 0)
-        except ValueError:
-            raise ApiError(400, 'bad Content-Length') from None
-        if length > MAX_BODY or length < 0:
+        text = self.headers.get('Content-Length') or '0'
+        if not (text.isascii() and text.isdigit()):
+            raise ApiError(400, 'bad Content-Length %r: expected a number of bytes' % text)
+        length = int(text)
+        if length > MAX_BODY:
             raise ApiError(413, 'request body over %d bytes' % MAX_BODY)
         body = self.rfile.read(length)
         if len(body) < length:
@@ -2390,8 +2511,8 @@ class Client(_Driving):
         body = None if payload is None else json.dumps(payload).encode()
         headers = {'User-Agent': 'vaurien-client/' + __version__,
                    'Content-Type': 'application/json'}
-        if self.token:
-            headers['Authorization'] = 'Bearer ' + self.token
+        if self.token:   # bytes: http.client would encode a str in Latin-1 only
+            headers['Authorization'] = b'Bearer ' + self.token.encode('utf-8')
         for attempt in (1, 2):
             reused = self._http is not None
             if not reused:
@@ -2540,7 +2661,7 @@ def read_config(path, handlers):
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
     try:
-        with open(path, encoding='utf-8') as stream:
+        with open(path, encoding='utf-8-sig') as stream:   # a BOM is no section
             parser.read_file(stream)
     except OSError as exc:
         raise ConfigError('%s: cannot read: %s' % (path, exc.strerror or exc)) from None
@@ -2612,9 +2733,13 @@ def _register_handler(name, values, where, handlers):
 
 def _convert_option(key, value, where):
     try:
-        return OPTIONS[key].convert(value)
+        value = OPTIONS[key].convert(value)
     except ValueError as exc:
         raise ConfigError('%s = %s: %s' % (where, shown(value), exc)) from None
+    if key == 'http_token' and not value:   # "--http-token $UNSET": no silent open API
+        raise ConfigError('%s is empty (an unset variable?): give a token, or leave it out'
+                          % where)
+    return value
 
 
 def build_parser():
