@@ -3062,3 +3062,439 @@ def test_the_example_ini_files_load(tmp_path):
     listing = run_cli('--config', os.path.join(folder, 'redis-warmup.ini'),
                       '--list-handlers').stdout
     assert 'loading: ' in listing and 'configured: 3.0' in listing
+
+
+# ---------------------------------------------------------------------------
+# Hardening: the adversarial review's defects, each with its regression test
+# ---------------------------------------------------------------------------
+
+def stream_backend(size):
+    """A backend that sends `size` bytes at once, then closes."""
+    def serve(sock):
+        sock.sendall(b'z' * size)
+        sock.shutdown(socket.SHUT_WR)
+        read_all(sock, 60)
+    return Backend(serve)
+
+
+def idle_cpu(pid, seconds=1.0):
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
+def test_a_closing_connection_waits_for_its_slow_reader_without_spinning(cli_proxy):
+    backend = stream_backend(16 << 20)
+    try:
+        proc = cli_proxy('--distant', '%s:%d' % backend.address)
+        # the replies flow until the timeout closes the connection: a megabyte is queued
+        Client(*proc.control).set_handler('timeout', timeout=0.5, direction='to_backend')
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(proc.address)
+            time.sleep(2)     # timed out, linger over: closing, bytes still queued for us
+            assert idle_cpu(proc.process.pid) < 0.3
+            data = read_all(sock, 60)
+            assert len(data) > 1 << 20 and data == b'z' * len(data)
+    finally:
+        backend.close()
+
+
+def test_slicing_into_one_byte_pieces_keeps_memory_flat(cli_proxy):
+    backend = stream_backend(4 << 20)
+    try:
+        proc = cli_proxy('--distant', '%s:%d' % backend.address)
+        Client(*proc.control).set_handler('slicer', size=1, delay=0.0001)
+        before = proc_rss(proc.process.pid)
+        with connect(proc.address) as sock:
+            got = read_exactly(sock, 2000)
+            time.sleep(0.5)
+            assert proc_rss(proc.process.pid) - before < 30 << 20   # was 360 MB
+            assert got == b'z' * 2000
+            # every piece is a send: the other connections keep their pace meanwhile
+            Client(*proc.control).set_handler('normal')
+    finally:
+        backend.close()
+
+
+def token_proxy(cli_proxy, echo_backend, token):
+    return cli_proxy('--distant', '%s:%d' % echo_backend.address, '--http-token', token)
+
+
+def test_tokens_are_bytes_their_scheme_any_case_and_never_empty(cli_proxy, echo_backend):
+    proc = token_proxy(cli_proxy, echo_backend, 'sécret-日本')
+    assert Client(*proc.control, token='sécret-日本').status()['enabled'] is True
+    for header, status in ((b'bearer s\xc3\xa9cret-\xe6\x97\xa5\xe6\x9c\xac', 200),
+                           (b'Bearer s\xe9cret', 401), (b'Bearer \xff\xfe', 401),
+                           (b'Basic s\xc3\xa9cret-\xe6\x97\xa5\xe6\x9c\xac', 401)):
+        with socket.create_connection(proc.control, timeout=WAIT) as sock:
+            sock.sendall(b'GET /proxy HTTP/1.1\r\nHost: x\r\nAuthorization: ' + header +
+                         b'\r\nConnection: close\r\n\r\n')
+            answer = read_all(sock)
+        assert answer.startswith(b'HTTP/1.1 %d ' % status), answer
+        assert json.loads(answer.partition(b'\r\n\r\n')[2])['status' if status != 200
+                                                             else 'enabled']
+    result = run_cli('--distant', 'a:1', '--http-token', '')
+    assert result.returncode == 2 and 'http-token' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def fake_postgresql(sock):
+    """Enough of a PostgreSQL server for a client to log in and send queries."""
+    def message(kind, payload):
+        return kind + struct.pack('!I', len(payload) + 4) + payload
+    head = read_exactly(sock, 8)
+    if head[4:8] == struct.pack('!I', 80877103):     # SSLRequest
+        sock.sendall(b'N')
+        head = read_exactly(sock, 8)
+    read_exactly(sock, struct.unpack('!I', head[:4])[0] - 8)
+    sock.sendall(message(b'R', struct.pack('!I', 0)) + b''.join(
+        message(b'S', b'%s\x00%s\x00' % pair) for pair in (
+            (b'server_version', b'16.0'), (b'client_encoding', b'UTF8'),
+            (b'integer_datetimes', b'on'))) +
+        message(b'K', struct.pack('!II', 1, 2)) + message(b'Z', b'I'))
+    while True:
+        head = sock.recv(5)
+        if not head or head[:1] == b'X':
+            return
+        read_exactly(sock, struct.unpack('!I', head[1:5])[0] - 4)
+        sock.sendall(message(b'I', b'') + message(b'Z', b'I'))   # empty query response
+
+
+def test_errors_answers_a_live_postgresql_connection_in_postgresql(make_proxy):
+    """A pooled connection, logged in before `errors` is set, gets a FATAL, as from a
+    server that terminates it (it was 64 random bytes: "lost synchronization")."""
+    backend = Backend(fake_postgresql)
+    try:
+        proxy = make_proxy(backend.address)
+        with connect(proxy.address) as sock:
+            sock.sendall(struct.pack('!II', 8, 80877103))
+            assert read_exactly(sock, 1) == b'N'
+            startup = struct.pack('!I', 196608) + b'user\x00u\x00\x00'
+            sock.sendall(struct.pack('!I', len(startup) + 4) + startup)
+            assert read_all_until(sock, b'Z\x00\x00\x00\x05I')
+            with proxy.with_handler('errors'):
+                sock.sendall(b'Q\x00\x00\x00\rSELECT 1\x00')
+                kind, answer = outcome(sock)
+        assert kind == 'eof' and answer.startswith(b'E') and b'SFATAL\x00' in answer
+        assert b'C53300\x00' in answer
+    finally:
+        backend.close()
+
+
+def read_all_until(sock, end):
+    data = b''
+    while not data.endswith(end):
+        more = sock.recv(4096)
+        if not more:
+            raise EOFError(data)
+        data += more
+    return data
+
+
+def greeting_backend(greeting):
+    def serve(sock):
+        sock.sendall(greeting)
+        read_all(sock)
+    return Backend(serve)
+
+
+MYSQL_GREETING = b'\x0a\x00\x00\x00\x0a5.5.5-fake\x00' + b'\x00' * 5
+
+
+@pytest.mark.parametrize('greeting,request_bytes,answer', [
+    (MYSQL_GREETING, b'\x09\x00\x00\x00\x03SELECT 1',
+     b'\x1d\x00\x00\x01\xff\x10\x04#HY000Too many connections'),
+    (b'220 mail.example ESMTP\r\n', b'EHLO me\r\n',
+     b'421 4.3.2 Service not available, closing transmission channel\r\n'),
+], ids=['mysql', 'smtp'])
+def test_errors_knows_a_server_that_speaks_first_from_its_greeting(make_proxy, greeting,
+                                                                    request_bytes, answer):
+    backend = greeting_backend(greeting)
+    try:
+        proxy = make_proxy(backend.address)
+        with connect(proxy.address) as sock:
+            assert read_exactly(sock, len(greeting)) == greeting
+            with proxy.with_handler('errors'):
+                sock.sendall(request_bytes)
+                assert outcome(sock) == ('eof', answer)
+    finally:
+        backend.close()
+
+
+def send_in_pieces(address, pieces, pause=0.05):
+    with connect(address) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(pause)
+        return outcome(sock)
+
+
+@pytest.mark.parametrize('pieces,answer', [
+    ([b'ge', b't k\r\n'], b'SERVER_ERROR Service Unavailable\r\n'),
+    ([b'PI', b'NG\r\n'], b'-ERR Service Unavailable\r\n'),
+    ([b'PROPFIND /d HTTP/1.1\r\nHost: a\r\n\r\n'], b'HTTP/1.1 503 '),
+    ([b'PUR', b'GE /cache HTTP/1.1\r\nHost: a\r\n\r\n'], b'HTTP/1.1 503 '),
+    ([b'\x00\x00', b'\x00\x08\x04\xd2\x16\x2f'], b'N'),       # an SSLRequest, cut
+], ids=['memcache', 'redis-inline', 'propfind', 'purge', 'postgresql'])
+def test_errors_waits_for_a_whole_first_line_and_knows_any_http_method(make_proxy,
+                                                                        echo_backend,
+                                                                        pieces, answer):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    kind, data = send_in_pieces(proxy.address, pieces)
+    assert data.startswith(answer), data
+    assert kind == 'eof' or answer == b'N'
+
+
+def test_errors_answers_a_client_still_uploading_slowly(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, behavior='100:errors')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n')
+        for _ in range(15):      # 1.5 s of upload: longer than the linger
+            sock.sendall(b'u' * 20000)
+            time.sleep(0.1)
+        assert read_all(sock).startswith(b'HTTP/1.1 503 ')
+
+
+def test_a_timeout_switched_off_on_a_live_connection_never_closes_it(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    with connect(proxy.address) as sock:
+        with proxy.with_handler('timeout', timeout=0.5):
+            sock.sendall(b'swallowed')
+            time.sleep(0.1)
+        time.sleep(1)            # past the timeout of the handler no longer in force
+        sock.sendall(b'ping')
+        assert read_exactly(sock, 4) == b'ping'
+
+
+def test_start_twice_then_stop_then_start_again(echo_backend):
+    proxy = Proxy(LOOP + ':0', '%s:%d' % echo_backend.address)
+    proxy.start()
+    proxy.start()
+    with proxy:
+        assert round_trip(proxy.address) == b'ping'
+    used = time.process_time()
+    time.sleep(1)
+    assert time.process_time() - used < 0.3     # no accept loop spinning after stop()
+    proxy.start()
+    try:
+        assert round_trip(proxy.address) == b'ping'
+    finally:
+        proxy.stop()
+
+
+def test_settings_fatal_in_arithmetic_are_harmless(make_proxy, echo_backend, caplog):
+    proxy = make_proxy(echo_backend.address)
+    with caplog.at_level(logging.ERROR, logger='vaurien'):
+        with proxy.with_handler('corrupt', ratio=1e-17, direction='both'):
+            assert round_trip(proxy.address) == b'ping'
+        with proxy.with_handler('delay', sleep=3e6), connect(proxy.address) as held:
+            held.sendall(b'in a month')
+            other = make_proxy(echo_backend.address)
+            for _ in range(3):          # the pump goes on: no overflow in its wait
+                assert round_trip(other.address) == b'ping'
+    assert caplog.text == ''
+
+
+def test_a_code_of_another_protocol_falls_back_to_mysqls_own(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.handlers['errors'].settings = proxy.handlers['errors'].validate({'code': 'XX000'})
+    proxy.set_handler('transient', protocol='mysql')
+    with connect(proxy.address) as sock:
+        kind, data = outcome(sock)
+    assert kind == 'eof' and data[4:7] == b'\xff\x10\x04'     # ERR 1040
+
+
+def delayed_reply_backend():
+    def serve(sock):
+        sock.recv(100)
+        sock.sendall(b'first part;')
+        time.sleep(0.3)
+        sock.sendall(b'second part')
+        read_all(sock)
+    return Backend(serve)
+
+
+@pytest.mark.parametrize('how', ['disable', 'stop', 'down'])
+def test_a_reply_cut_by_disable_or_stop_is_reset_never_a_clean_eof(make_proxy, how):
+    backend = delayed_reply_backend()
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.set_handler('delay', sleep=0.5, direction='to_client')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'question')
+            assert read_exactly(sock, 11) == b'first part;'   # the second is held back
+            if how == 'down':
+                with proxy.down():
+                    assert outcome(sock)[0] == 'rst'
+            else:
+                getattr(proxy, how)()
+                assert outcome(sock)[0] == 'rst'
+    finally:
+        backend.close()
+
+
+def raw_api(address, request):
+    with socket.create_connection(address, timeout=WAIT) as sock:
+        sock.sendall(request)
+        return read_all(sock)
+
+
+@pytest.mark.parametrize('request_bytes,status', [
+    (b'OPTIONS /handler HTTP/1.1\r\nHost: a\r\n\r\n', 405),
+    (b'BREW /handler HTTP/1.1\r\nHost: a\r\n\r\n', 501),
+    (b'GET /' + b'a' * 70000 + b' HTTP/1.1\r\n\r\n', 414),
+    (b'GET /proxy HTTP/1.1\r\nX-Long: ' + b'a' * 70000 + b'\r\n\r\n', 431),
+    (b'GET /proxy HTTP/1.1\r\n' + b''.join(b'X-%d: 1\r\n' % i for i in range(101)) + b'\r\n',
+     431),
+    (b'GET /proxy HTTP/2.0\r\n\r\n', 505),
+    (b'GET /proxy nonsense\r\n\r\n', 400),
+], ids=['options', 'unknown-method', 'long-line', 'long-header', 'many-headers', 'http2',
+        'bad-version'])
+def test_every_control_api_refusal_is_json(proxy, request_bytes, status):
+    answer = raw_api(proxy.control_address, request_bytes)
+    head, _, body = answer.partition(b'\r\n\r\n')
+    assert head.startswith(b'HTTP/1.1 %d ' % status), answer[:200]
+    assert json.loads(body)['status'] == status
+
+
+def test_a_get_with_a_body_smuggles_no_request(proxy):
+    hidden = json.dumps({'name': 'errors'}).encode()
+    smuggled = (b'PUT /handler HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n'
+                % len(hidden)) + hidden
+    answer = raw_api(proxy.control_address, b'GET /handler HTTP/1.1\r\nHost: a\r\n'
+                     b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled)
+    assert answer.startswith(b'HTTP/1.1 400 ') and answer.count(b'HTTP/1.1') == 1
+    assert proxy.get_handler()['handler'] == 'normal'
+
+
+@pytest.mark.parametrize('length', [b'0_6', b'-1', b'\xd9\xa3'])
+def test_a_content_length_is_ascii_digits(proxy, length):
+    answer = raw_api(proxy.control_address, b'PUT /handler HTTP/1.1\r\nHost: a\r\n'
+                     b'Content-Length: ' + length + b'\r\n\r\nnormal')
+    assert answer.startswith(b'HTTP/1.1 400 ')
+
+
+def test_the_control_api_gives_each_request_a_total_deadline(proxy, monkeypatch):
+    monkeypatch.setattr(vaurien.ControlHandler, 'timeout', 1)
+    with socket.create_connection(proxy.control_address, timeout=WAIT) as sock:
+        sock.setblocking(False)
+        started, closed = time.monotonic(), False
+        for byte in b'GET /proxy HTTP/1.1\r\n' + b'X-a: b\r\n' * 8:   # 8.5 s of bytes
+            time.sleep(0.1)          # a byte every 0.1 s: each read is quick
+            try:
+                sock.send(bytes([byte]))
+                closed = sock.recv(1, socket.MSG_PEEK) == b''
+            except BlockingIOError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed and time.monotonic() - started < 5
+
+
+def test_keep_alive_requests_are_all_answered_on_one_connection(proxy):
+    conn = http.client.HTTPConnection(*proxy.control_address, timeout=WAIT)
+    try:
+        for _ in range(3):
+            conn.request('GET', '/proxy')
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())['enabled']
+            sock = conn.sock
+        conn.request('GET', '/handler')
+        assert conn.getresponse().status == 200 and conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_in_process_options_are_checked_as_on_the_command_line(echo_backend):
+    distant = '%s:%d' % echo_backend.address
+    for options in ({'connect_timeout': 0}, {'max_connections': -1},
+                    {'connect_timeout': 'soon'}, {'http_token': ''}, {'seed': -3}):
+        with pytest.raises(vaurien.ConfigError, match=list(options)[0]):
+            Proxy(LOOP + ':0', distant, **options)
+    proxy = Proxy(LOOP + ':0', distant, connect_timeout='5', max_connections='3')
+    try:
+        assert (proxy.connect_timeout, proxy.max_connections) == (5.0, 3)
+    finally:
+        proxy.server_close()
+
+
+def test_flap_refusals_racing_enable_disable_and_stop(make_proxy, echo_backend, caplog):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('flap', up=0.001, down=0.02, mode='refuse')
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                with socket.create_connection(proxy.address, timeout=1) as sock:
+                    sock.sendall(b'x')
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    with caplog.at_level(logging.ERROR, logger='vaurien'):
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(100):
+                proxy.disable()
+                proxy.enable()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(WAIT)
+    assert 'Traceback' not in caplog.text and 'Error' not in caplog.text
+    proxy.set_handler('normal')
+    proxy.enable()
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_an_ini_file_with_a_bom_is_read(tmp_path, echo_backend):
+    config = tmp_path / 'bom.ini'
+    config.write_bytes(b'\xef\xbb\xbf[vaurien]\ndistant = %s:%d\n' % (
+        echo_backend.address[0].encode(), echo_backend.address[1]))
+    result = run_cli('--config', str(config), '--list-handlers')
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_port_is_ascii_digits():
+    with pytest.raises(vaurien.ConfigError):
+        vaurien.parse_address('localhost:\u0663')
+
+
+@pytest.fixture(scope='module')
+def errors_proxy():
+    backend = Backend(echo)
+    proxy = Proxy(LOOP + ':0', '%s:%d' % backend.address, behavior='100:errors').start()
+    yield proxy
+    proxy.stop()
+    backend.close()
+
+
+STARTUP = struct.pack('!I', 196608) + b'user\x00u\x00database\x00d\x00\x00'
+PROTOCOL_REQUESTS = [
+    b'GET /x HTTP/1.1\r\nHost: a\r\n\r\n',
+    b'PROPFIND /d HTTP/1.1\r\nHost: a\r\nDepth: 1\r\n\r\n',
+    b'PURGE /cache/item HTTP/1.0\r\n\r\n',
+    b'*1\r\n$4\r\nPING\r\n',
+    b'PING\r\n',
+    b'get key\r\n',
+    b'set k 0 0 1\r\nx\r\n',
+    struct.pack('!I', len(STARTUP) + 4) + STARTUP,
+]
+_whole_answers = {}
+
+
+@hsettings(max_examples=60, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=st.sampled_from(PROTOCOL_REQUESTS), data=st.data())
+def test_any_chunking_of_a_request_gets_the_answer_of_the_whole_request(errors_proxy, request,
+                                                                         data):
+    if request not in _whole_answers:
+        _whole_answers[request] = send_in_pieces(errors_proxy.address, [request], pause=0)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(request) - 1), max_size=4)))
+    pieces = [request[start:end] for start, end in zip([0] + cuts, cuts + [len(request)])]
+    assert send_in_pieces(errors_proxy.address, pieces, pause=0.005) == \
+        _whole_answers[request]
+    assert _whole_answers[request][0] == 'eof' and _whole_answers[request][1]

@@ -2296,14 +2296,15 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         """One request, whose head and body must arrive within `timeout` seconds in all
         (the socket's timeout is per read: a caller trickling bytes would hold a thread)."""
-        self.reading = number = getattr(self, 'reading', 0) + 1
+        self.requests = number = getattr(self, 'requests', 0) + 1
+        self.reading = True
         pump = self.server.proxy.pump
         pump.call_soon(pump.call_later, self.timeout, self.expire, number)
         super().handle_one_request()
 
     def expire(self, number):
         """The pump's call: the request `number` is still being read: cut it off."""
-        if self.reading == number:
+        if self.reading and self.requests == number:
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
 
@@ -2325,7 +2326,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                                allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
                                                               else set())))
             body = self.read_body() if method == 'PUT' else self.no_body()
-            self.reading = None
+            self.reading = False
             self.reply(200, getattr(self, methods[method])(body))
         except ApiError as exc:
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
