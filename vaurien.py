@@ -467,14 +467,20 @@ def _check_error_code(settings):
 def errors(source, dest, to_backend, name, settings, proxy):
     """Reads the request, forwards nothing, answers with a protocol error, closes.
 
-    With protocol auto, the client's first bytes tell HTTP, PostgreSQL, Redis
-    and memcached apart (else raw); MySQL and SMTP speak first, so name them:
-    they then get the error as the greeting, without waiting for the client.
+    With protocol auto, the client's first line (or packet) tells HTTP (any
+    method), PostgreSQL, Redis and memcached apart, else raw; a line cut
+    short is waited for, up to 8 KiB or half a second.  A connection open
+    before `errors` was set answers in the protocol its first bytes showed,
+    including MySQL and SMTP, known by their servers' greetings.  A new
+    connection to a MySQL or SMTP server says nothing first: name the
+    protocol, and it gets the error as the greeting, without the backend.
     http: a complete HTTP/1.1 response with `status`, Content-Length and
     Connection: close.  redis: ``-ERR ...``.  memcache: ``SERVER_ERROR ...``.
-    mysql: an ERR packet, 1040 Too many connections.  postgresql: answers an
-    SSLRequest with N, then a FATAL ErrorResponse, SQLSTATE 53300.
-    smtp: a 421 reply.  raw: `message`, or `size` random bytes.
+    mysql: an ERR packet, 1040 Too many connections (a `code` that is no
+    MySQL number, set for another protocol, gives 1040).  postgresql: answers
+    an SSLRequest with N, then a FATAL ErrorResponse, SQLSTATE 53300.
+    smtp: a 421 reply.  raw: `message`, or `size` random bytes.  A client
+    still sending is read until it stops, so it gets the answer.
 
     Settings:
       protocol (auto|http|redis|memcache|mysql|postgresql|smtp|raw, default auto): the protocol answered.
