@@ -3458,9 +3458,40 @@ def test_an_ini_file_with_a_bom_is_read(tmp_path, echo_backend):
     assert result.returncode == 0, result.stderr
 
 
-def test_a_port_is_ascii_digits():
+def test_numbers_are_ascii_digits():
     with pytest.raises(vaurien.ConfigError):
         vaurien.parse_address('localhost:\u0663')
+    for spec in ('\u0663:delay', '1_0:delay'):
+        with pytest.raises(vaurien.ConfigError):
+            vaurien.Behavior(spec, vaurien.default_handlers())
+    with pytest.raises(vaurien.ConfigError):
+        vaurien.Handler('delay', vaurien.delay).validate({'sleep': '\u0663'})
+
+
+def test_tiny_chunks_held_back_count_against_the_high_water_mark(cli_proxy, echo_backend):
+    """A 1-byte chunk costs a queue entry: the reader stops long before a million."""
+    proc = cli_proxy('--distant', '%s:%d' % echo_backend.address)
+    Client(*proc.control).set_handler('delay', sleep=30)
+    before = proc_rss(proc.process.pid)
+    with connect(proc.address) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                sock.send(b'x')
+        assert proc_rss(proc.process.pid) - before < 40 << 20
+
+
+def test_a_timeout_set_again_starts_a_new_clock(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    with connect(proxy.address) as sock:
+        with proxy.with_handler('timeout', timeout=0.3):
+            sock.sendall(b'swallowed')
+            time.sleep(0.1)
+        proxy.set_handler('timeout', timeout=0.3)
+        sock.sendall(b'swallowed too')    # the clock starts again here
+        assert outcome(sock)[0] == 'eof'
 
 
 @pytest.fixture(scope='module')

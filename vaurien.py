@@ -96,6 +96,7 @@ FIRST_BYTES = 256        # bytes of a connection kept to tell its protocol
 CHUNK = 65536            # bytes read at once from a socket, at first
 MAX_CHUNK = 1 << 20      # ... and at most, while reads keep filling the chunk
 HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being read
+ENTRY_COST = 128         # bytes a queued chunk costs beyond its data: 1-byte chunks count
 LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
 MAX_DRAIN = 60.0         # ... while the peer keeps sending: at most this long
 CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
@@ -126,8 +127,11 @@ _FALSE = ('false', 'no', 'off', '0')
 
 
 def parse_value(text):
-    """Type a value from an ini file or a command line: int, float, bool, else str."""
-    for kind in (int, float):
+    """Type a value from an ini file or a command line: int, float, bool, else str.
+
+    Numbers are ASCII: int() would also read other scripts' digits and "1_0".
+    """
+    for kind in (int, float) if text.isascii() and '_' not in text else ():
         try:
             return kind(text)
         except ValueError:
@@ -509,10 +513,9 @@ def _answer_error(source, state, data, settings, final):
         if protocol is None:
             state['start'] = data
             if not state.get('waiting'):
-                state['waiting'], armed = True, conn.current()[0]
-                conn.call_later(FIRST_LINE_WAIT, lambda: 'start' in state
-                                and conn.current()[0] is armed and _answer_error(
-                                    source, state, state.pop('start'), settings, final=True))
+                state['waiting'] = True
+                conn.call_later(FIRST_LINE_WAIT, lambda: 'start' in state and _answer_error(
+                    source, state, state.pop('start'), settings, final=True))
             return None
     if protocol == 'postgresql' and data[4:8] in _PG_ENCRYPTION_REQUESTS:
         source.sendall(b'N')  # no TLS: the client goes on with its StartupMessage
@@ -623,11 +626,10 @@ def slow_close(source, dest, to_backend, name, settings, proxy):
 def _start_timeout(client, backend, name, settings, proxy):
     """Arm the connection's timeout once, whichever handler event comes first."""
     conn = client.connection
-    state = conn.state(name)
+    state = conn.state((name, conn.proxy.epoch))   # set again later: a new clock
     if not state and settings['timeout'] > 0:
         state['armed'] = True
-        conn.call_later(settings['timeout'], lambda: conn.current()[0].name == name
-                        and conn.close())
+        conn.call_later(settings['timeout'], conn.close)
 
 
 @traits(on_connect=_start_timeout)
@@ -876,7 +878,8 @@ class Behavior:
         for entry in entries:
             percent, sep, name = entry.partition(':')
             try:
-                percent = float(percent)
+                percent = float(percent) if percent.isascii() and '_' not in percent \
+                    else None
             except ValueError:
                 percent = None
             if not sep or percent is None or not name.strip():
@@ -1243,7 +1246,7 @@ class Side:
         if self.sock is None and not self.connecting:
             self.connection.connect_backend()
         self._push(due, data, pace)
-        self.queued += len(data)
+        self.queued += len(data) + ENTRY_COST
 
     def _end(self, marker, delay=0.0):
         """Queue the end of this side's stream: _EOF (a FIN) or _RST, once."""
@@ -1330,13 +1333,15 @@ class Connection:
         return self.states.setdefault(key, {})
 
     def call_later(self, seconds, function):
-        """Call `function()` after `seconds`, unless the connection is closing by then.
+        """Call `function()` after `seconds`, unless by then the connection is closing
+        or the handler in force is no longer the one that armed it.
 
         It runs where the caller runs: in the pump, or in the worker of a
         blocking handler.
         """
         due, blocking = time.monotonic() + seconds, not self.pump.in_loop()
-        self._in_loop(self.pump.call_at, due, self._timer, function, blocking)
+        armed = self.current()[0]
+        self._in_loop(self.pump.call_at, due, self._timer, function, blocking, armed)
 
     def close(self):
         """Flush what is queued, send EOF both ways, drain, then close.
@@ -1534,7 +1539,7 @@ class Connection:
         """
         handler = self.current()[0]
         if handler.blocking or self.jobs:
-            self._run_for(handler, self._handle, (side, data), len(data))
+            self._run_for(handler, self._handle, (side, data), len(data) + ENTRY_COST)
         else:
             self._handle(side, data)
 
@@ -1599,8 +1604,8 @@ class Connection:
             return function(*args)
         self.pump.call_soon(function, *args)
 
-    def _timer(self, function, blocking):
-        if self.closing_at is not None or self.released:
+    def _timer(self, function, blocking, armed):
+        if self.closing_at is not None or self.released or self.current()[0] is not armed:
             return
         if blocking and self.worker is not None:
             self._run_for(None, self._call, (function,))
@@ -1663,6 +1668,7 @@ class Connection:
                 entry[0] = now + entry[4]   # a whole piece went out: the next one waits
                 continue
             queue.popleft()
+            side.queued -= ENTRY_COST
             if paced and queue:   # the pause after the last piece holds what follows
                 queue[0][0] = max(queue[0][0], now + entry[4])
         if not queue and self.closing_at is not None:   # flushed: now linger
