@@ -901,6 +901,8 @@ class Behavior:
 
     def draw(self, rng):
         """The name of the handler for one new connection."""
+        if len(self.entries) == 1:
+            return self.entries[0][1]
         point = rng.random() * 100
         for percent, name in self.entries:
             point -= percent
@@ -1381,7 +1383,7 @@ class Connection:
         backend = self.backend
         if backend.sock is None and not backend.connecting and not backend.broken:
             backend.connecting = True
-            self.pump.call_later(self.proxy.connect_timeout, self._connect_expired, None)
+            self.pump.call_later(self.proxy.connect_timeout, self._connect_expired)
             self.proxy.resolve_distant(self._connect_first)
 
     def current(self):
@@ -1454,7 +1456,6 @@ class Connection:
             sock.close()
             return self._connect_next(OSError(code, os.strerror(code)))
         backend.sock = sock
-        self.pump.call_later(self.proxy.connect_timeout, self._connect_expired, sock)
         self.pump.dirty.add(self)
 
     def _connected(self, side):
@@ -1464,8 +1465,10 @@ class Connection:
         side.connecting, self.targets = False, None
         self._flush(side)
 
-    def _connect_expired(self, sock):
-        if self.backend.sock is sock and self.backend.connecting:
+    def _connect_expired(self):
+        """The connect timeout, for resolving and every address tried: the backend failed."""
+        if self.backend.connecting and not self.released:
+            self.targets = None
             self._connect_next(socket.timeout('timed out after %g s' % self.proxy.connect_timeout))
 
     def _backend_failed(self, error):
@@ -1481,10 +1484,18 @@ class Connection:
     # -- events -----------------------------------------------------------------
 
     def on_event(self, side, mask):
-        """The selector's call: `side`'s socket is readable or writable."""
+        """The selector's call: `side`'s socket is readable or writable.
+
+        A chunk read and relayed at once changes nothing the selector
+        watches: the connection is settled only after other events (what
+        queues, closes or drops marks it itself).
+        """
         try:
             if side.connecting:
                 self._connected(side)
+            elif mask == selectors.EVENT_READ:
+                if not self._read(side):
+                    return
             else:
                 if mask & selectors.EVENT_WRITE and side.events & selectors.EVENT_WRITE:
                     self._flush(side)
@@ -1496,12 +1507,13 @@ class Connection:
         self.pump.dirty.add(self)
 
     def _read(self, side):
+        """Read a chunk and hand it over; True when the connection must be settled."""
         try:
             data = side.sock.recv(side.chunk)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
-            return self.lost(side)
+            return self.lost(side) or True
         if len(data) == side.chunk and side.chunk < MAX_CHUNK:
             side.chunk *= 2      # bulk: fewer, larger reads
         elif len(data) < CHUNK and side.chunk > CHUNK:
@@ -1515,6 +1527,7 @@ class Connection:
         elif data:    # a peer still talking is drained, so that no RST hides our answer
             self.closing_at = max(self.closing_at, min(time.monotonic() + LINGER,
                                                        self.drain_until))
+        return not data
 
     def protocol(self):
         """The protocol this connection's first bytes showed, or None (none yet, or raw).
@@ -1538,7 +1551,10 @@ class Connection:
         when a handler is switched from blocking to non-blocking.
         """
         handler = self.current()[0]
-        if handler.blocking or self.jobs:
+        if handler.func is normal and not self.jobs and data:   # the fast way
+            self.handler_name = 'normal'
+            side.peer.sendall(data)
+        elif handler.blocking or self.jobs:
             self._run_for(handler, self._handle, (side, data), len(data) + ENTRY_COST)
         else:
             self._handle(side, data)
@@ -1576,6 +1592,7 @@ class Connection:
             self.worker = _Worker()
         self.jobs += 1
         self.held += size
+        self.pump.dirty.add(self)    # what it holds may stop the reading
         try:
             self.worker.submit(self._job, function, args, size)
         except RuntimeError as exc:
@@ -1719,6 +1736,8 @@ class Connection:
 
     def _next_moment(self, now):
         """When a delayed write falls due or the linger ends: the next wake-up, if any."""
+        if self.closing_at is None and not (self.client.queue or self.backend.queue):
+            return None
         moments = [side.queue[0][0] for side in self.sides
                    if side.queue and side.queue[0][0] > now and not side.broken]
         if self.closing_at is not None and self.closing_at > now:
@@ -1736,6 +1755,8 @@ class Connection:
         self.pump.dirty.add(self)
 
     def _finished(self):
+        if self.closing_at is None and not (self.client.eof_read or self.backend.eof_read):
+            return False          # the steady state, said quickly
         live = [side for side in self.sides
                 if (side.sock is not None or side.connecting) and not side.broken]
         if self.closing_at is not None:
