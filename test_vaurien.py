@@ -3529,3 +3529,103 @@ def test_any_chunking_of_a_request_gets_the_answer_of_the_whole_request(errors_p
     assert send_in_pieces(errors_proxy.address, pieces, pause=0.005) == \
         _whole_answers[request]
     assert _whole_answers[request][0] == 'eof' and _whole_answers[request][1]
+
+
+# ---------------------------------------------------------------------------
+# Regressions found in the review of the pump
+# ---------------------------------------------------------------------------
+
+def answer_then_reset_backend():
+    def serve(sock):
+        sock.recv(100)
+        sock.sendall(b'the answer')
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    return Backend(serve)
+
+
+def test_a_reset_never_overtakes_what_a_blocking_handler_still_holds(make_proxy):
+    def slow_relay(source, dest, to_backend, name, settings, proxy):
+        time.sleep(0.3)
+        dest.sendall(proxy.get_data(source))
+    backend = answer_then_reset_backend()
+    try:
+        handlers = custom_registry(slow_relay=slow_relay)
+        proxy = make_proxy(backend.address, handlers=handlers, behavior='100:slow_relay')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'question')
+            assert outcome(sock) == ('rst', b'the answer')
+    finally:
+        backend.close()
+
+
+def test_a_reset_after_a_half_close_reaches_the_backend_when_it_writes(make_proxy):
+    results = []
+
+    def serve(sock):
+        read_all(sock)                       # the request, then EOF
+        time.sleep(0.3)                      # the client resets meanwhile
+        for _ in range(5):
+            try:
+                sock.sendall(b'x' * 1000)
+            except OSError as exc:
+                return results.append(type(exc).__name__)
+            time.sleep(0.1)
+        results.append('never refused')
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        sock = connect(proxy.address)
+        sock.sendall(b'request')
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        sock.close()
+        wait_for(lambda: results, what='the backend to write')
+        assert results[0] in ('BrokenPipeError', 'ConnectionResetError')
+    finally:
+        backend.close()
+
+
+def test_refuse_for_from_any_thread_reopens_on_time(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.refuse_for(0.3)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proxy.address, timeout=WAIT)
+    wait_for(lambda: proxy.status()['enabled'], deadline=3, what='the listener to reopen')
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_start_during_a_refusal_leaves_it_alone(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('flap', up=0.001, down=1.0, mode='refuse')
+    time.sleep(0.01)
+    with pytest.raises(ConnectionResetError):           # found the outage
+        with connect(proxy.address) as sock:
+            sock.recv(1)
+    proxy.start()
+    with pytest.raises(ConnectionRefusedError):          # still refused, as a server down
+        socket.create_connection(proxy.address, timeout=WAIT)
+
+
+def test_a_stopped_proxy_cannot_be_driven_by_a_kept_alive_client(echo_backend):
+    proxy = Proxy(LOOP + ':0', '%s:%d' % echo_backend.address, http=True, http_port=0)
+    proxy.start()
+    client = Client(*proxy.control_address)
+    assert client.status()['enabled']
+    proxy.stop()
+    with pytest.raises(vaurien.VaurienError):
+        client.enable()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proxy.address, timeout=WAIT)
+
+
+def test_a_backend_name_that_cannot_be_resolved_fails_each_connection_cleanly(make_proxy,
+                                                                             caplog):
+    proxy = make_proxy(('a' * 64 + '.example', 80))      # a label over 63: UnicodeError
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        for _ in range(3):
+            with connect(proxy.address) as sock:
+                assert outcome(sock)[0] in ('eof', 'rst')
+    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    assert caplog.text.count('unreachable') == 3

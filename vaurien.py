@@ -496,7 +496,7 @@ def errors(source, dest, to_backend, name, settings, proxy):
     data = proxy.get_data(source)
     if not to_backend:
         return HOLD_EOF  # whatever the backend says is dropped
-    state = source.connection.state(name)
+    state = source.connection.state((name, proxy.epoch))   # set again: a fresh start
     data = state.pop('start', b'') + data
     if not data:
         return False
@@ -1009,7 +1009,8 @@ class Pump:
 
     @staticmethod
     def cancel(timer):
-        timer[2] = _ignore
+        """Make `timer` do nothing (and hold nothing) when it falls due."""
+        timer[2], timer[3] = _ignore, ()
 
     def starved(self, exc, what):
         """Out of descriptors: one error line for each episode (it ends after a second
@@ -1070,7 +1071,12 @@ class Pump:
             self._run_ready()
         dirty = self.dirty
         while dirty:
-            dirty.pop().settle()
+            conn = dirty.pop()
+            try:
+                conn.settle()
+            except Exception:   # a bug of ours: that connection ends, the others go on
+                log.exception('connection #%d failed', conn.index)
+                self.guarded(conn.kill, ())
 
     def _timeout(self):
         if self.ready:
@@ -1145,7 +1151,11 @@ class _Worker:
             self.jobs.append((function, args))
             if self.running:
                 return self.condition.notify()
-            _thread.start_new_thread(self._run, ())   # RuntimeError: no thread to be had
+            try:
+                _thread.start_new_thread(self._run, ())
+            except RuntimeError:     # no thread to be had: the job is not taken
+                self.jobs.pop()
+                raise
             self.running = True
 
     def _run(self):
@@ -1247,6 +1257,8 @@ class Side:
             return
         if self.sock is None and not self.connecting:
             self.connection.connect_backend()
+        if isinstance(data, bytearray):   # the handler may change it while it waits
+            data = bytes(data)
         self._push(due, data, pace)
         self.queued += len(data) + ENTRY_COST
 
@@ -1255,6 +1267,8 @@ class Side:
         if _thread.get_ident() != self.connection.pump.ident:
             return self.connection.pump.call_soon(self._end, marker, delay)
         if self.eof_queued:
+            if marker is _RST:
+                self._reset_instead()
             return
         self.eof_queued = True
         if (self.sock is None and not self.connecting) or self.broken:
@@ -1265,6 +1279,14 @@ class Side:
             self.eof_sent = True
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
+
+    def _reset_instead(self):
+        """A reset after the EOF was queued or sent: it replaces the EOF still queued,
+        or resets a stream already ended (its peer may still be writing)."""
+        if self.queue and self.queue[-1][1] is _EOF:
+            self.queue[-1][1] = _RST
+        elif self.eof_sent and not self.broken:
+            self.connection._drop(self, reset=True)
 
     def _push(self, due, data, pace=None):
         """Queue `data` (or a marker) due at `due`, after what is queued.
@@ -1291,7 +1313,7 @@ class Connection:
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
                  'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held',
-                 'first')
+                 'first', 'connect_timer')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -1313,6 +1335,7 @@ class Connection:
         self.released = False
         self.wake_at = None       # when the pump is to look at this connection again
         self.targets = None       # backend addresses still to try
+        self.connect_timer = None
         self.worker = None        # the _Worker of blocking handlers, once needed
         self.jobs = 0             # calls handed to the worker whose effects are not all in
         self.held = 0             # bytes of those calls
@@ -1371,9 +1394,15 @@ class Connection:
         self.close()
 
     def lost(self, side):
-        """`side` failed (reset, broken pipe): reset the other one too, after what it has."""
+        """`side` failed (reset, broken pipe): reset the other one too, after what it has
+        (chunks still in the worker included)."""
         self._drop(side)
-        side.peer._end(_RST)
+        if self.jobs:
+            return self._run_for(None, self._reset_after, (side.peer,))
+        self._reset_after(side.peer)
+
+    def _reset_after(self, side):
+        side._end(_RST)
         self.close()
 
     def connect_backend(self):
@@ -1383,7 +1412,8 @@ class Connection:
         backend = self.backend
         if backend.sock is None and not backend.connecting and not backend.broken:
             backend.connecting = True
-            self.pump.call_later(self.proxy.connect_timeout, self._connect_expired)
+            self.connect_timer = self.pump.call_later(self.proxy.connect_timeout,
+                                                      self._connect_expired)
             self.proxy.resolve_distant(self._connect_first)
 
     def current(self):
@@ -1463,6 +1493,7 @@ class Connection:
         if code:
             return self._connect_next(OSError(code, os.strerror(code)))
         side.connecting, self.targets = False, None
+        self.pump.cancel(self.connect_timer)
         self._flush(side)
 
     def _connect_expired(self):
@@ -1560,6 +1591,8 @@ class Connection:
             self._handle(side, data)
 
     def _handle(self, side, data):
+        if self.released:    # killed while this chunk waited in the worker
+            return
         handler, settings = self._in_force()
         side.data = data
         started = time.perf_counter()
@@ -1668,7 +1701,8 @@ class Connection:
             entry = queue[0]
             paced = len(entry) > 2
             if paced and not entry[3]:    # a new piece: its size, and the pause after it
-                entry[3], entry[4] = entry[2](len(data))
+                size, entry[4] = entry[2](len(data))
+                entry[3] = max(1, int(size))
             try:
                 sent = side.sock.send(memoryview(data)[:entry[3]] if paced else data)
             except (BlockingIOError, InterruptedError):
@@ -1785,6 +1819,8 @@ class Connection:
         if self.released:
             return
         self.released = True
+        if self.connect_timer is not None:
+            self.pump.cancel(self.connect_timer)
         try:
             for side in self.sides:
                 self._drop(side, reset=bool(side.queue))   # bytes left: never a clean EOF
@@ -1962,8 +1998,12 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             threading.Thread(target=self.control.serve_forever, args=(0.05,),
                              name='vaurien-control', daemon=True).start()
         self._stopped.clear()
-        self.pump.call(self._listen)
+        self.pump.call(self._start)
         return self
+
+    def _start(self):
+        if self._refusal is None:    # a refusal in course reopens the listener itself
+            self._listen()
 
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection and the control API.
@@ -1971,6 +2011,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         Waits up to `timeout` seconds in all for the connections to end.
         """
         if self.control is not None:
+            self.control.stopped = True     # its keep-alive callers too
             self.control.shutdown()
             self.control.server_close()
             self.control = None
@@ -2021,7 +2062,10 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return self.status()
 
     def refuse_for(self, seconds):
-        """Refuse new connections for `seconds`, keeping live ones (in the pump)."""
+        """Refuse new connections for `seconds`, keeping live ones."""
+        self.pump.call(self._refuse_for, seconds)
+
+    def _refuse_for(self, seconds):
         if not self.enabled or self._refusal is not None:
             return
         self._close_listener()
@@ -2121,7 +2165,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._accepted += 1
         with self._lock:
             self._connections.add(conn)
-        conn.open()
+        try:
+            conn.open()
+        except Exception:
+            conn.kill()      # forgotten, its sockets closed; the error is logged
+            raise
 
     def resolve_distant(self, callback):
         """Call ``callback(addresses, error)`` in the pump with the backend's addresses.
@@ -2139,15 +2187,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             return None
         if _is_ip(self.distant[0]):
             return self._resolved(*self._lookup())
-        return threading.Thread(target=lambda: self.pump.call_soon(
-            self._resolved, *self._lookup()), name='vaurien-resolve', daemon=True).start()
+        try:
+            threading.Thread(target=lambda: self.pump.call_soon(
+                self._resolved, *self._lookup()), name='vaurien-resolve', daemon=True).start()
+        except RuntimeError as exc:    # no thread to be had
+            self._resolved(None, exc, 0)
 
     def _lookup(self):
         """(addresses, None) or (None, the error), and until when they hold."""
         host, port = self.distant
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except Exception as exc:    # OSError, or UnicodeError for a label too long
             return None, exc, 0
         until = math.inf if _is_ip(host) else time.monotonic() + RESOLVE_TTL
         return [(info[0], info[4]) for info in infos], None, until
@@ -2256,6 +2307,7 @@ class ControlServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, proxy, host='localhost', port=8080, token=None):
         self.proxy, self.token = proxy, token
+        self.stopped = False
         self.tokens = {token.encode('utf-8')} if token else set()   # what a client sends:
         with contextlib.suppress(UnicodeEncodeError, AttributeError):   # UTF-8, or Latin-1
             self.tokens.add(token.encode('latin-1'))
@@ -2349,6 +2401,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def serve(self, method):
         try:
+            if self.server.stopped:
+                raise ApiError(503, 'this proxy is stopped')
             self.check_caller()
             methods = self.ROUTES.get(self.path.split('?')[0].rstrip('/') or '/')
             if methods is None:
