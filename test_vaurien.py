@@ -3629,3 +3629,15 @@ def test_a_backend_name_that_cannot_be_resolved_fails_each_connection_cleanly(ma
                 assert outcome(sock)[0] in ('eof', 'rst')
     wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
     assert caplog.text.count('unreachable') == 3
+
+
+def test_corrupting_every_byte_of_megabytes_holds_nobody_up(make_proxy, echo_backend, caplog):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('corrupt', ratio=1, direction='to_backend')
+    payload = bytes(4 << 20)
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        with connect(proxy.address) as sock:
+            threading.Thread(target=sock.sendall, args=(payload,), daemon=True).start()
+            got = read_exactly(sock, len(payload), 60)
+    assert all(bin(byte).count('1') == 1 for byte in got[:100000])
+    assert 'in the pump' not in caplog.text       # no call held the pump 50 ms
