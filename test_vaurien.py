@@ -1502,23 +1502,20 @@ def test_soak_a_1gb_stream_arrives_intact(make_proxy):
         backend.close()
 
 
-def test_soak_switching_handlers_on_a_live_stream_keeps_every_number_in_order(proxy):
+def stream_numbers_while_switching(proxy, cycle):
+    """Stream 65,535 sequence numbers through `proxy` and back while the handler is
+    switched through `cycle` ((name, settings) pairs) at least 300 times."""
     client = Client(*proxy.control_address)
-    count = 65535
-    numbers = b''.join(struct.pack('!I', i) for i in range(count))
+    numbers = b''.join(struct.pack('!I', i) for i in range(65535))
     received = bytearray()
     stop = threading.Event()
 
     def toggle():
         switches = 0
-        while not stop.is_set() or switches < 300:
-            if switches % 2:
-                client.set_handler('normal')
-            else:
-                client.set_handler('delay', sleep=0.002, jitter=0.001, direction='both')
+        while (not stop.is_set() or switches < 300) and switches < 2000:
+            name, settings = cycle[switches % len(cycle)]
+            client.set_handler(name, **settings)
             switches += 1
-            if switches >= 2000:
-                break
         toggle.switches = switches
     with connect(proxy.address) as sock:
         toggler = threading.Thread(target=toggle)
@@ -1535,6 +1532,11 @@ def test_soak_switching_handlers_on_a_live_stream_keeps_every_number_in_order(pr
         reader.join(120)
     assert toggle.switches >= 300
     assert bytes(received) == numbers
+
+
+def test_soak_switching_handlers_on_a_live_stream_keeps_every_number_in_order(proxy):
+    stream_numbers_while_switching(proxy, [
+        ('delay', {'sleep': 0.002, 'jitter': 0.001, 'direction': 'both'}), ('normal', {})])
 
 
 # ---------------------------------------------------------------------------
@@ -1590,35 +1592,9 @@ def test_switching_between_blocking_and_loop_handlers_keeps_every_number_in_orde
         make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address, handlers=gate_registry(threading.Event()),
                        http=True)
-    client = Client(*proxy.control_address)
-    numbers = b''.join(struct.pack('!I', i) for i in range(65535))
-    received = bytearray()
-    stop = threading.Event()
-    cycle = [('sleepy', {}), ('normal', {}), ('delay', {'sleep': 0.002, 'direction': 'both'}),
-             ('sleepy', {}), ('delay', {'sleep': 0.001, 'direction': 'to_client'})]
-
-    def toggle():
-        switches = 0
-        while (not stop.is_set() or switches < 300) and switches < 2000:
-            name, settings = cycle[switches % len(cycle)]
-            client.set_handler(name, **settings)
-            switches += 1
-        toggle.switches = switches
-    with connect(proxy.address) as sock:
-        toggler = threading.Thread(target=toggle)
-        toggler.start()
-        reader = threading.Thread(target=lambda: received.extend(read_all(sock, 120)))
-        reader.start()
-        for start in range(0, len(numbers), 400):
-            sock.sendall(numbers[start:start + 400])
-            if start % 40000 == 0:
-                time.sleep(0.01)
-        stop.set()
-        toggler.join(120)
-        sock.shutdown(socket.SHUT_WR)
-        reader.join(120)
-    assert toggle.switches >= 300
-    assert bytes(received) == numbers
+    stream_numbers_while_switching(proxy, [
+        ('sleepy', {}), ('normal', {}), ('delay', {'sleep': 0.002, 'direction': 'both'}),
+        ('sleepy', {}), ('delay', {'sleep': 0.001, 'direction': 'to_client'})])
 
 
 def test_a_handler_that_holds_the_pump_up_is_logged_once(make_proxy, echo_backend, caplog):
