@@ -1198,10 +1198,6 @@ class _Worker:
             function(*args)
 
 
-class BackendDown(Exception):
-    """The backend could not be reached; the connection ends with one log line."""
-
-
 class Side:
     """One end of a relayed connection, as handlers see it (`source`, `dest`).
 
