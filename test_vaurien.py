@@ -1629,24 +1629,40 @@ def cpu_seconds(pid):
 def fill_up(address, count, patience):
     """Open `count` connections that each send a byte; return them, and what each got
     back within `patience` seconds: b'x' (served), b'' (EOF), None (reset) or 'open'."""
-    held = []
+    held, refused = [], 0
     for _ in range(count):
-        sock = connect(address)
-        sock.sendall(b'x')
-        held.append(sock)
+        sock = connect_or_none(address)
+        if sock is None:
+            refused += 1        # reset while connecting: ended at once, too
+        else:
+            held.append(sock)
     ends = {}
     with selectors.DefaultSelector() as selector:
         for sock in held:
             selector.register(sock, selectors.EVENT_READ)
         deadline = time.monotonic() + patience
-        while len(ends) < count and time.monotonic() < deadline:
+        while len(ends) < len(held) and time.monotonic() < deadline:
             for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
                 try:
                     ends[key.fileobj] = key.fileobj.recv(1)
                 except ConnectionResetError:
                     ends[key.fileobj] = None
                 selector.unregister(key.fileobj)
-    return held, [ends.get(sock, 'open') for sock in held]
+    return held, [ends.get(sock, 'open') for sock in held] + [None] * refused
+
+
+def connect_or_none(address):
+    """A connection that sent a byte; None if it was reset first (at connect, or send)."""
+    try:
+        sock = connect(address)
+    except ConnectionResetError:
+        return None
+    try:
+        sock.sendall(b'x')
+    except ConnectionResetError:
+        sock.close()
+        return None
+    return sock
 
 
 def test_at_the_descriptor_limit_excess_connections_end_at_once_and_service_resumes(
