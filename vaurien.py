@@ -2147,6 +2147,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         """The pump's call: accept what waits, through get_request, verify_request and
         process_request, as socketserver does."""
         for _ in range(self.pump.ACCEPT_BATCH):
+            if not self._accepting:     # closed by a connection just opened (flap)
+                return
             try:
                 request, client_address = self.get_request()
             except (BlockingIOError, InterruptedError):
