@@ -988,7 +988,7 @@ class Pump:
         self.pid = os.getpid()
         thread = threading.Thread(target=self._run, name='vaurien-pump', daemon=True)
         thread.start()
-        self.ident = thread.ident
+        self.ident = thread.ident     # the same as the loop sets first, before any event
 
     # -- what other threads and the loop use --------------------------------------------
 
@@ -1084,6 +1084,7 @@ class Pump:
     # -- the loop ---------------------------------------------------------------------------
 
     def _run(self):
+        self.ident = _thread.get_ident()
         while True:
             try:
                 self._round()
