@@ -1199,6 +1199,18 @@ class _Worker:
             function(*args)
 
 
+def _in_pump(method):
+    """Make a method of a Connection or Side run in the pump: called from another
+    thread (a blocking handler's worker), it is handed over there, in order."""
+    @functools.wraps(method)
+    def handed_over(self, *args):
+        pump = self.pump
+        if _thread.get_ident() != pump.ident:
+            return pump.call_soon(method, self, *args)
+        return method(self, *args)
+    return handed_over
+
+
 class Side:
     """One end of a relayed connection, as handlers see it (`source`, `dest`).
 
@@ -1234,6 +1246,10 @@ class Side:
 
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
+
+    @property
+    def pump(self):
+        return self.connection.pump
 
     def sendall(self, data, delay=0.0, pace=None):
         """Send `data` to this side, `delay` seconds from now, after what is queued.
@@ -1287,10 +1303,9 @@ class Side:
         self._push(due, data, pace)
         self.queued += len(data) + ENTRY_COST
 
+    @_in_pump
     def _end(self, marker, delay=0.0):
         """Queue the end of this side's stream: _EOF (a FIN) or _RST, once."""
-        if _thread.get_ident() != self.connection.pump.ident:
-            return self.connection.pump.call_soon(self._end, marker, delay)
         if self.eof_queued:
             if marker is _RST:
                 self._reset_instead()
@@ -1393,6 +1408,7 @@ class Connection:
         armed = self.current()[0]
         self._in_loop(self.pump.call_at, due, self._timer, function, blocking, armed)
 
+    @_in_pump
     def close(self):
         """Flush what is queued, send EOF both ways, drain, then close.
 
@@ -1401,8 +1417,6 @@ class Connection:
         later.  Killed with bytes still queued, a side is reset, so that a
         truncation is never mistaken for a whole answer.
         """
-        if not self.pump.in_loop():
-            return self.pump.call_soon(self.close)
         if self.closing_at is None:
             now = time.monotonic()
             self.closing_at = max(self.client.last_due, self.backend.last_due, now) + LINGER
@@ -1411,10 +1425,9 @@ class Connection:
                 side.shutdown()
         self.pump.dirty.add(self)
 
+    @_in_pump
     def abort(self, side):
         """Reset `side` now and close the other one."""
-        if not self.pump.in_loop():
-            return self.pump.call_soon(self.abort, side)
         self._drop(side, reset=True)
         self.close()
 
@@ -1430,10 +1443,9 @@ class Connection:
         side._end(_RST)
         self.close()
 
+    @_in_pump
     def connect_backend(self):
         """Start connecting to the backend (once); what is sent there waits meanwhile."""
-        if not self.pump.in_loop():
-            return self.pump.call_soon(self.connect_backend)
         backend = self.backend
         if backend.sock is None and not backend.connecting and not backend.broken:
             backend.connecting = True
@@ -1449,10 +1461,9 @@ class Connection:
         handler = self.proxy.handlers[self.drawn]
         return handler, handler.settings
 
+    @_in_pump
     def kill(self):
         """End the connection at once (from any thread): a side holding bytes is reset."""
-        if not self.pump.in_loop():
-            return self.pump.call_soon(self.kill)
         self._release()
 
     # -- opening ------------------------------------------------------------------
