@@ -923,7 +923,8 @@ def test_version_help_and_list_handlers():
         assert flag in helptext
     listing = run_cli('--list-handlers').stdout
     assert 'delay: Delays each chunk' in listing
-    assert 'sleep (float >= 0, default 1.0): seconds each chunk is held.' in listing
+    assert 'sleep (seconds >= 0, default 1.0): seconds each chunk is held.' in listing
+    assert 'Units: a setting of type seconds' in listing
     assert 'blackout: Closes the connection at once' in listing
 
 
@@ -3633,3 +3634,48 @@ def test_corrupting_every_byte_of_megabytes_holds_nobody_up(make_proxy, echo_bac
             got = read_exactly(sock, len(payload), 60)
     assert all(bin(byte).count('1') == 1 for byte in got[:100000])
     assert 'in the pump' not in caplog.text       # no call held the pump 50 ms
+
+
+# ---------------------------------------------------------------------------
+# A new user's suite: units, own handlers, errors that name what is wrong
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name,key,written,typed', [
+    ('delay', 'sleep', '500ms', 0.5), ('delay', 'sleep', '2s', 2.0),
+    ('delay', 'sleep', '1.5m', 90.0), ('delay', 'sleep', '250us', 0.00025),
+    ('delay', 'sleep', '500', 500.0), ('delay', 'sleep', 0.25, 0.25),
+    ('bandwidth', 'rate', '100KB', 100000), ('bandwidth', 'rate', '100kB/s', 100000),
+    ('bandwidth', 'rate', '64KiB', 65536), ('bandwidth', 'rate', '1.5MB', 1500000),
+    ('bandwidth', 'rate', '2048', 2048), ('limit_data', 'bytes', '1MiB', 1 << 20),
+    ('flap', 'up', '100ms', 0.1), ('slicer', 'delay', '10ms', 0.01),
+])
+def test_settings_take_units_as_people_write_them(name, key, written, typed):
+    handler = vaurien.default_handlers()[name]
+    value = handler.validate({key: written})[key]
+    assert value == pytest.approx(typed) and type(value) is type(typed)
+
+
+@pytest.mark.parametrize('name,key,written', [
+    ('delay', 'sleep', '5 parsecs'), ('delay', 'sleep', '5ms/s'), ('delay', 'sleep', '-1ms'),
+    ('bandwidth', 'rate', '0.5B'), ('bandwidth', 'rate', '1.5'), ('bandwidth', 'rate', '10Kb/m'),
+    ('limit_data', 'bytes', '1s'),
+])
+def test_settings_with_a_wrong_unit_are_refused_saying_which_units_go(name, key, written):
+    handler = vaurien.default_handlers()[name]
+    with pytest.raises(vaurien.ConfigError) as error:
+        handler.validate({key: written})
+    assert '%s = %r' % (key, written) in str(error.value)
+    assert 'with a unit: ' in str(error.value)
+
+
+def test_units_in_a_config_file_and_through_the_api_reach_the_wire(tmp_path, echo_backend,
+                                                                  cli_proxy):
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:delay\n'
+                'connect_timeout = 2s\n[handler:delay]\nsleep = 300ms\n' % echo_backend.address)
+    proc = cli_proxy('--config', ini)
+    started = time.monotonic()
+    assert round_trip(proc.address) == b'ping'
+    assert 0.3 <= time.monotonic() - started < WAIT     # 300 ms, not 300 s
+    client = Client(*proc.control)
+    assert client.set_handler('delay', sleep='200ms')['settings']['sleep'] == 0.2
+    assert client.set_handler('bandwidth', rate='100kB/s')['settings']['rate'] == 100000

@@ -120,8 +120,16 @@ class ConfigError(VaurienError):
 _SETTING_LINE = re.compile(
     r'^\s*(?P<name>[a-z_][a-z0-9_]*) \((?P<type>[^,]+), default (?P<default>.*?)\):'
     r'\s*(?P<help>.*)$')
-_BOUNDS = re.compile(r'^(?P<type>int|float) (?:(?P<low>[-\d.]+)\.\.(?P<high>[-\d.]+)'
-                     r'|>= (?P<min>[-\d.]+))$')
+_BOUNDS = re.compile(r'^(?P<type>int|float|seconds|bytes)'
+                     r'(?: (?P<low>[-\d.]+)\.\.(?P<high>[-\d.]+)| >= (?P<min>[-\d.]+))?$')
+_QUANTITY = re.compile(r'^(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*'
+                       r'(?P<unit>[a-zA-Z]*)(?P<per_second>/s)?$')
+#: The units a setting of type seconds or bytes may be written with (any case).
+UNITS = {
+    'seconds': {'': 1, 's': 1, 'us': 1e-6, 'ms': 1e-3, 'm': 60, 'min': 60, 'h': 3600},
+    'bytes': {'': 1, 'b': 1, 'kb': 10 ** 3, 'mb': 10 ** 6, 'gb': 10 ** 9,
+              'kib': 1 << 10, 'mib': 1 << 20, 'gib': 1 << 30},
+}
 _TRUE = ('true', 'yes', 'on', '1')
 _FALSE = ('false', 'no', 'off', '0')
 
@@ -153,13 +161,14 @@ class Setting:
             self.type = bounds['type']
             if bounds['min'] is not None:
                 self.low = float(bounds['min'])
-            else:
+            elif bounds['low'] is not None:
                 self.low, self.high = float(bounds['low']), float(bounds['high'])
         elif '|' in kind:
             self.type, self.choices = 'choice', kind.split('|')
         else:
             self.type = kind
-        if self.type not in ('int', 'float', 'bool', 'str', 'choice', 'address'):
+        if self.type not in ('int', 'float', 'seconds', 'bytes', 'bool', 'str', 'choice',
+                             'address'):
             raise ValueError('setting %s: unknown type %r' % (name, kind))
         self.kind = kind
         self.default = None if default == 'none' else self.convert(default)
@@ -167,7 +176,9 @@ class Setting:
     def convert(self, value):
         """Return `value` typed and checked, or raise ValueError saying why."""
         wanted = 'expected %s' % self.kind
-        if self.type in ('int', 'float'):
+        if self.type in UNITS:
+            wanted += ' (%s)' % _UNIT_HELP[self.type]
+        if self.type in ('int', 'float') or self.type in UNITS:
             try:
                 return self._number(value)
             except (OverflowError, ValueError):
@@ -191,11 +202,12 @@ class Setting:
 
     def _number(self, value):
         if isinstance(value, str):
-            value = parse_value(value.strip())
+            value = parse_quantity(value, self.type) if self.type in UNITS \
+                else parse_value(value.strip())
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value):
             raise ValueError
-        typed = float(value) if self.type == 'float' else int(value)
+        typed = float(value) if self.type in ('float', 'seconds') else int(value)
         if typed != value or (self.low is not None and typed < self.low) \
                 or (self.high is not None and typed > self.high):
             raise ValueError
@@ -203,6 +215,36 @@ class Setting:
 
     def describe(self):
         return '%s (%s, default %s): %s' % (self.name, self.kind, self.default, self.help)
+
+
+_UNIT_HELP = {'seconds': 'seconds, or with a unit: 500ms, 2s, 1.5m, 1h',
+              'bytes': 'bytes, or with a unit: 100KB, 64KiB, 1MB, 1MiB; /s for rates'}
+
+
+UNITS_NOTE = ('\nUnits: a setting of type seconds takes a bare number of seconds, or 500ms, 2s, '
+              '1.5m, 1h (also us); one of type bytes a bare number of bytes, or 100KB (kB, '
+              'KB: 1000 bytes), 64KiB (1024), 1MB, 1MiB, 1GB, 1GiB, with /s allowed for '
+              'rates: 100kB/s.')
+
+
+def parse_quantity(text, kind):
+    """A number of seconds or bytes, written bare or with a unit: '500ms', '100kB/s'.
+
+    Raises ValueError for anything else; "/s" is taken for rates, of bytes.
+    """
+    match = _QUANTITY.match(text.strip()) if text.isascii() else None
+    if match is None or (match['per_second'] and kind != 'bytes'):
+        raise ValueError
+    factor = UNITS[kind].get(match['unit'].lower())
+    if factor is None:
+        raise ValueError
+    number = float(match['number']) * factor
+    if kind == 'bytes':
+        rounded = round(number)
+        if abs(number - rounded) > 1e-6 * max(1, abs(number)):
+            raise ValueError     # a fraction of a byte
+        return rounded
+    return number
 
 
 def parse_settings_doc(doc):
@@ -316,8 +358,8 @@ def delay(source, dest, to_backend, name, settings, proxy):
     and the other direction keeps flowing meanwhile.
 
     Settings:
-      sleep (float >= 0, default 1): seconds each chunk is held.
-      jitter (float >= 0, default 0): up to this many seconds more or less, drawn per chunk.
+      sleep (seconds >= 0, default 1): seconds each chunk is held.
+      jitter (seconds >= 0, default 0): up to this many seconds more or less, drawn per chunk.
       direction (to_backend|to_client|both, default to_backend): the traffic delayed.
     """
     data = proxy.get_data(source)
@@ -491,7 +533,7 @@ def errors(source, dest, to_backend, name, settings, proxy):
       status (int 100..599, default 503): HTTP status code.
       message (str, default ): error text; empty for the protocol's usual one.
       code (str, default ): MySQL error number, PostgreSQL SQLSTATE or SMTP reply code; empty for the default.
-      size (int 0..1048576, default 64): random bytes answered for raw, when `message` is empty.
+      size (bytes 0..1048576, default 64): random bytes answered for raw, when `message` is empty.
     """
     data = proxy.get_data(source)
     if not to_backend:
@@ -583,7 +625,7 @@ def bandwidth(source, dest, to_backend, name, settings, proxy):
     Data goes out in pieces of a tenth of a second of traffic at most.
 
     Settings:
-      rate (int >= 1, default 10240): bytes per second.
+      rate (bytes >= 1, default 10240): bytes per second.
       direction (to_backend|to_client|both, default to_client): the traffic limited.
     """
     rate = settings['rate']
@@ -600,9 +642,9 @@ def slicer(source, dest, to_backend, name, settings, proxy):
     """Splits data into small pieces sent apart; every byte arrives, in order.
 
     Settings:
-      size (int >= 1, default 64): average bytes per piece.
-      variation (int >= 0, default 0): pieces are `size` plus or minus up to this many bytes.
-      delay (float >= 0, default 0.001): seconds between pieces.
+      size (bytes >= 1, default 64): average bytes per piece.
+      variation (bytes >= 0, default 0): pieces are `size` plus or minus up to this many bytes.
+      delay (seconds >= 0, default 0.001): seconds between pieces.
       direction (to_backend|to_client|both, default to_client): the traffic sliced.
     """
     rng, size, spread = source.connection.random, settings['size'], settings['variation']
@@ -614,7 +656,7 @@ def slow_close(source, dest, to_backend, name, settings, proxy):
     """Relays normally, but holds each close (EOF) back for `delay` seconds.
 
     Settings:
-      delay (float >= 0, default 1): seconds the close waits.
+      delay (seconds >= 0, default 1): seconds the close waits.
     """
     data = proxy.get_data(source)
     if data:
@@ -640,7 +682,7 @@ def timeout(source, dest, to_backend, name, settings, proxy):
     sees it, if it was set while the connection was open).
 
     Settings:
-      timeout (float >= 0, default 1): seconds until the close; 0 never closes.
+      timeout (seconds >= 0, default 1): seconds until the close; 0 never closes.
       direction (to_backend|to_client|both, default both): the traffic swallowed.
     """
     client, backend = (source, dest) if to_backend else (dest, source)
@@ -656,7 +698,7 @@ def limit_data(source, dest, to_backend, name, settings, proxy):
     """Relays `bytes` bytes in the given direction, then closes the connection.
 
     Settings:
-      bytes (int >= 0, default 1024): bytes relayed before the close.
+      bytes (bytes >= 0, default 1024): bytes relayed before the close.
       direction (to_backend|to_client|both, default to_client): the traffic counted.
     """
     data = proxy.get_data(source)
@@ -705,7 +747,7 @@ def transient(source, dest, to_backend, name, settings, proxy):
 
     Settings:
       count (int >= 0, default 3): connections that fail.
-      period (float >= 0, default 0): when above 0, the connections opened in the first `period` seconds fail instead.
+      period (seconds >= 0, default 0): when above 0, the connections opened in the first `period` seconds fail instead.
       protocol (auto|http|redis|memcache|mysql|postgresql|smtp|raw, default auto): the protocol of the errors.
     """
     failing = _failing(source.connection, settings)
@@ -735,8 +777,8 @@ def flap(source, dest, to_backend, name, settings, proxy):
     found the outage is reset).  Connections opened while up keep working.
 
     Settings:
-      up (float >= 0.001, default 5): seconds of service.
-      down (float >= 0.001, default 5): seconds of outage.
+      up (seconds >= 0.001, default 5): seconds of service.
+      down (seconds >= 0.001, default 5): seconds of outage.
       mode (refuse|blackout, default blackout): what new connections meet in an outage.
     """
     return normal(source, dest, to_backend, name, settings, proxy)
@@ -2771,7 +2813,7 @@ OPTIONS = {s.name: s for s in (
     Setting('http_host', 'str', 'localhost', 'host of the control API.'),
     Setting('http_port', 'int 0..65535', '8080', 'port of the control API.'),
     Setting('http_token', 'str', 'none', 'bearer token the control API requires.'),
-    Setting('connect_timeout', 'float >= 0.001', str(CONNECT_TIMEOUT),
+    Setting('connect_timeout', 'seconds >= 0.001', str(CONNECT_TIMEOUT),
             'seconds to connect to the backend.'),
     Setting('max_connections', 'int >= 0', '0', 'connections open at once; 0: no limit.'),
     Setting('log_level', 'debug|info|warning|error', 'info', 'what is logged.'),
@@ -2922,6 +2964,7 @@ def list_handlers(handlers):
             lines.append('    %s' % setting.describe())
             if handler.settings.get(key) != setting.default:
                 lines.append('        configured: %s' % handler.settings[key])
+    lines.append(UNITS_NOTE)
     return '\n'.join(lines)
 
 

@@ -66,7 +66,7 @@ def slow_paths(source, dest, to_backend, name, settings, proxy):
 
     Settings:
       pattern (str, default ^/slow): regular expression searched in the request target.
-      sleep (float >= 0, default 2): seconds a matching request is held.
+      sleep (seconds >= 0, default 2): seconds a matching request is held.
     """
     data = proxy.get_data(source)
     if to_backend and data and _matches(source, name, settings, data):

@@ -87,7 +87,7 @@ def loading(source, dest, to_backend, name, settings, proxy):
     and a live connection's next chunk is taken to start a command.
 
     Settings:
-      warmup (float >= 0, default 5): seconds the dataset takes to load.
+      warmup (seconds >= 0, default 5): seconds the dataset takes to load.
       since (handler|connection, default handler): when the warmup starts: handler set (or proxy start), or connection open.
     """
     data = proxy.get_data(source)
