@@ -2161,7 +2161,8 @@ def test_any_setting_value_is_typed_or_refused(target, value):
         assert key in str(exc) and '\n' not in str(exc)
     else:
         kind = handler.schema[key].type
-        expected = {'int': int, 'float': float, 'bool': bool}.get(kind, str)
+        expected = {'int': int, 'float': float, 'seconds': float, 'bytes': int,
+                    'bool': bool}.get(kind, str)
         assert type(settings[key]) is expected
 
 
@@ -3679,3 +3680,103 @@ def test_units_in_a_config_file_and_through_the_api_reach_the_wire(tmp_path, ech
     client = Client(*proc.control)
     assert client.set_handler('delay', sleep='200ms')['settings']['sleep'] == 0.2
     assert client.set_handler('bandwidth', rate='100kB/s')['settings']['rate'] == 100000
+
+
+@vaurien.traits(blocking=False)
+def shout(source, dest, to_backend, name, settings, proxy):
+    """Upper-cases what the backend answers.
+
+    Settings:
+      suffix (str, default !): added to each reply chunk.
+    """
+    data = proxy.get_data(source)
+    if data and not to_backend:
+        data = data.upper() + settings['suffix'].encode()
+    dest.sendall(data)
+
+
+def test_handlers_given_to_a_proxy_add_to_the_built_in_ones(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, handlers={'shout': shout})
+    assert round_trip(proxy.address, b'hey') == b'hey'          # normal is still there
+    with proxy.with_handler('shout', suffix='?'):
+        assert round_trip(proxy.address, b'hey') == b'HEY?'
+    with proxy.with_handler('delay', sleep='10ms'):
+        assert round_trip(proxy.address, b'hey') == b'hey'
+    assert {'shout', 'normal', 'delay', 'errors'} <= set(proxy.list_handlers())
+
+
+def test_register_and_set_handler_with_a_function(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address, http=True)
+    proxy.register('loud', shout, suffix='!!')
+    proxy.set_behavior('100:loud')
+    assert round_trip(proxy.address, b'hey') == b'HEY!!'
+    proxy.set_behavior('100:normal')
+    with proxy.with_handler(shout, suffix='#'):                 # registered as 'shout'
+        assert proxy.get_handler()['handler'] == 'shout'
+        assert round_trip(proxy.address, b'hey') == b'HEY#'
+    assert proxy.get_handler()['handler'] == 'normal'
+    assert Client(*proxy.control_address).set_handler('shout')['handler'] == 'shout'
+
+    def shout2(*args):
+        return shout(*args)
+    shout2.__name__ = 'shout'
+    with pytest.raises(vaurien.ConfigError, match="another handler is registered as 'shout'"):
+        proxy.set_handler(shout2)
+    with pytest.raises(vaurien.VaurienError, match='cannot be sent a function'):
+        Client(*proxy.control_address).set_handler(shout)
+
+
+def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
+    for call in (proxy.set_handler, Client(*proxy.control_address).set_handler,
+                 lambda name: proxy.set_behavior('20:' + name)):
+        with pytest.raises(vaurien.VaurienError) as error:
+            call('error')
+        assert "unknown handler 'error' (did you mean errors? known: abort," in str(error.value)
+    status, answer = api(proxy.control_address, 'PUT', '/handler', '{"name": "delai"}')
+    assert status == 400 and 'did you mean delay?' in answer['error']
+    assert 'normal' in answer['known']
+
+
+@pytest.mark.parametrize('path,body,named', [
+    ('/handler', {'name': 'delay', 'sleep': 2}, "'sleep'"),
+    ('/handler', {'name': 'delay', 'settings': {}, 'colour': 1, 'size': 2}, "'colour', 'size'"),
+    ('/behavior', {'behavior': '20:delay', 'seed': 3}, "'seed'"),
+    ('/proxy', {'enabled': True, 'local': 'x:1'}, "'local'"),
+])
+def test_api_bodies_with_unknown_keys_are_refused_naming_them(proxy, path, body, named):
+    before = proxy.get_handler()
+    status, answer = api(proxy.control_address, 'PUT', path, json.dumps(body))
+    assert status == 400 and 'unknown key' in answer['error'] and named in answer['error']
+    assert proxy.get_handler() == before
+
+
+def test_put_handler_takes_what_get_handler_returns(proxy):
+    address = proxy.control_address
+    proxy.set_behavior('20:delay,10:errors')
+    saved_mix = api(address, 'GET', '/handler')[1]
+    proxy.set_handler('delay', sleep='250ms')
+    saved_fixed = api(address, 'GET', '/handler')[1]
+    proxy.set_handler('errors', status=500)
+    assert api(address, 'PUT', '/handler', json.dumps(saved_fixed)) == (200, saved_fixed)
+    assert api(address, 'PUT', '/handler', json.dumps(saved_mix)) == (200, saved_mix)
+    assert proxy.get_behavior() == '20:delay,10:errors,70:normal' and not proxy.fixed
+    broken = dict(saved_fixed, settings={'sleep': -1})
+    assert api(address, 'PUT', '/handler', json.dumps(broken))[0] == 400
+    assert api(address, 'GET', '/handler')[1] == saved_mix       # nothing changed
+
+
+def test_handler_and_mix_changes_are_logged_with_where_they_came_from(proxy, caplog):
+    with caplog.at_level(logging.INFO, logger='vaurien'):
+        proxy.set_handler('delay', sleep=0.5)
+        Client(*proxy.control_address).set_behavior('20:errors')
+        with Client(*proxy.control_address).with_handler('hang'):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == 'vaurien']
+    assert 'handler delay set, by a Python call (sleep=0.5, jitter=0.0, ' \
+           'direction=to_backend)' in lines
+    assert 'behavior 20:errors,80:normal set, by the control API (127.0.0.1, vaurien ' \
+           'Client)' in lines
+    assert 'handler hang set, by the control API (127.0.0.1, vaurien Client) (no ' \
+           'settings)' in lines
+    assert 'behavior 20:errors,80:normal restored, by the control API (127.0.0.1, ' \
+           'vaurien Client)' in lines

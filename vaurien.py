@@ -57,6 +57,7 @@ import argparse
 import collections
 import configparser
 import contextlib
+import difflib
 import errno
 import functools
 import heapq
@@ -84,7 +85,7 @@ import time
 import _thread
 
 __version__ = '3.0.0'
-__all__ = ['Proxy', 'Client', 'start_proxy', 'stop_proxy', 'traits',
+__all__ = ['Proxy', 'Client', 'start_proxy', 'stop_proxy', 'traits', 'directional',
            'HOLD_EOF', 'VaurienError', 'ConfigError', 'main']
 
 log = logging.getLogger('vaurien')
@@ -272,6 +273,11 @@ def parse_settings_doc(doc):
     if not schema:
         raise ValueError('its "Settings:" block lists no setting (write "Settings: none.")')
     return schema
+
+
+def _settings_text(settings):
+    """'sleep=0.5, jitter=0': settings as a log line shows them."""
+    return ', '.join('%s=%s' % item for item in settings.items()) or 'no settings'
 
 
 def shown(value):
@@ -937,6 +943,13 @@ def default_handlers():
     return {func.__name__: Handler(func.__name__, func) for func in BUILTIN_HANDLERS}
 
 
+def unknown_handler(name, known):
+    """'unknown handler 'error' (did you mean errors? known: ...)': the message, one line."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return 'unknown handler %r (%sknown: %s)' % (
+        name, 'did you mean %s? ' % close[0] if close else '', ', '.join(sorted(known)))
+
+
 class Behavior:
     """A mix like ``20:delay,10:errors``: the rest of 100 goes to `normal`."""
 
@@ -960,8 +973,8 @@ class Behavior:
                 raise ConfigError('behavior entry %r: the percentage must be above 0 and at '
                                   'most 100' % entry)
             if name not in handlers:
-                raise ConfigError('behavior entry %r: unknown handler %r (known: %s)' % (
-                    entry, name, ', '.join(sorted(handlers))))
+                raise ConfigError('behavior entry %r: %s' % (entry, unknown_handler(name,
+                                                                                    handlers)))
             self.entries.append((percent, name))
         total = sum(percent for percent, _ in self.entries)
         if total > 100 + 1e-9:
@@ -1976,7 +1989,7 @@ class _Driving:
         try:
             yield self
         finally:
-            self._restore(previous)
+            self.restore(previous)
 
     @contextlib.contextmanager
     def with_behavior(self, spec):
@@ -1986,7 +1999,7 @@ class _Driving:
         try:
             yield self
         finally:
-            self._restore(previous)
+            self.restore(previous)
 
     @contextlib.contextmanager
     def down(self):
@@ -1996,12 +2009,6 @@ class _Driving:
             yield self
         finally:
             self.enable()
-
-    def _restore(self, state):
-        if state['fixed']:
-            self.set_handler(state['handler'], **state['settings'])
-        else:
-            self.set_behavior(state['behavior'])
 
 
 class Proxy(_Driving, socketserver.ThreadingTCPServer):
@@ -2030,7 +2037,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         local = parse_address(local, 'local') if isinstance(local, str) else tuple(local)
         self.distant = parse_address(distant, 'distant') if isinstance(distant, str) \
             else tuple(distant)
-        self.handlers = handlers if handlers is not None else default_handlers()
+        self.handlers = default_handlers()
+        for name, handler in (handlers or {}).items():
+            self.register(name, handler)
         self.behavior = Behavior(behavior, self.handlers)
         self.seed = seed
         self.connect_timeout = connect_timeout
@@ -2315,12 +2324,33 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
     # -- driving: the same calls as Client ---------------------------------------------
 
+    def register(self, name, function, /, **settings):
+        """Add handler `function` (or replace one) under `name`, with its settings;
+        then set_handler(name) and set_behavior('20:NAME') find it."""
+        handler = function if isinstance(function, Handler) else Handler(name, function)
+        if settings:
+            handler.settings = handler.validate(settings)
+        self.handlers[name] = handler
+        return handler
+
     def handler(self, name):
+        """The registered Handler of `name`; a function is registered under its own name."""
+        if callable(name):
+            return self._registered(name)
         try:
             return self.handlers[name]
         except (KeyError, TypeError):
-            raise ConfigError('unknown handler %r (known: %s)' % (
-                name, ', '.join(sorted(self.handlers)))) from None
+            raise ConfigError(unknown_handler(name, self.handlers)) from None
+
+    def _registered(self, function):
+        name = getattr(function, '__name__', None) or repr(function)
+        known = self.handlers.get(name)
+        if known is None:
+            return self.register(name, function)
+        if known.func is not function:
+            raise ConfigError('another handler is registered as %r: register yours under a '
+                              'name of its own, with proxy.register(NAME, function)' % name)
+        return known
 
     def get_handler(self):
         """{"handler", "settings", "behavior", "fixed"}: what new chunks go through.
@@ -2338,10 +2368,35 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                 'behavior': str(self.behavior), 'fixed': False}
 
     def set_handler(self, name, /, **settings):
-        """Send every connection, live ones included, through handler `name`."""
+        """Send every connection, live ones included, through handler `name`.
+
+        `name` may be a handler function: it is registered under its own name.
+        """
+        return self.apply_handler(name, settings, 'a Python call')
+
+    def apply_handler(self, name, settings, origin):
+        """set_handler(), saying where the change came from: `origin` is logged."""
         handler = self.handler(name)
         self.fixed = (handler, handler.validate(settings))
         self._new_epoch()
+        log.info('handler %s set, by %s (%s)', handler.name, origin,
+                 _settings_text(self.fixed[1]))
+        return self.get_handler()
+
+    def restore(self, state, origin='a Python call'):
+        """Put back what get_handler() returned: its mix, and its handler over it if
+        "fixed".  Everything is checked before anything changes."""
+        behavior = self.behavior if state.get('behavior') is None \
+            else Behavior(state['behavior'], self.handlers)
+        fixed = None
+        if state.get('fixed', True):
+            handler = self.handler(state.get('handler'))
+            fixed = (handler, handler.validate(state.get('settings') or {}))
+        self.behavior, self.fixed = behavior, fixed
+        self._new_epoch()
+        log.info('%s restored, by %s', 'handler %s (%s)' % (
+            fixed[0].name, _settings_text(fixed[1])) if fixed else 'behavior %s' % behavior,
+            origin)
         return self.get_handler()
 
     def list_handlers(self):
@@ -2353,9 +2408,14 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
     def set_behavior(self, spec):
         """Draw each new connection's handler from `spec`; drops a handler set."""
+        return self.apply_behavior(spec, 'a Python call')
+
+    def apply_behavior(self, spec, origin):
+        """set_behavior(), saying where the change came from: `origin` is logged."""
         self.behavior = Behavior(spec, self.handlers)
         self.fixed = None
         self._new_epoch()
+        log.info('behavior %s set, by %s', self.behavior, origin)
         return self.get_behavior()
 
     def status(self):
@@ -2548,16 +2608,42 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         return self.server.proxy.get_handler()
 
     def put_handler(self, body):
+        """{"name", "settings"}; or what GET /handler returns, to restore it."""
         request = self.parse(body, 'name')
-        name, settings = request.get('name'), request.get('settings', {})
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, 'give the handler as {"name": NAME, "settings": {...}}')
+        self.check_keys(request, ('name', 'handler', 'settings', 'behavior', 'fixed'),
+                        'settings go in "settings": {"name": "delay", "settings": {...}}')
+        proxy = self.server.proxy
+        name, settings = request.get('name', request.get('handler')), request.get('settings', {})
+        restoring = 'fixed' in request or 'behavior' in request
         if not isinstance(settings, dict):
             raise ApiError(400, '"settings" must be a JSON object')
-        proxy = self.server.proxy
+        if not isinstance(request.get('behavior', ''), str) or \
+                not isinstance(request.get('fixed', True), bool):
+            raise ApiError(400, '"behavior" must be a string, "fixed" true or false')
+        if restoring and request.get('fixed') is False:
+            return proxy.restore(request, self.origin())
+        if not isinstance(name, str) or not name or request.get('handler', name) != name:
+            raise ApiError(400, 'give the handler as {"name": NAME, "settings": {...}}')
         if name not in proxy.handlers:
-            raise ApiError(400, 'unknown handler %r' % name, known=proxy.list_handlers())
-        return proxy.set_handler(name, **settings)
+            raise ApiError(400, unknown_handler(name, proxy.handlers),
+                           known=proxy.list_handlers())
+        if restoring:
+            return proxy.restore(dict(request, handler=name), self.origin())
+        return proxy.apply_handler(name, settings, self.origin())
+
+    def check_keys(self, request, known, hint=''):
+        unknown = sorted(set(request) - set(known))
+        if unknown:
+            raise ApiError(400, 'unknown key%s %s in the request body (known: %s)%s' % (
+                's' if len(unknown) > 1 else '', ', '.join(map(repr, unknown)),
+                ', '.join(known), '; ' + hint if hint else ''))
+
+    def origin(self):
+        """Who made a change, as the log tells it."""
+        agent = self.headers.get('User-Agent', '')
+        return 'the control API (%s%s)' % (
+            self.client_address[0], ', vaurien Client' if agent.startswith('vaurien-client')
+            else ', ' + shown(agent[:40]) if agent else '')
 
     def get_handlers(self, body):
         proxy = self.server.proxy
@@ -2565,10 +2651,12 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                 'details': {name: proxy.handlers[name].describe() for name in proxy.handlers}}
 
     def put_behavior(self, body):
-        spec = self.parse(body, 'behavior').get('behavior')
+        request = self.parse(body, 'behavior')
+        self.check_keys(request, ('behavior',))
+        spec = request.get('behavior')
         if not isinstance(spec, str):
             raise ApiError(400, 'give the mix as {"behavior": "20:delay,10:errors"}')
-        self.server.proxy.set_behavior(spec)
+        self.server.proxy.apply_behavior(spec, self.origin())
         return self.get_behavior(body)
 
     def get_behavior(self, body):
@@ -2578,7 +2666,9 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         return self.server.proxy.status()
 
     def put_proxy(self, body):
-        enabled = self.parse(body, 'enabled').get('enabled')
+        request = self.parse(body, 'enabled')
+        self.check_keys(request, ('enabled',), 'the others are read-only')
+        enabled = request.get('enabled')
         if isinstance(enabled, str) and enabled.lower() in _TRUE + _FALSE:
             enabled = enabled.lower() in _TRUE
         if not isinstance(enabled, bool):
@@ -2649,7 +2739,16 @@ class Client(_Driving):
         return self._call('GET', '/handler')
 
     def set_handler(self, name, /, **settings):
+        if callable(name):
+            raise VaurienError('a Client drives a proxy in another process, which cannot be '
+                               'sent a function: register it there by name ([handler:NAME] '
+                               'callable = module.function in its config file), then give '
+                               'the name')
         return self._call('PUT', '/handler', {'name': name, 'settings': settings})
+
+    def restore(self, state):
+        """Put back what get_handler() returned (one PUT /handler of it)."""
+        return self._call('PUT', '/handler', state)
 
     def list_handlers(self):
         return self._call('GET', '/handlers')['handlers']
@@ -2889,8 +2988,8 @@ def _register_handler(name, values, where, handlers):
         except ConfigError as exc:
             raise ConfigError('%s callable = %s: %s' % (where, shown(dotted), exc)) from None
     elif name not in handlers:
-        raise ConfigError('%s: unknown handler %r; give "callable = package.module.function" '
-                          'to add one (known: %s)' % (where, name, ', '.join(sorted(handlers))))
+        raise ConfigError('%s: %s; give "callable = package.module.function" to add one'
+                          % (where, unknown_handler(name, handlers)))
     handler = handlers[name]
     for key, value in values.items():
         try:
