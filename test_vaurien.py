@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import selectors
 import shutil
@@ -334,6 +335,49 @@ def test_unreachable_backend_closes_the_client_promptly_and_is_logged(make_proxy
                 assert outcome(sock)[0] in ('eof', 'rst')
                 assert time.monotonic() - started < 5
     assert 'unreachable' in caplog.text and 'refused' in caplog.text.lower()
+
+
+def test_an_outage_of_the_backend_is_one_line_and_its_end_another(make_proxy, caplog):
+    spare = socket.create_server((LOOP, 0))
+    dead = spare.getsockname()
+    spare.close()
+    proxy = make_proxy(dead)
+    with caplog.at_level(logging.INFO, logger='vaurien'):
+        for _ in range(30):
+            with connect(proxy.address) as sock:
+                assert outcome(sock)[0] in ('eof', 'rst')
+        backend = Backend(echo, dead)         # the backend comes back, on its port
+        try:
+            assert round_trip(proxy.address) == b'ping'
+            assert round_trip(proxy.address) == b'ping'
+        finally:
+            backend.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == 'vaurien']
+    down = [line for line in lines if 'answers again, after' not in line
+            and 'unreachable' in line]
+    assert len(down) == 1 and 'connections are closed until it answers again' in down[0]
+    back = [line for line in lines if 'answers again, after' in line]
+    assert len(back) == 1 and '(30 connections closed)' in back[0]
+
+
+def test_each_connection_is_logged_at_debug_opened_and_closed(make_proxy, echo_backend,
+                                                             caplog):
+    proxy = make_proxy(echo_backend.address)
+    with caplog.at_level(logging.DEBUG, logger='vaurien'):
+        assert round_trip(proxy.address, b'hello') == b'hello'
+        with connect(proxy.address) as sock:
+            sock.sendall(b'abc')
+            assert read_exactly(sock, 3) == b'abc'
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    lines = [r.getMessage() for r in caplog.records if r.name == 'vaurien']
+    assert sum(re.fullmatch(r'connection #[01] from 127\.0\.0\.1:\d+ opened: normal', line)
+               is not None for line in lines) == 2
+    first = [line for line in lines if line.startswith('connection #0 ') and 'closed' in line]
+    assert re.fullmatch(r'connection #0 from 127\.0\.0\.1:\d+ closed: normal, 5 B to the '
+                        r'backend, 5 B to the client, EOF both ways, \d+\.\d{3} s', first[0])
+    second = [line for line in lines if line.startswith('connection #1 ') and 'closed' in line]
+    assert 'RST from the client' in second[0] and '3 B to the backend' in second[0]
 
 
 def test_finished_connections_release_threads_and_sockets(proxy):
@@ -812,6 +856,8 @@ def test_config_file_gives_handler_settings_and_options(tmp_path, echo_backend, 
     assert time.monotonic() - started >= 0.3
     state = Client(*proc.control).get_handler()
     assert state['settings'] == {'sleep': 0.3, 'jitter': 0.0, 'direction': 'to_backend'}
+    assert 'handler delay configured by %s: [handler:delay] (sleep=0.3, jitter=0.0, ' \
+           'direction=to_backend)' % ini in ''.join(proc.lines)
 
 
 def test_command_line_flags_override_the_config_file(tmp_path, echo_backend, cli_proxy):
@@ -906,11 +952,14 @@ def test_bad_command_line_values_are_one_line_errors(args, message):
 
 def test_listen_failure_is_one_line():
     taken = socket.create_server((LOOP, 0))
+    where = '%s:%d' % taken.getsockname()
     try:
-        result = run_cli('--local', '%s:%d' % taken.getsockname(), '--distant', 'a:1')
+        result = run_cli('--local', where, '--distant', 'a:1')
     finally:
         taken.close()
     assert result.returncode == 1 and 'in use' in result.stderr
+    assert 'cannot listen on %s: ' % where in result.stderr
+    assert 'give port 0 for a free port, as --local HOST:0' in result.stderr
     assert 'Traceback' not in result.stderr
 
 
@@ -977,12 +1026,23 @@ def test_demo_mode_shows_chaos_with_nothing_else_running(cli_proxy):
         statuses.append(conn.getresponse().status)
         conn.close()
     assert 200 in statuses and 503 in statuses
+    wait_for(lambda: ''.join(proc.rest).count(' closed: ') >= 20, what='20 closed lines')
+    text = ''.join(proc.rest)
+    assert 'opened: delay' in text and 'opened: errors' in text   # which handler each met
+    assert 'closed: errors, ' in text
     client = Client(*proc.control)
     client.set_handler('normal')
     conn = http.client.HTTPConnection(*proc.address, timeout=WAIT)
     conn.request('GET', '/hello')
     assert b'demo backend' in conn.getresponse().read()
     conn.close()
+    back = 'curl -d 30:delay,30:errors,40:normal http://%s:%d/behavior' % proc.control
+    assert back in text                              # the how-to's way back to the mix
+    subprocess.run(back.split()[:3] + ['-s', '-o', os.devnull] + back.split()[3:],
+                   check=True, timeout=WAIT) if shutil.which('curl') else \
+        client.set_behavior('30:delay,30:errors,40:normal')
+    assert client.get_handler() == {'handler': None, 'settings': {}, 'fixed': False,
+                                    'behavior': '30:delay,30:errors,40:normal'}
 
 
 # ---------------------------------------------------------------------------
@@ -3622,7 +3682,7 @@ def test_a_backend_name_that_cannot_be_resolved_fails_each_connection_cleanly(ma
             with connect(proxy.address) as sock:
                 assert outcome(sock)[0] in ('eof', 'rst')
     wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
-    assert caplog.text.count('unreachable') == 3
+    assert caplog.text.count('unreachable') == 1       # one outage, one line
 
 
 def test_corrupting_every_byte_of_megabytes_holds_nobody_up(make_proxy, echo_backend, caplog):
@@ -3780,3 +3840,42 @@ def test_handler_and_mix_changes_are_logged_with_where_they_came_from(proxy, cap
            'settings)' in lines
     assert 'behavior 20:errors,80:normal restored, by the control API (127.0.0.1, ' \
            'vaurien Client)' in lines
+
+
+def test_a_proxy_never_started_accepts_all_the_same(echo_backend):
+    proxy = Proxy(LOOP + ':0', '%s:%d' % echo_backend.address)
+    try:
+        assert round_trip(proxy.address) == b'ping'     # no client left hanging
+    finally:
+        proxy.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proxy.address, timeout=WAIT)
+
+
+def test_taken_addresses_are_named_with_what_to_do(echo_backend):
+    taken = socket.create_server((LOOP, 0))
+    try:
+        where = '%s:%d' % taken.getsockname()
+        with pytest.raises(OSError, match='cannot listen on %s: .*give port 0' % where):
+            Proxy(where, '%s:%d' % echo_backend.address)
+        with pytest.raises(OSError, match='cannot listen on %s: .*as --http-port 0' % where):
+            Proxy(LOOP + ':0', '%s:%d' % echo_backend.address, http=True,
+                  http_host=LOOP, http_port=taken.getsockname()[1]).start().stop()
+    finally:
+        taken.close()
+
+
+@pytest.mark.parametrize('local,distant', [
+    ('127.0.0.1:{port}', '127.0.0.1:{port}'), ('0.0.0.0:{port}', 'localhost:{port}'),
+    ('0.0.0.0:{port}', '127.0.0.2:{port}'),
+])
+def test_a_proxy_pointed_at_itself_is_refused(local, distant):
+    with socket.socket() as probe:            # a port free a moment ago
+        probe.bind((LOOP, 0))
+        port = probe.getsockname()[1]
+    local, distant = local.format(port=port), distant.format(port=port)
+    with pytest.raises(vaurien.ConfigError, match='is this proxy itself'):
+        Proxy(local, distant)
+    result = run_cli('--local', local, '--distant', distant)
+    assert result.returncode == 2 and 'is this proxy itself' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

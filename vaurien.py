@@ -66,6 +66,7 @@ import http.client
 import http.server
 import importlib
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -869,6 +870,7 @@ class Handler:
         self.check = getattr(func, 'check', None)
         self.blocking = getattr(func, 'blocking', True)
         self.warned = False   # about a call that held the pump up
+        self.origin = None    # where its settings were configured, for the log
         self.settings = {}
         self.settings = self.validate(settings or {})
 
@@ -1279,7 +1281,7 @@ class Side:
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event')
+                 'events', 'on_event', 'received')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1298,6 +1300,7 @@ class Side:
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
         self.events = 0           # what the selector watches this socket for
         self.on_event = functools.partial(connection.on_event, self)
+        self.received = 0         # bytes read from this socket
 
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
@@ -1408,7 +1411,7 @@ class Connection:
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
                  'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held',
-                 'first', 'connect_timer')
+                 'first', 'connect_timer', 'ending')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -1435,6 +1438,7 @@ class Connection:
         self.jobs = 0             # calls handed to the worker whose effects are not all in
         self.held = 0             # bytes of those calls
         self.first = None         # (from the client?, first bytes): what protocol it speaks
+        self.ending = None        # how it ended, for the log: the first cause seen
 
     # -- what handlers use ------------------------------------------------------
 
@@ -1473,6 +1477,7 @@ class Connection:
         truncation is never mistaken for a whole answer.
         """
         if self.closing_at is None:
+            self.ending = self.ending or 'closed by the handler'
             now = time.monotonic()
             self.closing_at = max(self.client.last_due, self.backend.last_due, now) + LINGER
             self.drain_until = now + MAX_DRAIN
@@ -1483,12 +1488,14 @@ class Connection:
     @_in_pump
     def abort(self, side):
         """Reset `side` now and close the other one."""
+        self.ending = self.ending or 'reset by the handler (%s)' % side.name
         self._drop(side, reset=True)
         self.close()
 
     def lost(self, side):
         """`side` failed (reset, broken pipe): reset the other one too, after what it has
         (chunks still in the worker included)."""
+        self.ending = self.ending or 'RST from the %s' % side.name
         self._drop(side)
         if self.jobs:
             return self._run_for(None, self._reset_after, (side.peer,))
@@ -1519,6 +1526,7 @@ class Connection:
     @_in_pump
     def kill(self):
         """End the connection at once (from any thread): a side holding bytes is reset."""
+        self.ending = self.ending or 'ended by the proxy (disable, stop)'
         self._release()
 
     # -- opening ------------------------------------------------------------------
@@ -1585,6 +1593,8 @@ class Connection:
             return self._connect_next(OSError(code, os.strerror(code)))
         side.connecting, self.targets = False, None
         self.pump.cancel(self.connect_timer)
+        if self.proxy.outage is not None:
+            self.proxy.backend_answers()
         self._flush(side)
 
     def _connect_expired(self):
@@ -1598,9 +1608,9 @@ class Connection:
         backend.connecting = False
         self._drop(backend)
         if error is not None:
-            log.warning('connection #%d from %s: backend %s unreachable (%s); closing it',
-                        self.index, self.address[0], format_address(self.proxy.distant),
-                        getattr(error, 'strerror', None) or error)
+            self.ending = 'backend unreachable (%s)' % (getattr(error, 'strerror', None)
+                                                        or error)
+            self.proxy.backend_fails(error)
         self.close()
 
     # -- events -----------------------------------------------------------------
@@ -1636,6 +1646,7 @@ class Connection:
             return False
         except OSError:
             return self.lost(side) or True
+        side.received += len(data)
         if len(data) == side.chunk and side.chunk < MAX_CHUNK:
             side.chunk *= 2      # bulk: fewer, larger reads
         elif len(data) < CHUNK and side.chunk > CHUNK:
@@ -1921,6 +1932,18 @@ class Connection:
         finally:
             self.pump.restock()
             self.proxy.forget(self)
+        if log.isEnabledFor(self.proxy.connection_log_level):
+            self._log_end()
+
+    def _log_end(self):
+        if self.ending is None:
+            clean = all(side.eof_read for side in self.sides if side.sock is not None)
+            self.ending = 'EOF both ways' if clean else 'closed after %g s without EOF' % LINGER
+        log.log(self.proxy.connection_log_level,
+                'connection #%d from %s closed: %s, %d B to the backend, %d B to the '
+                'client, %s, %.3f s', self.index, format_address(self.address),
+                self.handler_name, self.client.received, self.backend.received, self.ending,
+                time.monotonic() - self.opened)
 
 
 _NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: a socket born non-blocking
@@ -1953,6 +1976,26 @@ def parse_address(text, what='address'):
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError('%s %r is not HOST:PORT (like localhost:8000)' % (what, text))
     return host, int(port)
+
+
+def listen_error(exc, address, flag):
+    """`exc`, an OSError of bind(), saying where, and for a port taken what to do."""
+    hint = ''
+    if exc.errno == errno.EADDRINUSE:
+        hint = ' (another program listens there: give port 0 for a free port, as --%s, ' \
+               'or another port)' % flag
+    return OSError(exc.errno, 'cannot listen on %s: %s%s' % (
+        format_address(address), exc.strerror or exc, hint))
+
+
+def _is_local(family, host):
+    """Whether `host` is an address of this machine (one it can bind)."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+        return True
+    except OSError:
+        return False
 
 
 def format_address(address):
@@ -2014,9 +2057,10 @@ class _Driving:
 class Proxy(_Driving, socketserver.ThreadingTCPServer):
     """The chaos proxy: accepts on `local`, relays to `distant` through handlers.
 
-    Binding happens here, so ``address`` is known at once (port 0 binds an
-    ephemeral port).  ``start()`` serves in background threads; the proxy is
-    also a context manager.  In a test::
+    Binding and relaying start here, so ``address`` is known at once (port 0
+    binds an ephemeral port) and no client waits on a proxy never started.
+    ``start()`` also serves the control API when asked; ``stop()`` ends it
+    all; the proxy is also a context manager.  In a test::
 
         with Proxy('127.0.0.1:0', 'localhost:6379') as proxy:
             with proxy.with_handler('delay', sleep=0.5):
@@ -2058,10 +2102,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._refusal = None               # the pump timer that ends a refuse_for()
         self._stopped = threading.Event()  # what serve_forever() waits for
         self._addresses = None             # (the backend's addresses, when resolved)
+        self.outage = None                 # [since, connections failed, first error]
+        self.connection_log_level = logging.DEBUG   # of each connection's opened/closed line
         self._resolving = []               # callbacks waiting for them
         self.address_family = _family(local)
         self.pump = shared_pump()
         super().__init__(local, None)
+        try:
+            self._check_not_itself()
+            self.pump.call(self._listen)    # accepting from now on: no client waits
+        except BaseException:
+            self.server_close()
+            raise
 
     # -- life cycle: everything that touches the listener runs in the pump -----------
 
@@ -2122,12 +2174,38 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         """socketserver's call: stop serving, and end serve_forever()."""
         self.stop()
 
+    def server_bind(self):
+        """Bind; an error names the address, and what to do about it."""
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise listen_error(exc, self.server_address, 'local HOST:0') from None
+
     def server_activate(self):
         """Listen without blocking, with Nagle off: accepted sockets inherit TCP_NODELAY."""
         self.socket.setblocking(False)
         with contextlib.suppress(OSError):
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().server_activate()
+
+    def _check_not_itself(self):
+        """Refuse a `distant` that is this very proxy: each connection would open
+        another one, until no descriptor is left."""
+        host, port = self.distant
+        if port != self.address[1]:
+            return
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return
+        bound = ipaddress.ip_address(self.address[0].split('%')[0])
+        for family, _, _, _, address in infos:
+            target = ipaddress.ip_address(address[0].split('%')[0])
+            if target == bound or (bound.is_unspecified and _is_local(family, address[0])):
+                raise ConfigError('distant %s is this proxy itself (local %s): each connection '
+                                  'would connect to the proxy again; give the backend\'s '
+                                  'address' % (format_address(self.distant),
+                                               format_address(self.address)))
 
     def server_close(self):
         self.pump.call(self._close_listener)
@@ -2163,8 +2241,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         try:
             self._listen()
         except OSError as exc:
-            log.error('cannot listen on %s again: %s; connections stay refused',
-                      format_address(self.address), exc.strerror or exc)
+            log.error('%s; connections stay refused', exc.strerror or exc)
 
     def _cancel_refusal(self):
         if self._refusal is not None:
@@ -2252,6 +2329,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         conn = Connection(self, request, client_address, self._accepted,
                           self.behavior.draw(self._random))
         self._accepted += 1
+        if log.isEnabledFor(self.connection_log_level):
+            log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
+                    format_address(client_address), conn.drawn)
         with self._lock:
             self._connections.add(conn)
         try:
@@ -2298,6 +2378,24 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         waiting, self._resolving = self._resolving, []
         for callback in waiting:
             self.pump.guarded(callback, (addresses, error))
+
+    def backend_fails(self, error):
+        """A connection found the backend unreachable: one line per outage, not per
+        connection."""
+        if self.outage is None:
+            self.outage = [time.monotonic(), 0, error]
+            log.warning('backend %s unreachable (%s): connections are closed until it '
+                        'answers again', format_address(self.distant),
+                        getattr(error, 'strerror', None) or error)
+        self.outage[1] += 1
+
+    def backend_answers(self):
+        """A connection reached the backend: the end of an outage, if there was one."""
+        since, failed, _ = self.outage
+        self.outage = None
+        log.info('backend %s answers again, after %.1f s unreachable (%d connection%s '
+                 'closed)', format_address(self.distant), time.monotonic() - since, failed,
+                 '' if failed == 1 else 's')
 
     def forget(self, conn):
         with self._lock:
@@ -2457,6 +2555,12 @@ class ControlServer(http.server.ThreadingHTTPServer):
             log.warning('the control API listens on %s, beyond loopback: anyone who reaches '
                         'it can drive this proxy%s', format_address(self.server_address),
                         '' if token else ' (set --http-token)')
+
+    def server_bind(self):
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise listen_error(exc, self.server_address, 'http-port 0') from None
 
     def authorized(self, header):
         """Whether an Authorization header carries the token: ``Bearer TOKEN``, the
@@ -2677,8 +2781,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         try:
             return proxy.enable() if enabled else proxy.disable()
         except OSError as exc:
-            raise ApiError(409, 'cannot listen on %s: %s' % (
-                format_address(proxy.address), exc.strerror or exc)) from None
+            raise ApiError(409, exc.strerror or str(exc)) from None
 
     def reply(self, status, payload):
         body = (json.dumps(payload) + '\n').encode()
@@ -2991,6 +3094,7 @@ def _register_handler(name, values, where, handlers):
         raise ConfigError('%s: %s; give "callable = package.module.function" to add one'
                           % (where, unknown_handler(name, handlers)))
     handler = handlers[name]
+    handler.origin = where
     for key, value in values.items():
         try:
             handler.settings = handler.validate({key: value})
@@ -3093,6 +3197,10 @@ def main(argv=None):
             print(list_handlers(handlers))
             return 0
         setup_logging(options['log_level'], options['log_output'])
+        for handler in handlers.values():
+            if handler.origin:
+                log.info('handler %s configured by %s (%s)', handler.name, handler.origin,
+                         _settings_text(handler.settings))
         raise_descriptor_limit()
         demo = DemoBackend() if args.demo else None
         if demo:
@@ -3104,8 +3212,10 @@ def main(argv=None):
         print('vaurien: error: %s' % exc, file=sys.stderr)
         return 2
     except OSError as exc:
-        print('vaurien: error: cannot listen: %s' % (exc.strerror or exc), file=sys.stderr)
+        print('vaurien: error: %s' % (exc.strerror or exc), file=sys.stderr)
         return 1
+    if demo:
+        proxy.connection_log_level = logging.INFO    # which handler each request met
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -3154,10 +3264,11 @@ def _announce(proxy, demo):
         print('\nDemo: a built-in HTTP backend answers behind the proxy; each connection draws\n'
               'its handler from %s.  Try, several times:\n\n'
               '    curl -si http://%s/\n\n'
-              'Then make every request fail, and back:\n\n'
+              'Each connection is logged below with the handler it met.  Then make every\n'
+              'request fail, and go back to the mix:\n\n'
               '    curl -d errors http://%s/handler\n'
-              '    curl -d normal http://%s/handler\n\n'
-              'Ctrl-C stops.' % (proxy.behavior, local, control, control),
+              '    curl -d %s http://%s/behavior\n\n'
+              'Ctrl-C stops.' % (proxy.behavior, local, control, proxy.behavior, control),
               file=sys.stderr, flush=True)
 
 
