@@ -3879,3 +3879,92 @@ def test_a_proxy_pointed_at_itself_is_refused(local, distant):
     result = run_cli('--local', local, '--distant', distant)
     assert result.returncode == 2 and 'is this proxy itself' in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
+# start_proxy's handle: where it is, its log, and never outliving its parent
+# ---------------------------------------------------------------------------
+
+def test_start_proxy_returns_the_pid_that_also_tells_where_and_drives(echo_backend):
+    with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                     http_host=LOOP, http_port=0, echo=False) as handle:
+        assert isinstance(handle, int) and handle.pid == int(handle) and handle + 0 == handle
+        assert str(handle) == str(int(handle)) and '%d' % handle == str(handle)
+        os.kill(handle, 0)                                  # a real pid
+        assert handle.local[0] == LOOP and handle.local[1] > 0
+        assert handle.control[0] == LOOP and handle.control[1] > 0
+        assert handle.control[1] != 8080 and handle.local[1] != 8000
+        assert round_trip(handle.local) == b'ping'
+        with handle.client().with_handler('errors', message='E'):
+            with connect(handle.local) as sock:
+                sock.sendall(b'x')
+                assert outcome(sock) == ('eof', b'E')
+        assert 'Vaurien ready: proxy %s:%d' % handle.local in handle.output
+        assert 'handler errors set, by the control API' in handle.output
+        assert '127.0.0.1:%d' % handle.local[1] in repr(handle)
+    assert not handle.running
+    assert handle.stop() == 0                               # again: nothing more
+    with pytest.raises(ValueError):
+        stop_proxy(handle)
+
+
+def test_client_never_drives_another_proxy_when_its_own_is_gone(echo_backend):
+    handle = start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                         http_host=LOOP, http_port=0, echo=False)
+    assert Client().status()['local'] == '%s:%d' % handle.local
+    stop_proxy(handle)
+    with pytest.raises(vaurien.VaurienError, match=r'started last \(pid %d\) was stopped'
+                       % handle):
+        Client()
+    handle = start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                         http_host=LOOP, http_port=0, echo=False)
+    try:
+        os.kill(handle, signal.SIGKILL)
+        handle.child.wait(WAIT)
+        with pytest.raises(vaurien.VaurienError, match='exited with status -9'):
+            Client()
+    finally:
+        handle.stop()
+
+
+def test_the_childs_log_reaches_the_parents_stderr(capfd):
+    spare = socket.create_server((LOOP, 0))
+    dead = '%s:%d' % spare.getsockname()
+    spare.close()
+    with start_proxy(distant=dead, local=LOOP + ':0', http_host=LOOP, http_port=0) as handle:
+        with connect(handle.local) as sock:
+            assert outcome(sock)[0] in ('eof', 'rst')
+        wait_for(lambda: 'unreachable' in handle.output, what='the log line')
+        wait_for(lambda: 'unreachable' in capfd.readouterr().err, what='it on our stderr')
+
+
+def _gone(pid):
+    """Whether process `pid` has exited (a zombie no one reaped counts as gone)."""
+    try:
+        with open('/proc/%d/status' % pid) as status:
+            return '\nState:\tZ' in status.read()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='needs /proc')
+def test_the_child_never_outlives_its_parent_even_killed(tmp_path, echo_backend):
+    script = tmp_path / 'parent.py'
+    script.write_text(
+        'import sys, time\nsys.path.insert(0, %r)\nimport vaurien\n'
+        'handle = vaurien.start_proxy(distant=%r, local="127.0.0.1:0", http_host="127.0.0.1", '
+        'http_port=0, echo=False)\nprint(int(handle), handle.local[1], flush=True)\n'
+        'time.sleep(60)\n' % (HERE, '%s:%d' % echo_backend.address))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child, port = map(int, parent.stdout.readline().split())
+        assert round_trip((LOOP, port)) == b'ping'
+        parent.kill()                                       # SIGKILL: no cleanup at all
+        parent.wait(WAIT)
+        wait_for(lambda: _gone(child), what='the child to exit after its parent')
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((LOOP, port), timeout=WAIT)
+    finally:
+        parent.kill()
+        parent.wait(WAIT)
+        parent.stdout.close()

@@ -2821,15 +2821,18 @@ def _drain_and_close(sock, linger=LINGER, limit=4 * MAX_BODY):
 # Python API: Client, start_proxy, stop_proxy
 # ---------------------------------------------------------------------------
 
-_children = {}   # pid: (Popen, last lines of its stderr, its control address or None)
+_children = {}   # pid: the ProxyProcess of each proxy start_proxy() started and still runs
+_started = []    # ... and every one it started in this process, in order
 
 
 class Client(_Driving):
     """Drives a running proxy through its control API (stdlib only).
 
     With no host and port, it talks to the proxy that ``start_proxy()`` last
-    started in this process, else to localhost:8080.  Not thread-safe: use
-    one Client per thread.
+    started in this process (and raises if that one is gone: it never drives
+    another run's proxy instead); in a process that started none, to
+    localhost:8080.  ``handle.client()`` is bound to one proxy.  Not
+    thread-safe: use one Client per thread.
     """
 
     def __init__(self, host=None, port=None, timeout=5.0, token=None):
@@ -2924,18 +2927,25 @@ _READY = re.compile(r'Vaurien ready: proxy ([^\s,;]+) -> ([^\s,;]+)'
 
 def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
                 config=None, seed=None, http=True, http_host=None, http_port=None,
-                http_token=None, log_level=None, log_output=None, timeout=10.0, **options):
-    """Run a proxy in a subprocess (this very file) and return its pid once it is ready.
+                http_token=None, log_level=None, log_output=None, timeout=10.0, echo=True,
+                **options):
+    """Run a proxy in a subprocess (this very file); return it once it is ready.
 
-    `host`/`port` name the backend (or give `distant='host:port'`); every other
-    keyword is the command-line option of the same name (``max_connections=10``
-    is ``--max-connections 10``).  The control API is on unless http=False.
-    Ready means the proxy and the control API accept connections: no sleep,
-    no probe.  A proxy that fails to start raises VaurienError with its error.
+    What is returned *is* the child's pid (an int: ``stop_proxy(pid)``), and
+    a ProxyProcess: ``.local``, ``.control``, ``.client()``, ``.stop()``,
+    ``.output``, and a context manager.  `host`/`port` name the backend (or
+    give `distant='host:port'`); every other keyword is the command-line
+    option of the same name (``max_connections=10`` is ``--max-connections
+    10``); port 0, for `local` or `http_port`, picks a free one.  The control
+    API is on unless http=False.  Ready means the proxy and the control API
+    accept connections: no sleep, no probe.  The child's log lines go to this
+    process's stderr as they come (unless echo=False).  The child exits when
+    this process dies, however it dies.  A proxy that fails to start raises
+    VaurienError with its error output.
     """
     if host is not None or port is not None:
         distant = '%s:%s' % (host or 'localhost', port or 80)
-    args = [sys.executable, os.path.abspath(__file__)]
+    args = [sys.executable, os.path.abspath(__file__), '--exit-on-eof']
     flags = dict(options, local=local, distant=distant, behavior=behavior, config=config,
                  seed=seed, http_host=http_host, http_port=http_port, http_token=http_token,
                  log_level=log_level, log_output=log_output)
@@ -2946,32 +2956,94 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
             args.append(flag)
         elif value is not None and value is not False:
             args += [flag, str(value)]
-    child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, errors='replace')
-    lines = collections.deque(maxlen=200)
-    ready = _wait_ready(child, lines, timeout)
-    threading.Thread(target=lines.extend, args=(child.stderr,), daemon=True,
-                     name='vaurien-child-%d' % child.pid).start()  # keeps the pipe drained
-    control = ready.group(3) and parse_address(ready.group(3))
-    _children[child.pid] = (child, lines, control)
-    return child.pid
+    lines = collections.deque(maxlen=1000)
+    ready = _wait_ready(child, lines, timeout, echo)
+    handle = ProxyProcess(child, lines, ready, http_token)
+    threading.Thread(target=_relay_output, args=(child.stderr, lines, echo), daemon=True,
+                     name='vaurien-child-%d' % child.pid).start()
+    _children[child.pid] = handle
+    _started.append(handle)
+    return handle
+
+
+class ProxyProcess(int):
+    """What start_proxy() returns: the child's pid, as an int, that also knows
+    where its proxy listens, drives it and stops it."""
+
+    def __new__(cls, child, lines, ready, token=None):
+        self = super().__new__(cls, child.pid)
+        self.child, self.lines, self.token = child, lines, token
+        self.local = parse_address(ready.group(1))      #: (host, port) of the proxy
+        self.distant = ready.group(2)                   #: its backend, as 'host:port'
+        #: (host, port) of the control API, or None without one
+        self.control = ready.group(3) and parse_address(ready.group(3))
+        return self
+
+    __str__ = int.__repr__     # str(pid) stays the number
+
+    def __repr__(self):
+        return '<vaurien proxy pid %d: %s -> %s%s>' % (
+            self, format_address(self.local), self.distant,
+            ', control %s' % format_address(self.control) if self.control else '')
+
+    @property
+    def pid(self):
+        return int(self)
+
+    @property
+    def running(self):
+        return self.child.poll() is None
+
+    @property
+    def output(self):
+        """What the child has written on stderr so far (its last 1,000 lines)."""
+        return ''.join(list(self.lines))
+
+    def client(self, timeout=5.0):
+        """A Client of this proxy's control API."""
+        if not self.control:
+            raise VaurienError('the proxy pid %d runs without its control API (http=False)'
+                               % self)
+        return Client(*self.control, timeout=timeout, token=self.token)
+
+    def stop(self):
+        """stop_proxy() this proxy (again: nothing more); returns its exit status."""
+        if self in _children:
+            return stop_proxy(self)
+        return self.child.poll()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
 
 def _default_control():
-    """The control API of the last proxy start_proxy() started and that still runs."""
-    controls = [control for child, _, control in _children.values()
-                if control and child.poll() is None]
-    return controls[-1] if controls else ('localhost', 8080)
+    """The control API of the last proxy start_proxy() started: raises if it is gone."""
+    if not _started:
+        return 'localhost', 8080
+    last = _started[-1]
+    if last.control and last.running and last in _children:
+        return last.control
+    why = 'runs without its control API' if not last.control else \
+        'was stopped' if last not in _children else \
+        'exited with status %s: %s' % (last.child.poll(), last.output.strip()[-500:] or
+                                       'no output')
+    raise VaurienError('the proxy start_proxy() started last (pid %d) %s; give Client(host, '
+                       'port) to drive another one' % (last, why))
 
 
-def _wait_ready(child, lines, timeout):
+def _wait_ready(child, lines, timeout, echo):
     """Read the child's stderr until its ready line; raise if it dies or stalls."""
     expired = []
     timer = threading.Timer(timeout, lambda: (expired.append(True), child.kill()))
     timer.start()
     try:
         for line in child.stderr:
-            lines.append(line)
+            _keep(line, lines, echo)
             ready = _READY.search(line)
             if ready:
                 return ready
@@ -2984,18 +3056,35 @@ def _wait_ready(child, lines, timeout):
         why, ''.join(lines).strip() or 'no output'))
 
 
+def _relay_output(stream, lines, echo):
+    """The child's stderr, line by line, until it exits: kept, and echoed."""
+    with contextlib.suppress(ValueError, OSError):
+        for line in stream:
+            _keep(line, lines, echo)
+
+
+def _keep(line, lines, echo):
+    lines.append(line)
+    if echo:
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # a closed capture
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def stop_proxy(pid):
     """Stop a proxy started by start_proxy(): terminate, wait, kill if needed."""
     try:
-        child, _, _ = _children.pop(pid)
-    except KeyError:
+        handle = _children.pop(pid)
+    except (KeyError, TypeError):
         raise ValueError('no proxy started by start_proxy() has pid %r' % (pid,)) from None
+    child = handle.child
     child.terminate()
     try:
         child.wait(5)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+    child.stdin.close()
     return child.returncode
 
 
@@ -3130,6 +3219,9 @@ def build_parser():
     add('--config', metavar='FILE', help='an ini file with [vaurien] and [handler:NAME] sections.')
     add('--list-handlers', action='store_true', help='list the handlers and their settings.')
     add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos.')
+    add('--exit-on-eof', action='store_true', help='exit when standard input closes: a '
+        'parent that holds a pipe to it is sure the proxy never outlives it (start_proxy() '
+        'does so).')
     add('--version', action='version', version='vaurien ' + __version__)
     return parser
 
@@ -3219,6 +3311,9 @@ def main(argv=None):
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if args.exit_on_eof:
+        threading.Thread(target=_stop_at_eof, args=(stop,), name='vaurien-stdin',
+                         daemon=True).start()
     try:
         proxy.start()
     except (OSError, ConfigError) as exc:
@@ -3234,6 +3329,15 @@ def main(argv=None):
     if demo:
         demo.shutdown()
     return 0
+
+
+def _stop_at_eof(stop):
+    """Read standard input to its end (the parent died, or closed it), then stop."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):   # no stdin at all
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    log.info('standard input closed (--exit-on-eof): stopping')
+    stop.set()
 
 
 def raise_descriptor_limit():
