@@ -14,8 +14,13 @@ setup(
     long_description_content_type='text/plain',
     license='Apache-2.0',
     py_modules=['vaurien'],
+    # handlers/ is installed as vaurien_handlers: "handlers" is a name users' own
+    # packages take; vaurien.py finds handlers/ as vaurien_handlers in a checkout
+    packages=['vaurien_handlers'],
+    package_dir={'vaurien_handlers': 'handlers'},
     python_requires='>=3.8',
-    entry_points={'console_scripts': ['vaurien=vaurien:main']},
+    entry_points={'console_scripts': ['vaurien=vaurien:main'],
+                  'pytest11': ['vaurien = vaurien']},   # its fixtures, when installed
     classifiers=[
         'License :: OSI Approved :: Apache Software License',
         'Programming Language :: Python :: 3',

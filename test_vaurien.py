@@ -8,6 +8,8 @@ socket and process is cleaned up by the fixtures.
 import contextlib
 import hashlib
 import http.client
+import http.server
+import inspect
 import json
 import logging
 import os
@@ -1011,38 +1013,6 @@ def test_log_output_to_a_file(tmp_path, cli_proxy):
         outcome(sock)
     wait_for(lambda: logfile.exists() and 'unreachable' in logfile.read_text(),
              what='the log line in the file')
-
-
-def test_demo_mode_shows_chaos_with_nothing_else_running(cli_proxy):
-    proc = cli_proxy('--demo', '--seed', '3')
-    wait_for(lambda: 'Ctrl-C' in ''.join(proc.rest), what="the demo's how-to")
-    text = ''.join(proc.rest)
-    assert 'curl -si http://%s:%d/' % proc.address in text
-    assert 'curl -d errors http://%s:%d/handler' % proc.control in text
-    statuses = []
-    for _ in range(20):
-        conn = http.client.HTTPConnection(*proc.address, timeout=WAIT)
-        conn.request('GET', '/')
-        statuses.append(conn.getresponse().status)
-        conn.close()
-    assert 200 in statuses and 503 in statuses
-    wait_for(lambda: ''.join(proc.rest).count(' closed: ') >= 20, what='20 closed lines')
-    text = ''.join(proc.rest)
-    assert 'opened: delay' in text and 'opened: errors' in text   # which handler each met
-    assert 'closed: errors, ' in text
-    client = Client(*proc.control)
-    client.set_handler('normal')
-    conn = http.client.HTTPConnection(*proc.address, timeout=WAIT)
-    conn.request('GET', '/hello')
-    assert b'demo backend' in conn.getresponse().read()
-    conn.close()
-    back = 'curl -d 30:delay,30:errors,40:normal http://%s:%d/behavior' % proc.control
-    assert back in text                              # the how-to's way back to the mix
-    subprocess.run(back.split()[:3] + ['-s', '-o', os.devnull] + back.split()[3:],
-                   check=True, timeout=WAIT) if shutil.which('curl') else \
-        client.set_behavior('30:delay,30:errors,40:normal')
-    assert client.get_handler() == {'handler': None, 'settings': {}, 'fixed': False,
-                                    'behavior': '30:delay,30:errors,40:normal'}
 
 
 # ---------------------------------------------------------------------------
@@ -2360,11 +2330,11 @@ def test_bare_client_follows_the_last_running_proxy_started(echo_backend):
 # handlers/: the scenario modules
 # ---------------------------------------------------------------------------
 
-SCENARIOS = {'slow_paths': 'handlers.http.slow_paths',
-             'status_on_paths': 'handlers.http.status_on_paths',
-             'loading': 'handlers.redis.loading',
-             'gone_away': 'handlers.mysql.gone_away',
-             'busy': 'handlers.ldap.busy'}
+SCENARIOS = {'slow_paths': 'vaurien_handlers.http.slow_paths',
+             'status_on_paths': 'vaurien_handlers.http.status_on_paths',
+             'loading': 'vaurien_handlers.redis.loading',
+             'gone_away': 'vaurien_handlers.mysql.gone_away',
+             'busy': 'vaurien_handlers.ldap.busy'}
 LOADING_REPLY = b'-LOADING Redis is loading the dataset in memory\r\n'
 
 
@@ -2583,11 +2553,11 @@ def test_scenario_handlers_load_by_dotted_name_with_typed_defaults():
         assert handler.summary and handler.schema
         module, _, function = dotted.rpartition('.')             # the module:function form
         assert vaurien.load_callable(module + ':' + function) is handler.func
-    configured = vaurien.Handler('busy', vaurien.load_callable('handlers.ldap.busy'),
+    configured = vaurien.Handler('busy', vaurien.load_callable('vaurien_handlers.ldap.busy'),
                                  {'max_connections': '3', 'message': 'go away'})
     assert configured.settings == {'max_connections': 3, 'message': 'go away'}
     with pytest.raises(vaurien.ConfigError, match='pattern'):
-        vaurien.Handler('slow_paths', vaurien.load_callable('handlers.http.slow_paths'),
+        vaurien.Handler('slow_paths', vaurien.load_callable('vaurien_handlers.http.slow_paths'),
                         {'pattern': '*oops'})
 
 
@@ -2757,7 +2727,7 @@ def test_loading_since_connection_starts_the_clock_at_each_connect(make_proxy, b
 def test_loading_through_an_ini_file_and_the_command_line(tmp_path, backends, cli_proxy):
     backend = backends(resp_backend)
     ini = write(tmp_path, 'redis.ini', '[vaurien]\ndistant = %s:%d\nbehavior = 100:loading\n'
-                '[handler:loading]\ncallable = handlers.redis.loading\nwarmup = 2\n'
+                '[handler:loading]\ncallable = vaurien_handlers.redis.loading\nwarmup = 2\n'
                 'since = handler\n' % backend.address)
     listing = run_cli('--config', ini, '--list-handlers')
     assert listing.returncode == 0
@@ -2777,11 +2747,11 @@ def test_loading_through_an_ini_file_and_the_command_line(tmp_path, backends, cl
     assert time.monotonic() - started >= 2.0
     assert Client(*proc.control).get_handler()['settings'] == {'warmup': 2.0,
                                                                'since': 'handler'}
-    for section, message in [('[handler:busy]\ncallable = handlers.ldap.busy\n'
+    for section, message in [('[handler:busy]\ncallable = vaurien_handlers.ldap.busy\n'
                               'max_connections = lots\n', 'max_connections = lots'),
-                             ('[handler:slow]\ncallable = handlers.http.slow_paths\n'
+                             ('[handler:slow]\ncallable = vaurien_handlers.http.slow_paths\n'
                               'pattern = (\n', 'not a regular expression'),
-                             ('[handler:x]\ncallable = handlers.redis.nothing\n',
+                             ('[handler:x]\ncallable = vaurien_handlers.redis.nothing\n',
                               "no attribute 'nothing'")]:
         bad = write(tmp_path, 'bad.ini', '[vaurien]\ndistant = %s:%d\n%s'
                     % (backend.address + (section,)))
@@ -2952,22 +2922,11 @@ def test_busy_counts_exactly_per_proxy_however_connections_end(make_proxy, backe
         assert outcome(olds[2]) == ('eof', b'')
 
 
-def test_the_benchmark_runs_and_prints_its_table():
-    """bench/bench.py --quick: a smoke test, so the benchmark never rots."""
-    result = subprocess.run([sys.executable, os.path.join(HERE, 'bench', 'bench.py'), '--quick'],
-                            capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert '| bulk upload' in result.stdout and 'handler switch' in result.stdout
-    problems = result.stdout.partition('Problems seen:')[2]
-    for sign in ('logged', 'did not exit', 'exited with status', 'Error', 'did not echo'):
-        assert sign not in problems, problems   # a slow exit on a loaded machine is no failure
-
-
 def test_readme_and_ci_run_the_same_test_command():
     with open(os.path.join(HERE, 'README.txt')) as readme, \
             open(os.path.join(HERE, '.ci', 'run')) as ci:
         command = ci.read().strip().splitlines()[-1]
-        assert command.startswith('python3 -m pip install') and command in readme.read()
+        assert command.startswith('python3 -m venv .venv && ') and command in readme.read()
 
 
 # ---------------------------------------------------------------------------
@@ -3968,3 +3927,424 @@ def test_the_child_never_outlives_its_parent_even_killed(tmp_path, echo_backend)
         parent.kill()
         parent.wait(WAIT)
         parent.stdout.close()
+
+
+# ---------------------------------------------------------------------------
+# The pytest plugin
+# ---------------------------------------------------------------------------
+
+PLUGIN_USER_TESTS = '''
+import socket
+
+def round_trip(address):
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(b"ping")
+        sock.shutdown(socket.SHUT_WR)
+        return sock.recv(100)
+
+def test_in_process(vaurien_proxy):
+    proxy = vaurien_proxy(%(backend)r)
+    assert round_trip(proxy.address) == b"ping"
+    proxy.set_handler("delay", sleep="1ms")
+
+def test_in_a_child(vaurien_process):
+    handle = vaurien_process(%(backend)r)
+    assert round_trip(handle.local) == b"ping"
+
+def test_fails_with_the_logs(vaurien_proxy, vaurien_process):
+    proxy = vaurien_proxy(%(backend)r)
+    proxy.set_handler("errors", message="no")
+    handle = vaurien_process(%(backend)r)
+    handle.client().set_handler("hang")
+    assert round_trip(proxy.address) == b"ping"
+'''
+
+
+def plugin_project(tmp_path, backend, conftest=None):
+    project = tmp_path / 'project'
+    project.mkdir()
+    shutil.copy(VAURIEN, str(project / 'vaurien.py'))           # vendored
+    (project / 'test_mine.py').write_text(
+        PLUGIN_USER_TESTS % {'backend': '%s:%d' % backend.address})
+    if conftest:
+        (project / 'conftest.py').write_text(conftest)
+    return project
+
+
+def check_plugin_run(result):
+    output = result.stdout + result.stderr
+    assert '1 failed, 2 passed' in output, output
+    assert 'vaurien log: in-process proxies' in output
+    assert 'handler errors set, by a Python call' in output
+    assert re.search(r'vaurien log: proxy pid \d+', output)
+    assert 'handler hang set, by the control API (127.0.0.1, vaurien Client)' in output
+
+
+@pytest.mark.parametrize('how', ['-p vaurien', 'conftest'])
+def test_the_pytest_plugin_gives_fixtures_and_logs_on_failure(tmp_path, echo_backend, how):
+    project = plugin_project(tmp_path, echo_backend, conftest="pytest_plugins = ['vaurien']\n"
+                             if how == 'conftest' else None)
+    args = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider'] + \
+        (['-p', 'vaurien'] if how == '-p vaurien' else [])
+    result = subprocess.run(args, cwd=str(project), capture_output=True, text=True,
+                            timeout=120)
+    check_plugin_run(result)
+    ps = subprocess.run(['pgrep', '-f', str(project)], capture_output=True, text=True)
+    assert not ps.stdout.strip()                       # no child left running
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory):
+    """This checkout, installed by pip into a folder of its own: that folder."""
+    site = tmp_path_factory.mktemp('site')
+    install = subprocess.run(
+        [sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site), HERE],
+        capture_output=True, text=True, timeout=300)
+    if install.returncode:
+        pytest.skip('pip cannot install here: %s' % install.stderr.strip()[-300:])
+    return site
+
+
+def test_the_pytest_plugin_of_an_installed_vaurien_needs_no_flag(tmp_path, echo_backend,
+                                                                installed):
+    project = plugin_project(tmp_path, echo_backend)
+    (project / 'vaurien.py').unlink()                 # only the installed copy
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider'],
+                            cwd=str(project), capture_output=True, text=True, timeout=120,
+                            env=env)
+    check_plugin_run(result)
+
+
+def test_importing_vaurien_does_not_import_pytest():
+    result = subprocess.run([sys.executable, '-c', 'import sys, vaurien; '
+                             'print("pytest" in sys.modules, hasattr(vaurien, "vaurien_proxy"))'],
+                            cwd=HERE, capture_output=True, text=True, timeout=WAIT)
+    assert result.stdout.split() == ['False', 'False']
+
+
+BUNDLED_INI = """[vaurien]
+distant = 127.0.0.1:9
+behavior = 100:loading
+
+[handler:loading]
+callable = vaurien_handlers.redis.loading
+warmup = 2
+"""
+
+
+def check_bundled_handlers(command, cwd, env=None):
+    (cwd / 'handlers').mkdir()                        # a user's own package of that name
+    (cwd / 'handlers' / '__init__.py').write_text('raise ImportError("the user\'s own")\n')
+    (cwd / 'v.ini').write_text(BUNDLED_INI)
+    result = subprocess.run(command + ['--config', 'v.ini', '--list-handlers'], cwd=str(cwd),
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert 'loading: ' in result.stdout and 'configured: 2.0' in result.stdout
+
+
+def test_bundled_handlers_by_one_name_from_a_checkout_elsewhere(tmp_path):
+    check_bundled_handlers([sys.executable, VAURIEN], tmp_path)
+
+
+def test_bundled_handlers_by_one_name_vendored(tmp_path):
+    vendor = tmp_path / 'third_party'
+    vendor.mkdir()
+    shutil.copy(VAURIEN, str(vendor / 'vaurien.py'))
+    shutil.copytree(os.path.join(HERE, 'handlers'), str(vendor / 'handlers'))
+    work = tmp_path / 'work'
+    work.mkdir()
+    check_bundled_handlers([sys.executable, str(vendor / 'vaurien.py')], work)
+
+
+def test_bundled_handlers_by_one_name_installed_without_taking_handlers(tmp_path, installed):
+    assert (installed / 'vaurien_handlers' / 'redis.py').exists()
+    assert not (installed / 'handlers').exists()
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    check_bundled_handlers([sys.executable, '-m', 'vaurien'], tmp_path, env=env)
+
+
+# ---------------------------------------------------------------------------
+# README.txt: every code block runs, as written
+# ---------------------------------------------------------------------------
+
+README = os.path.join(HERE, 'README.txt')
+README_PORTS = re.compile(r'\b(8000|8080|6379)\b')
+
+
+def readme_blocks():
+    """README.txt's code blocks: the runs of lines indented by four spaces that
+    follow a blank line, dedented (blank lines inside a block belong to it)."""
+    with open(README, encoding='utf-8') as readme:
+        lines = readme.read().split('\n')
+    blocks, i = [], 1
+    while i < len(lines):
+        if lines[i].startswith('    ') and lines[i][4] != ' ' and not lines[i - 1]:
+            j = i
+            while j < len(lines) and (lines[j].startswith('    ') or not lines[j] and any(
+                    line.startswith('    ') for line in lines[j:j + 3] if line)):
+                j += 1
+            blocks.append('\n'.join(line[4:] for line in lines[i:j]).strip('\n'))
+            i = j
+        i += 1
+    return blocks
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((LOOP, 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def readme_redis(tmp_path_factory):
+    """A real redis-server on a free port, for the README's examples: its port."""
+    server = shutil.which('redis-server')
+    pytest.importorskip('redis')
+    if not server:
+        pytest.skip('redis-server is not installed (apt-get install redis-server)')
+    port = free_port()
+    process = subprocess.Popen([server, '--port', str(port), '--bind', LOOP, '--save', '',
+                                '--appendonly', 'no', '--dir', str(tmp_path_factory.mktemp('r'))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _accepts((LOOP, port)), what='redis-server')
+        yield port
+    finally:
+        process.kill()
+        process.wait(WAIT)
+
+
+@pytest.fixture
+def as_written(tmp_path, request):
+    """Run README blocks as written: a `vaurien` command on the PATH (as installed),
+    vaurien importable, the ports mapped to free ones (6379 to the Redis)."""
+    class Runner:
+        ports = {'8000': str(free_port()), '8080': str(free_port())}
+        bin = tmp_path / 'bin'
+        env = dict(os.environ, PYTHONPATH=HERE,
+                   PATH='%s%s%s' % (tmp_path / 'bin', os.pathsep, os.environ['PATH']))
+
+        def map(self, text):
+            if '6379' in text:
+                self.ports['6379'] = str(request.getfixturevalue('readme_redis'))
+            return README_PORTS.sub(lambda match: self.ports[match.group(1)], text)
+
+        def unmap(self, text):
+            back = {port: name for name, port in self.ports.items()}
+            return re.sub(r'\b(%s)\b' % '|'.join(back), lambda m: back[m.group(1)], text)
+
+        def command(self, line):
+            """A shell line's argv: python3 is this interpreter."""
+            argv = self.map(line).split('#')[0].split()
+            return [sys.executable] + argv[1:] if argv[0] == 'python3' else argv
+
+    runner = Runner()
+    runner.bin.mkdir()
+    shim = runner.bin / 'vaurien'
+    shim.write_text('#!/bin/sh\nexec %s %s "$@"\n' % (sys.executable, VAURIEN))
+    shim.chmod(0o755)
+    return runner
+
+
+def started(argv, env, cwd=HERE):
+    """A command that prints the ready line: (Popen, its ready line, the lines after)."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=str(cwd))
+    for line in process.stderr:
+        if vaurien._READY.search(line):
+            rest = []
+            threading.Thread(target=rest.extend, args=(process.stderr,), daemon=True).start()
+            return process, line.strip(), rest
+    process.wait(WAIT)
+    raise AssertionError('%s: no ready line (status %s)' % (argv, process.returncode))
+
+
+@contextlib.contextmanager
+def running(argv, env, cwd=HERE):
+    process, ready, rest = started(argv, env, cwd)
+    try:
+        yield ready, rest
+    finally:
+        process.kill()
+        process.wait(WAIT)
+        process.stderr.close()
+
+
+def redis_ping(port):
+    import redis
+    return redis.Redis(LOOP, int(port), socket_timeout=5).ping()
+
+
+def run_readme_command_line(block, runner):
+    """vaurien --local localhost:8000 --distant localhost:6379 ...: its ready line is
+    README's, and Redis answers through it."""
+    with running(runner.command(block), runner.env) as (ready, _):
+        assert redis_ping(runner.ports['8000'])
+    samples = [b for b in readme_blocks() if b.startswith('Vaurien ready: ')]
+    assert runner.unmap(ready) == samples[0]
+
+
+def run_readme_ready_line(block, runner):
+    assert vaurien._READY.search(block)
+    command = [b for b in readme_blocks() if b.startswith('vaurien --local')][0]
+    run_readme_command_line(command, runner)
+
+
+def run_readme_demo(block, runner):
+    """The demo, then the curl lines it prints, as printed."""
+    with running(runner.command(block), runner.env) as (ready, rest):
+        wait_for(lambda: 'Ctrl-C stops.' in ''.join(rest), what="the demo's how-to")
+        howto = [line.strip() for line in ''.join(rest).splitlines()
+                 if line.startswith('    curl ')]
+        assert len(howto) == 3, howto
+        if not shutil.which('curl'):
+            pytest.skip('curl is not installed')
+
+        def curl(line):
+            return subprocess.run(line.split() + ['-m', '10'], capture_output=True, text=True,
+                                  timeout=30).stdout
+        statuses = {curl(howto[0]).split(' ')[1] for _ in range(20)}
+        assert {'200', '503'} <= statuses
+        wait_for(lambda: 'opened: errors' in ''.join(rest), what='the handler each met')
+        curl(howto[1])                                   # every request fails
+        assert curl(howto[0]).startswith('HTTP/1.1 503')
+        curl(howto[2])                                   # and back to the mix
+        control = vaurien.parse_address(re.search(r'control http://(\S+);', ready).group(1))
+        assert Client(*control).get_handler() == {
+            'handler': None, 'settings': {}, 'fixed': False,
+            'behavior': '30:delay,30:errors,40:normal'}
+
+
+def run_readme_config(block, runner, tmp_path):
+    ini = tmp_path / 'vaurien.ini'
+    ini.write_text(runner.map(block))
+    listing = subprocess.run(['vaurien', '--config', str(ini), '--list-handlers'],
+                             capture_output=True, text=True, env=runner.env, timeout=60)
+    assert listing.returncode == 0 and 'configured: 2.0' in listing.stdout
+    with running(['vaurien', '--config', str(ini)], runner.env):
+        assert redis_ping(runner.ports['8000'])
+
+
+def run_readme_custom_handler(block, runner, tmp_path):
+    """The shout handler is examples/custom_handler.py's; with the README's ini, it
+    upper-cases an HTTP backend's body and leaves its head alone."""
+    with open(os.path.join(HERE, 'examples', 'custom_handler.py')) as example:
+        assert block in example.read()
+    ini = [b for b in readme_blocks() if 'callable = custom_handler.shout' in b][0]
+    (tmp_path / 'custom_handler.py').write_text(block + '\n')
+    (tmp_path / 'custom.ini').write_text(runner.map(ini))
+    backend = http_backend(int(runner.ports['8080']))
+    try:
+        with running(['vaurien', '--config', str(tmp_path / 'custom.ini')], runner.env):
+            conn = http.client.HTTPConnection(LOOP, int(runner.ports['8000']), timeout=WAIT)
+            conn.request('GET', '/quiet')
+            response = conn.getresponse()
+            assert response.read() == b'HELLO FROM /QUIET\n'
+            assert response.getheader('Content-Type') == 'text/plain'   # the head is kept
+            conn.close()
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def http_backend(port):
+    class Hello(http.server.BaseHTTPRequestHandler):
+        protocol_version = 'HTTP/1.1'
+
+        def do_GET(self):
+            body = b'hello from %s\n' % self.path.encode()
+            self.send_response(200)
+            self.send_header('Content-Type', 'text/plain')
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer((LOOP, port), Hello)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def run_readme_python(block, runner, tmp_path):
+    """A snippet of the Python API, executed in a child: everything it starts ends."""
+    script = tmp_path / 'snippet.py'
+    script.write_text(runner.map(block) + '\n')
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=runner.env, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+
+
+def run_readme_pytest(block, runner, tmp_path):
+    """A test file of the README, run by pytest as a user would."""
+    (tmp_path / 'test_cache.py').write_text(runner.map(block) + '\n')
+    command = [b for b in readme_blocks() if b.startswith('python3 -m pytest -p vaurien')][0]
+    argv = runner.command(command) if 'vaurien_proxy' in block else \
+        [sys.executable, '-m', 'pytest', 'test_cache.py']
+    result = subprocess.run(argv + ['-q', '-p', 'no:cacheprovider'], capture_output=True,
+                            text=True, env=runner.env, timeout=120, cwd=str(tmp_path))
+    assert result.returncode == 0 and '1 passed' in result.stdout, result.stdout
+
+
+def run_readme_plugin_command(block, runner, tmp_path):
+    test_file = [b for b in readme_blocks() if 'def test_the_cache_is_down' in b][0]
+    run_readme_pytest(test_file, runner, tmp_path)
+
+
+def run_readme_test_command(block, runner):
+    with open(os.path.join(HERE, '.ci', 'run')) as ci:
+        assert ci.read().strip().splitlines()[-1] == block     # CI runs it, every time
+
+
+def run_readme_bench(block, runner):
+    """The benchmark, a smoke test so that it never rots: one table, no problem seen."""
+    result = subprocess.run(runner.command(block), capture_output=True, text=True,
+                            timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '| bulk upload' in result.stdout and 'handler switch' in result.stdout
+    problems = result.stdout.partition('Problems seen:')[2]
+    for sign in ('logged', 'did not exit', 'exited with status', 'Error', 'did not echo'):
+        assert sign not in problems, problems   # a slow exit on a loaded machine is no failure
+
+
+def readme_runner(block):
+    """The function that runs `block`, chosen by what it is."""
+    first = block.split('\n')[0]
+    if first == 'python3 vaurien.py --demo':
+        return run_readme_demo
+    if first.startswith('python3 -m venv .venv && '):
+        return run_readme_test_command
+    if first.startswith('python3 bench/bench.py'):
+        return run_readme_bench
+    if first.startswith('python3 -m pytest -p vaurien'):
+        return run_readme_plugin_command
+    if first.startswith('vaurien --local'):
+        return run_readme_command_line
+    if first.startswith('Vaurien ready: '):
+        return run_readme_ready_line
+    if first == '[vaurien]':
+        return run_readme_custom_handler_ini if 'custom_handler.shout' in block \
+            else run_readme_config
+    if first == 'from vaurien import traits':
+        return run_readme_custom_handler
+    if 'def test_' in block:
+        return run_readme_pytest
+    if first.startswith(('from vaurien import', 'with start_proxy(')):
+        return run_readme_python
+    raise AssertionError('README.txt has a code block no test runs: %r' % first)
+
+
+def run_readme_custom_handler_ini(block, runner, tmp_path):
+    handler = [b for b in readme_blocks() if b.startswith('from vaurien import traits')][0]
+    run_readme_custom_handler(handler, runner, tmp_path)
+
+
+@pytest.mark.parametrize('block', readme_blocks(),
+                         ids=lambda block: block.split('\n')[-1 if 'def test_' in block
+                                                             else 0][:40])
+def test_every_readme_code_block_runs_as_written(block, as_written, tmp_path):
+    run = readme_runner(block)
+    arguments = inspect.signature(run).parameters
+    run(block, as_written, *([tmp_path] if 'tmp_path' in arguments else []))

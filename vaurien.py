@@ -65,6 +65,7 @@ import hmac
 import http.client
 import http.server
 import importlib
+import importlib.util
 import inspect
 import ipaddress
 import itertools
@@ -925,6 +926,8 @@ def load_callable(dotted):
         module_name, _, attr = dotted.rpartition('.')
     if not module_name or not attr:
         raise ConfigError('%r is not a dotted name (package.module.function)' % dotted)
+    if module_name.split('.')[0] == BUNDLED:
+        _find_bundled_handlers()
     try:
         target = importlib.import_module(module_name)
     except Exception as exc:
@@ -938,6 +941,25 @@ def load_callable(dotted):
     if not callable(target):
         raise ConfigError('%s is not callable' % dotted)
     return target
+
+
+BUNDLED = 'vaurien_handlers'   # the handlers/ folder's name once installed, or aliased
+
+
+def _find_bundled_handlers():
+    """Make ``vaurien_handlers`` importable from a checkout or a vendored copy, where
+    it is the handlers/ folder beside this file (pip installs it under that name,
+    so that it never takes a name as common as "handlers")."""
+    if BUNDLED in sys.modules or importlib.util.find_spec(BUNDLED) is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'handlers')
+    init = os.path.join(folder, '__init__.py')
+    if os.path.exists(init):
+        spec = importlib.util.spec_from_file_location(BUNDLED, init,
+                                                      submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[BUNDLED] = module
+        spec.loader.exec_module(module)
 
 
 def default_handlers():
@@ -3218,7 +3240,8 @@ def build_parser():
                 setting.help, 'none' if setting.default is None else setting.default))
     add('--config', metavar='FILE', help='an ini file with [vaurien] and [handler:NAME] sections.')
     add('--list-handlers', action='store_true', help='list the handlers and their settings.')
-    add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos.')
+    add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos, '
+        'on free ports unless --local or --http-port say otherwise.')
     add('--exit-on-eof', action='store_true', help='exit when standard input closes: a '
         'parent that holds a pipe to it is sure the proxy never outlives it (start_proxy() '
         'does so).')
@@ -3238,9 +3261,11 @@ def resolve(args):
         value = getattr(args, name)
         if value is not None:
             options[name] = _convert_option(name, value, '--' + name.replace('_', '-'))
-    if args.demo and args.behavior is None and 'behavior' not in from_file:
-        options['behavior'] = DEMO_BEHAVIOR
-    if args.demo:
+    if args.demo:       # free ports, unless told: a demo never collides with anything
+        for name, value in (('behavior', DEMO_BEHAVIOR), ('local', '127.0.0.1:0'),
+                            ('http_port', 0)):
+            if getattr(args, name) is None and name not in from_file:
+                options[name] = value
         options['http'] = True
     if args.behavior is not None:
         _check_behavior(args.behavior, handlers, '--behavior')
@@ -3411,6 +3436,85 @@ class DemoBackend(http.server.ThreadingHTTPServer):
         self.served = 0
         threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True,
                          name='vaurien-demo').start()
+
+
+
+# ---------------------------------------------------------------------------
+# pytest plugin: "pytest -p vaurien", or pytest_plugins = ['vaurien']
+# ---------------------------------------------------------------------------
+
+def _pytest_plugin(pytest):
+    """Fixtures that start proxies and stop them after each test; a failing test's
+    report gets their log.  Defined only when pytest is loaded: importing
+    vaurien costs nothing without it."""
+
+    class _LogRecorder(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.lines = []
+            self.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+
+        def emit(self, record):
+            self.lines.append(self.format(record))
+
+    def logs_of(item):
+        if not hasattr(item, '_vaurien_logs'):
+            item._vaurien_logs = []
+        return item._vaurien_logs
+
+    @pytest.fixture
+    def vaurien_proxy(request):
+        """make(distant, **options): a started in-process Proxy on an ephemeral loopback
+        port (its control API too, with http=True), stopped after the test."""
+        proxies, recorder = [], _LogRecorder()
+        level = log.level
+        log.addHandler(recorder)
+        if not log.isEnabledFor(logging.INFO):
+            log.setLevel(logging.INFO)
+        logs_of(request.node).append(('in-process proxies', lambda: '\n'.join(recorder.lines)))
+
+        def make(distant, local='127.0.0.1:0', **options):
+            options.setdefault('http_host', '127.0.0.1')
+            options.setdefault('http_port', 0)
+            proxies.append(Proxy(local, distant, **options).start())
+            return proxies[-1]
+        yield make
+        for proxy in proxies:
+            proxy.stop()
+        log.removeHandler(recorder)
+        log.setLevel(level)
+
+    @pytest.fixture
+    def vaurien_process(request):
+        """make(distant, **options): start_proxy() on ephemeral loopback ports (the
+        proxy and its control API), stopped after the test."""
+        handles = []
+
+        def make(distant, **options):
+            for key, value in (('local', '127.0.0.1:0'), ('http_host', '127.0.0.1'),
+                               ('http_port', 0)):
+                options.setdefault(key, value)
+            handle = start_proxy(distant=distant, **options)
+            handles.append(handle)
+            logs_of(request.node).append(('proxy pid %d' % handle, lambda: handle.output))
+            return handle
+        yield make
+        for handle in handles:
+            handle.stop()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = (yield).get_result()
+        if report.failed:
+            for title, text in getattr(item, '_vaurien_logs', ()):
+                report.sections.append(('vaurien log: ' + title, text() or '(nothing)'))
+
+    return vaurien_proxy, vaurien_process, pytest_runtest_makereport
+
+
+if 'pytest' in sys.modules:
+    vaurien_proxy, vaurien_process, pytest_runtest_makereport = \
+        _pytest_plugin(sys.modules['pytest'])
 
 
 if __name__ == '__main__':

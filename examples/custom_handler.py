@@ -19,7 +19,6 @@ from vaurien import traits
 
 
 @traits(blocking=False)
-
 def shout(source, dest, to_backend, name, settings, proxy):
     """Upper-cases the backend's replies, like a misbehaving middlebox.
 
