@@ -2851,9 +2851,9 @@ class Client(_Driving):
     """Drives a running proxy through its control API (stdlib only).
 
     With no host and port, it talks to the proxy that ``start_proxy()`` last
-    started in this process (and raises if that one is gone: it never drives
-    another run's proxy instead); in a process that started none, to
-    localhost:8080.  ``handle.client()`` is bound to one proxy.  Not
+    started in this process and that still runs (and raises if none does: it
+    never drives another run's proxy instead); in a process that started
+    none, to localhost:8080.  ``handle.client()`` is bound to one proxy.  Not
     thread-safe: use one Client per thread.
     """
 
@@ -3044,12 +3044,14 @@ class ProxyProcess(int):
 
 
 def _default_control():
-    """The control API of the last proxy start_proxy() started: raises if it is gone."""
+    """The control API of the last proxy start_proxy() started that still runs;
+    raises if every one it started is gone (another run's could listen there)."""
     if not _started:
         return 'localhost', 8080
-    last = _started[-1]
-    if last.control and last.running and last in _children:
-        return last.control
+    live = [handle for handle in _started if handle in _children and handle.running]
+    if live and live[-1].control:
+        return live[-1].control
+    last = live[-1] if live else _started[-1]
     why = 'runs without its control API' if not last.control else \
         'was stopped' if last not in _children else \
         'exited with status %s: %s' % (last.child.poll(), last.output.strip()[-500:] or

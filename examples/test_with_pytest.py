@@ -94,11 +94,12 @@ def test_client_times_out_on_hang(proxy):
     assert get(proxy.address)[0] == 200
 
 
-def test_custom_handler_from_ini(backend):
-    """examples/custom.ini wires custom_handler.shout in: replies are upper-cased."""
-    handlers = vaurien.default_handlers()
-    options = vaurien.read_config(os.path.join(HERE, 'custom.ini'), handlers)
-    with vaurien.Proxy('127.0.0.1:0', '%s:%d' % backend, options['behavior'],
-                       handlers) as proxy:
-        status, body, _ = get(proxy.address, '/quiet')
-    assert (status, body) == (200, b'HELLO FROM /QUIET\n')
+def test_custom_handler(backend):
+    """examples/custom_handler.py's shout, added to the built-in handlers: replies are
+    upper-cased (examples/custom.ini wires the same one in from an ini file)."""
+    from custom_handler import shout       # beside this file
+    with vaurien.Proxy('127.0.0.1:0', '%s:%d' % backend, handlers={'shout': shout}) as proxy:
+        with proxy.with_handler('shout'):
+            status, body, _ = get(proxy.address, '/quiet')
+        assert (status, body) == (200, b'HELLO FROM /QUIET\n')
+        assert get(proxy.address, '/quiet')[1] == b'hello from /quiet\n'   # normal again
