@@ -261,7 +261,7 @@ def test_normal_relays_bytes_both_ways(proxy):
 def test_port_zero_binds_and_reports_the_real_port(proxy):
     host, port = proxy.address
     assert host == LOOP and port > 0
-    assert proxy.control_address[1] > 0
+    assert proxy.control[1] > 0
 
 
 def test_half_close_client_gets_the_whole_reply():
@@ -639,7 +639,7 @@ def test_bad_behaviors_are_refused_with_the_reason():
 
 
 def test_a_handler_set_reaches_live_connections_from_their_next_chunk(proxy):
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     with connect(proxy.address) as sock:
         sock.sendall(b'one')
         assert read_exactly(sock, 3) == b'one'
@@ -650,7 +650,7 @@ def test_a_handler_set_reaches_live_connections_from_their_next_chunk(proxy):
 
 
 def test_with_handler_restores_handler_settings_or_mix_even_on_error(proxy):
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     client.set_handler('delay', sleep=0.01, jitter=0.005)
     before = client.get_handler()
     with pytest.raises(KeyError):
@@ -689,7 +689,7 @@ def api(address, method, path, body=None, headers=None):
 
 
 def test_api_get_and_set_handler(proxy):
-    address = proxy.control_address
+    address = proxy.control
     assert api(address, 'GET', '/handler') == (200, {
         'handler': 'normal', 'settings': {}, 'behavior': '100:normal', 'fixed': False})
     status, state = api(address, 'PUT', '/handler',
@@ -704,7 +704,7 @@ def test_api_settings_merge_over_the_configured_ones(make_proxy, echo_backend):
     handlers = vaurien.default_handlers()
     handlers['delay'].settings = handlers['delay'].validate({'sleep': 2, 'jitter': 0.5})
     proxy = make_proxy(echo_backend.address, handlers=handlers, http=True)
-    status, state = api(proxy.control_address, 'PUT', '/handler',
+    status, state = api(proxy.control, 'PUT', '/handler',
                         json.dumps({'name': 'delay', 'settings': {'sleep': 0.1}}))
     assert state['settings'] == {'sleep': 0.1, 'jitter': 0.5, 'direction': 'to_backend'}
 
@@ -712,14 +712,14 @@ def test_api_settings_merge_over_the_configured_ones(make_proxy, echo_backend):
 def test_api_curl_plain_text_body(proxy):
     if not shutil.which('curl'):
         pytest.skip('curl is not installed (apt-get install curl)')
-    url = 'http://%s:%d/handler' % proxy.control_address
+    url = 'http://%s:%d/handler' % proxy.control
     out = subprocess.run(['curl', '-s', '-d', 'errors', url], capture_output=True, text=True,
                          timeout=WAIT).stdout
     assert json.loads(out)['handler'] == 'errors'
 
 
 def test_api_handlers_and_behavior(proxy):
-    address = proxy.control_address
+    address = proxy.control
     status, listing = api(address, 'GET', '/handlers')
     assert status == 200 and listing['handlers'] == sorted(listing['handlers'])
     assert {'normal', 'delay', 'errors', 'hang', 'blackout'} <= set(listing['handlers'])
@@ -748,20 +748,20 @@ def test_api_handlers_and_behavior(proxy):
 ])
 def test_api_errors_are_json_with_the_right_status(proxy, method, path, body, status,
                                                   fragment):
-    got_status, answer = api(proxy.control_address, method, path, body)
+    got_status, answer = api(proxy.control, method, path, body)
     assert got_status == status and answer['status'] == status
     assert fragment in answer['error']
-    assert api(proxy.control_address, 'GET', '/handler')[0] == 200
+    assert api(proxy.control, 'GET', '/handler')[0] == 200
 
 
 def test_api_unknown_handler_lists_the_known_ones_and_never_imports(proxy):
-    status, answer = api(proxy.control_address, 'PUT', '/handler',
+    status, answer = api(proxy.control, 'PUT', '/handler',
                          json.dumps({'name': 'os.system'}))
     assert status == 400 and 'normal' in answer['known']
 
 
 def test_api_body_over_64k_gets_413_not_a_reset(proxy):
-    with connect(proxy.control_address) as sock:
+    with connect(proxy.control) as sock:
         body = b'x' * (70 * 1024)
         sock.sendall(b'PUT /handler HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n'
                      % len(body))
@@ -777,7 +777,7 @@ def test_api_body_over_64k_gets_413_not_a_reset(proxy):
 
 def test_api_refuses_browsers_and_checks_the_token(make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address, http=True, http_token='s3cret')
-    address = proxy.control_address
+    address = proxy.control
     auth = {'Authorization': 'Bearer s3cret'}
     assert api(address, 'GET', '/handler')[0] == 401
     assert api(address, 'GET', '/handler', headers={'Authorization': 'Bearer nope'})[0] == 401
@@ -792,10 +792,10 @@ def test_api_refuses_browsers_and_checks_the_token(make_proxy, echo_backend):
 
 
 def test_api_half_sent_request_does_not_block_it(proxy):
-    with connect(proxy.control_address) as stalled:
+    with connect(proxy.control) as stalled:
         stalled.sendall(b'PUT /handler HTTP/1.1\r\nContent-Length: 10\r\n\r\nerr')
         started = time.monotonic()
-        assert Client(*proxy.control_address).get_handler()['handler'] == 'normal'
+        assert Client(*proxy.control).get_handler()['handler'] == 'normal'
         assert time.monotonic() - started < 2
 
 
@@ -808,7 +808,7 @@ def test_client_errors_say_what_happened():
 
 
 def test_client_error_answers_raise(proxy):
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     with pytest.raises(vaurien.VaurienError, match="400 unknown handler 'nope'"):
         client.set_handler('nope')
     with pytest.raises(vaurien.VaurienError, match='unknown setting'):
@@ -826,13 +826,13 @@ def test_a_setting_called_name_does_not_collide(make_proxy, echo_backend):
         return False
     proxy = make_proxy(echo_backend.address, http=True,
                        handlers=custom_registry(named=named))
-    assert Client(*proxy.control_address).set_handler('named', name='y')['settings'] == \
+    assert Client(*proxy.control).set_handler('named', name='y')['settings'] == \
         {'name': 'y'}
     assert proxy.set_handler('named', name='z')['settings'] == {'name': 'z'}
 
 
 def test_client_keeps_working_after_the_server_closed_its_idle_connection(proxy):
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     client.get_handler()
     client._http.sock.close()    # as if the server had timed the idle connection out
     client._http.sock = None
@@ -961,7 +961,7 @@ def test_listen_failure_is_one_line():
         taken.close()
     assert result.returncode == 1 and 'in use' in result.stderr
     assert 'cannot listen on %s: ' % where in result.stderr
-    assert 'give port 0 for a free port, as --local HOST:0' in result.stderr
+    assert "give port 0 for a free port, as local='HOST:0' or --local HOST:0" in result.stderr
     assert 'Traceback' not in result.stderr
 
 
@@ -1396,7 +1396,7 @@ def test_corrupt_flips_one_bit_in_a_share_of_the_bytes(make_proxy, backends):
 
 
 def test_disable_refuses_connects_closes_live_ones_and_enable_reopens(proxy):
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     live = connect(proxy.address)
     port = proxy.address[1]
     with client.down():
@@ -1426,7 +1426,7 @@ BAD_SETTINGS = [
 def test_bad_settings_are_refused_when_set(proxy, name, settings):
     with pytest.raises(vaurien.ConfigError, match=list(settings)[0]):
         proxy.set_handler(name, **settings)
-    status, answer = api(proxy.control_address, 'PUT', '/handler',
+    status, answer = api(proxy.control, 'PUT', '/handler',
                          json.dumps({'name': name, 'settings': settings}))
     assert status == 400 and list(settings)[0] in answer['error']
     assert proxy.get_handler()['handler'] == 'normal'
@@ -1434,7 +1434,7 @@ def test_bad_settings_are_refused_when_set(proxy, name, settings):
 
 def test_list_handlers_and_the_api_tell_the_same_facts(proxy):
     listing = run_cli('--list-handlers').stdout
-    details = api(proxy.control_address, 'GET', '/handlers')[1]['details']
+    details = api(proxy.control, 'GET', '/handlers')[1]['details']
     for name, detail in details.items():
         assert '%s: %s' % (name, detail['summary']) in listing
         for key, setting in detail['settings'].items():
@@ -1536,7 +1536,7 @@ def test_soak_a_1gb_stream_arrives_intact(make_proxy):
 def stream_numbers_while_switching(proxy, cycle):
     """Stream 65,535 sequence numbers through `proxy` and back while the handler is
     switched through `cycle` ((name, settings) pairs) at least 300 times."""
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     numbers = b''.join(struct.pack('!I', i) for i in range(65535))
     received = bytearray()
     stop = threading.Event()
@@ -2044,7 +2044,7 @@ def test_a_blocking_handler_holds_its_connection_only(make_proxy, echo_backend):
         started = time.monotonic()
         for _ in range(5):
             assert round_trip(proxy.address, b'fast') == b'fast'
-        assert Client(*proxy.control_address).get_handler()['handler'] == 'sleeper'
+        assert Client(*proxy.control).get_handler()['handler'] == 'sleeper'
         assert time.monotonic() - started < 1.5
         assert read_exactly(stuck, 4) == b'slow'
 
@@ -2055,13 +2055,13 @@ def test_the_api_stays_responsive_under_hangs_stalls_cuts_and_many_callers(make_
     hung = [connect(proxy.address) for _ in range(100)]
     for sock in hung:
         sock.sendall(b'x' * 1000)
-    stalled = [connect(proxy.control_address) for _ in range(20)]
+    stalled = [connect(proxy.control) for _ in range(20)]
     for sock in stalled:
         sock.sendall(b'PUT /handler HTTP/1.1\r\nContent-Length: 100\r\n\r\n{')
     latencies, failures = [], []
 
     def caller(i):
-        client = Client(*proxy.control_address)
+        client = Client(*proxy.control)
         for j in range(30):
             started = time.monotonic()
             try:
@@ -2209,7 +2209,7 @@ def test_any_api_request_gets_a_json_answer_and_the_proxy_keeps_relaying(api_pro
                                                                         path, body):
     if method == 'PUT' and path == '/proxy':
         body = b'{"enabled": true}'   # disabling is legal; its effect is tested elsewhere
-    status, answer = api(api_proxy.control_address, method, path, body)
+    status, answer = api(api_proxy.control, method, path, body)
     assert status in (200, 400, 404, 405, 411, 413)
     assert (status == 200) == ('error' not in answer)
     if status != 200:
@@ -2580,7 +2580,7 @@ def test_scenario_handlers_refuse_bad_settings(make_proxy, echo_backend, name, s
     key = list(settings)[0]
     with pytest.raises(vaurien.ConfigError, match=key):
         proxy.set_handler(name, **settings)
-    status, answer = api(proxy.control_address, 'PUT', '/handler',
+    status, answer = api(proxy.control, 'PUT', '/handler',
                          json.dumps({'name': name, 'settings': settings}))
     assert status == 400 and key in answer['error']
     assert proxy.get_handler()['handler'] == 'normal'
@@ -3042,15 +3042,15 @@ def test_enabling_on_a_taken_port_is_a_409(proxy):
     proxy.disable()
     squatter = socket.create_server((LOOP, port))
     try:
-        status, answer = api(proxy.control_address, 'PUT', '/proxy', '{"enabled": true}')
+        status, answer = api(proxy.control, 'PUT', '/proxy', '{"enabled": true}')
         assert status == 409 and 'cannot listen' in answer['error']
     finally:
         squatter.close()
-    assert Client(*proxy.control_address).enable()['enabled'] is True
+    assert Client(*proxy.control).enable()['enabled'] is True
 
 
 def test_proxy_and_client_calls_return_the_same_things(proxy):
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     for call, args in (('get_handler', ()), ('set_handler', ('delay',)),
                        ('get_behavior', ()), ('set_behavior', ('20:hang',)),
                        ('list_handlers', ()), ('status', ()), ('disable', ()), ('enable', ())):
@@ -3367,7 +3367,7 @@ def raw_api(address, request):
 ], ids=['options', 'unknown-method', 'long-line', 'long-header', 'many-headers', 'http2',
         'bad-version'])
 def test_every_control_api_refusal_is_json(proxy, request_bytes, status):
-    answer = raw_api(proxy.control_address, request_bytes)
+    answer = raw_api(proxy.control, request_bytes)
     head, _, body = answer.partition(b'\r\n\r\n')
     assert head.startswith(b'HTTP/1.1 %d ' % status), answer[:200]
     assert json.loads(body)['status'] == status
@@ -3377,7 +3377,7 @@ def test_a_get_with_a_body_smuggles_no_request(proxy):
     hidden = json.dumps({'name': 'errors'}).encode()
     smuggled = (b'PUT /handler HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n'
                 % len(hidden)) + hidden
-    answer = raw_api(proxy.control_address, b'GET /handler HTTP/1.1\r\nHost: a\r\n'
+    answer = raw_api(proxy.control, b'GET /handler HTTP/1.1\r\nHost: a\r\n'
                      b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled)
     assert answer.startswith(b'HTTP/1.1 400 ') and answer.count(b'HTTP/1.1') == 1
     assert proxy.get_handler()['handler'] == 'normal'
@@ -3385,14 +3385,14 @@ def test_a_get_with_a_body_smuggles_no_request(proxy):
 
 @pytest.mark.parametrize('length', [b'0_6', b'-1', b'\xd9\xa3'])
 def test_a_content_length_is_ascii_digits(proxy, length):
-    answer = raw_api(proxy.control_address, b'PUT /handler HTTP/1.1\r\nHost: a\r\n'
+    answer = raw_api(proxy.control, b'PUT /handler HTTP/1.1\r\nHost: a\r\n'
                      b'Content-Length: ' + length + b'\r\n\r\nnormal')
     assert answer.startswith(b'HTTP/1.1 400 ')
 
 
 def test_the_control_api_gives_each_request_a_total_deadline(proxy, monkeypatch):
     monkeypatch.setattr(vaurien.ControlHandler, 'timeout', 1)
-    with socket.create_connection(proxy.control_address, timeout=WAIT) as sock:
+    with socket.create_connection(proxy.control, timeout=WAIT) as sock:
         sock.setblocking(False)
         started, closed = time.monotonic(), False
         for byte in b'GET /proxy HTTP/1.1\r\n' + b'X-a: b\r\n' * 8:   # 8.5 s of bytes
@@ -3410,7 +3410,7 @@ def test_the_control_api_gives_each_request_a_total_deadline(proxy, monkeypatch)
 
 
 def test_keep_alive_requests_are_all_answered_on_one_connection(proxy):
-    conn = http.client.HTTPConnection(*proxy.control_address, timeout=WAIT)
+    conn = http.client.HTTPConnection(*proxy.control, timeout=WAIT)
     try:
         for _ in range(3):
             conn.request('GET', '/proxy')
@@ -3625,7 +3625,7 @@ def test_start_during_a_refusal_leaves_it_alone(make_proxy, echo_backend):
 def test_a_stopped_proxy_cannot_be_driven_by_a_kept_alive_client(echo_backend):
     proxy = Proxy(LOOP + ':0', '%s:%d' % echo_backend.address, http=True, http_port=0)
     proxy.start()
-    client = Client(*proxy.control_address)
+    client = Client(*proxy.control)
     assert client.status()['enabled']
     proxy.stop()
     with pytest.raises(vaurien.VaurienError):
@@ -3735,7 +3735,7 @@ def test_register_and_set_handler_with_a_function(make_proxy, echo_backend):
         assert proxy.get_handler()['handler'] == 'shout'
         assert round_trip(proxy.address, b'hey') == b'HEY#'
     assert proxy.get_handler()['handler'] == 'normal'
-    assert Client(*proxy.control_address).set_handler('shout')['handler'] == 'shout'
+    assert Client(*proxy.control).set_handler('shout')['handler'] == 'shout'
 
     def shout2(*args):
         return shout(*args)
@@ -3743,16 +3743,16 @@ def test_register_and_set_handler_with_a_function(make_proxy, echo_backend):
     with pytest.raises(vaurien.ConfigError, match="another handler is registered as 'shout'"):
         proxy.set_handler(shout2)
     with pytest.raises(vaurien.VaurienError, match='cannot be sent a function'):
-        Client(*proxy.control_address).set_handler(shout)
+        Client(*proxy.control).set_handler(shout)
 
 
 def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
-    for call in (proxy.set_handler, Client(*proxy.control_address).set_handler,
+    for call in (proxy.set_handler, Client(*proxy.control).set_handler,
                  lambda name: proxy.set_behavior('20:' + name)):
         with pytest.raises(vaurien.VaurienError) as error:
             call('error')
         assert "unknown handler 'error' (did you mean errors? known: abort," in str(error.value)
-    status, answer = api(proxy.control_address, 'PUT', '/handler', '{"name": "delai"}')
+    status, answer = api(proxy.control, 'PUT', '/handler', '{"name": "delai"}')
     assert status == 400 and 'did you mean delay?' in answer['error']
     assert 'normal' in answer['known']
 
@@ -3765,13 +3765,13 @@ def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
 ])
 def test_api_bodies_with_unknown_keys_are_refused_naming_them(proxy, path, body, named):
     before = proxy.get_handler()
-    status, answer = api(proxy.control_address, 'PUT', path, json.dumps(body))
+    status, answer = api(proxy.control, 'PUT', path, json.dumps(body))
     assert status == 400 and 'unknown key' in answer['error'] and named in answer['error']
     assert proxy.get_handler() == before
 
 
 def test_put_handler_takes_what_get_handler_returns(proxy):
-    address = proxy.control_address
+    address = proxy.control
     proxy.set_behavior('20:delay,10:errors')
     saved_mix = api(address, 'GET', '/handler')[1]
     proxy.set_handler('delay', sleep='250ms')
@@ -3788,8 +3788,8 @@ def test_put_handler_takes_what_get_handler_returns(proxy):
 def test_handler_and_mix_changes_are_logged_with_where_they_came_from(proxy, caplog):
     with caplog.at_level(logging.INFO, logger='vaurien'):
         proxy.set_handler('delay', sleep=0.5)
-        Client(*proxy.control_address).set_behavior('20:errors')
-        with Client(*proxy.control_address).with_handler('hang'):
+        Client(*proxy.control).set_behavior('20:errors')
+        with Client(*proxy.control).with_handler('hang'):
             pass
     lines = [r.getMessage() for r in caplog.records if r.name == 'vaurien']
     assert 'handler delay set, by a Python call (sleep=0.5, jitter=0.0, ' \
@@ -3818,7 +3818,7 @@ def test_taken_addresses_are_named_with_what_to_do(echo_backend):
         where = '%s:%d' % taken.getsockname()
         with pytest.raises(OSError, match='cannot listen on %s: .*give port 0' % where):
             Proxy(where, '%s:%d' % echo_backend.address)
-        with pytest.raises(OSError, match='cannot listen on %s: .*as --http-port 0' % where):
+        with pytest.raises(OSError, match='cannot listen on %s: .*as http_port=0 or --http-port 0' % where):
             Proxy(LOOP + ':0', '%s:%d' % echo_backend.address, http=True,
                   http_host=LOOP, http_port=taken.getsockname()[1]).start().stop()
     finally:

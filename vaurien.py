@@ -732,8 +732,9 @@ def _failing(conn, settings):
             failing = 0 <= conn.opened - epoch_time < settings['period']
         else:
             failing = 0 <= conn.index - epoch_index < settings['count']
-        state['errors'] = dict(conn.proxy.handlers['errors'].settings,
-                               protocol=settings['protocol']) if failing else None
+        state['errors'] = dict(conn.proxy.handlers['errors'].settings, **{
+            key: settings[key] for key in ('protocol', 'status', 'message', 'code')}) \
+            if failing else None
     return state['errors']
 
 
@@ -743,20 +744,23 @@ def _transient_connect(client, backend, name, settings, proxy):
         return _errors_greeting(client, backend, 'errors', failing, proxy)
 
 
-@traits(on_connect=_transient_connect,
+@traits(on_connect=_transient_connect, check=_check_error_code,
         backend=lambda conn, settings: _failing(conn, settings) is None)
 def transient(source, dest, to_backend, name, settings, proxy):
     """The first `count` connections get `errors`, later ones pass: a restart.
 
     Counting starts when the handler (or a behavior holding it) is set, or
     when the proxy starts; connections open before then pass.  The errors are
-    those of the `errors` handler, with its settings, in `protocol`; failing
-    connections never reach the backend.
+    those of the `errors` handler, with the settings below (the others of
+    `errors`'s configured ones); failing connections never reach the backend.
 
     Settings:
       count (int >= 0, default 3): connections that fail.
       period (seconds >= 0, default 0): when above 0, the connections opened in the first `period` seconds fail instead.
       protocol (auto|http|redis|memcache|mysql|postgresql|smtp|raw, default auto): the protocol of the errors.
+      status (int 100..599, default 503): HTTP status code of the errors.
+      message (str, default ): error text; empty for the protocol's usual one.
+      code (str, default ): MySQL error number, PostgreSQL SQLSTATE or SMTP reply code; empty for the default.
     """
     failing = _failing(source.connection, settings)
     if failing is not None:
@@ -902,6 +906,10 @@ class Handler:
             except ValueError as exc:
                 raise ConfigError('handler %s: setting %s = %r: %s' % (
                     self.name, key, value, exc)) from None
+            if self.schema[key].type == 'seconds' and merged[key] >= 60 and \
+                    not (isinstance(value, str) and value.strip()[-1:].isalpha()):
+                log.warning('handler %s: %s = %s is %s seconds; for milliseconds, write %sms',
+                            self.name, key, value, value, value)
         if self.check is not None:
             try:
                 self.check(merged)
@@ -931,8 +939,10 @@ def load_callable(dotted):
     try:
         target = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError('cannot import %s: %s' % (shown(module_name), shown(str(exc)))) \
-            from None
+        hint = ' (it is the handlers/ folder of Vaurien: copy it beside vaurien.py)' \
+            if module_name.split('.')[0] == BUNDLED and BUNDLED not in sys.modules else ''
+        raise ConfigError('cannot import %s: %s%s' % (shown(module_name), shown(str(exc)),
+                                                       hint)) from None
     for part in attr.split('.'):
         try:
             target = getattr(target, part)
@@ -1303,7 +1313,7 @@ class Side:
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'received')
+                 'events', 'on_event', 'delivered')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1322,7 +1332,7 @@ class Side:
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
         self.events = 0           # what the selector watches this socket for
         self.on_event = functools.partial(connection.on_event, self)
-        self.received = 0         # bytes read from this socket
+        self.delivered = 0        # bytes sent to this socket
 
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
@@ -1354,6 +1364,7 @@ class Side:
                 sent = 0
             except OSError:
                 return self.connection.lost(self)
+            self.delivered += sent
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
@@ -1668,7 +1679,6 @@ class Connection:
             return False
         except OSError:
             return self.lost(side) or True
-        side.received += len(data)
         if len(data) == side.chunk and side.chunk < MAX_CHUNK:
             side.chunk *= 2      # bulk: fewer, larger reads
         elif len(data) < CHUNK and side.chunk > CHUNK:
@@ -1834,6 +1844,7 @@ class Connection:
             except OSError:
                 return self.lost(side)
             side.queued -= sent
+            side.delivered += sent
             if paced:
                 entry[3] -= sent
             if sent < len(data):
@@ -1964,8 +1975,8 @@ class Connection:
         log.log(self.proxy.connection_log_level,
                 'connection #%d from %s closed: %s, %d B to the backend, %d B to the '
                 'client, %s, %.3f s', self.index, format_address(self.address),
-                self.handler_name, self.client.received, self.backend.received, self.ending,
-                time.monotonic() - self.opened)
+                self.handler_name, self.backend.delivered, self.client.delivered,
+                self.ending, time.monotonic() - self.opened)
 
 
 _NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: a socket born non-blocking
@@ -2000,11 +2011,22 @@ def parse_address(text, what='address'):
     return host, int(port)
 
 
+def _address_option(value, what):
+    """'host:port' or (host, port) as (host, port); anything else is a ConfigError."""
+    if isinstance(value, str):
+        return parse_address(value, what)
+    if isinstance(value, (tuple, list)) and len(value) >= 2 and isinstance(value[0], str) \
+            and isinstance(value[1], int) and 0 <= value[1] < 65536:
+        return tuple(value[:2])
+    raise ConfigError('%s = %s: expected HOST:PORT, like localhost:8000, or (host, port)'
+                      % (what, shown(value)))
+
+
 def listen_error(exc, address, flag):
     """`exc`, an OSError of bind(), saying where, and for a port taken what to do."""
     hint = ''
     if exc.errno == errno.EADDRINUSE:
-        hint = ' (another program listens there: give port 0 for a free port, as --%s, ' \
+        hint = ' (another program listens there: give port 0 for a free port, as %s, ' \
                'or another port)' % flag
     return OSError(exc.errno, 'cannot listen on %s: %s%s' % (
         format_address(address), exc.strerror or exc, hint))
@@ -2093,16 +2115,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     block_on_close = False
     request_queue_size = 1024   # socketserver's 5 drops SYNs of a burst of connects
 
-    def __init__(self, local='localhost:8000', distant='localhost:80', behavior='100:normal',
+    def __init__(self, local, distant, behavior='100:normal',
                  handlers=None, seed=None, http=False, http_host='localhost', http_port=8080,
                  http_token=None, connect_timeout=CONNECT_TIMEOUT, max_connections=0):
         connect_timeout, max_connections, seed, http_token = (
             _convert_option(key, value, key) if value is not None else None for key, value in (
                 ('connect_timeout', connect_timeout), ('max_connections', max_connections),
                 ('seed', seed), ('http_token', http_token)))
-        local = parse_address(local, 'local') if isinstance(local, str) else tuple(local)
-        self.distant = parse_address(distant, 'distant') if isinstance(distant, str) \
-            else tuple(distant)
+        local = _address_option(local, 'local')
+        self.distant = _address_option(distant, 'distant')
+        if self.distant[1] == 0:
+            raise ConfigError('distant %s: port 0 is no backend\'s port' % format_address(
+                self.distant))
         self.handlers = default_handlers()
         for name, handler in (handlers or {}).items():
             self.register(name, handler)
@@ -2113,7 +2137,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.fixed = None                 # (Handler, settings) set through the API
         self.epoch = (0, time.monotonic())  # (accepted, time) of the last change
         self.enabled = True
-        self.control = None
+        self.control_server = None
         self._control_options = (http_host, http_port, http_token) if http else None
         self._random = random.Random(seed)
         self._accepted = 0
@@ -2145,18 +2169,26 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return self.server_address[:2]
 
     @property
-    def control_address(self):
-        """The (host, port) of the control API, or None without one."""
-        return self.control.server_address[:2] if self.control else None
+    def control(self):
+        """The (host, port) of the control API, or None without one (or before start())."""
+        return self.control_server.server_address[:2] if self.control_server else None
+
+    def client(self, timeout=5.0):
+        """A Client of this proxy's control API (with http=True, once started)."""
+        if self.control is None:
+            raise VaurienError('this proxy serves no control API: give http=True, and '
+                               'start() it')
+        return Client(*self.control, timeout=timeout,
+                      token=self._control_options[2] if self._control_options else None)
 
     def start(self):
         """Serve (with the control API if asked) and return self; again: no-op.
 
         Started after stop(), the proxy listens again on the same address.
         """
-        if self._control_options and self.control is None:
-            self.control = ControlServer(self, *self._control_options)
-            threading.Thread(target=self.control.serve_forever, args=(0.05,),
+        if self._control_options and self.control_server is None:
+            self.control_server = ControlServer(self, *self._control_options)
+            threading.Thread(target=self.control_server.serve_forever, args=(0.05,),
                              name='vaurien-control', daemon=True).start()
         self._stopped.clear()
         self.pump.call(self._start)
@@ -2171,11 +2203,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
         Waits up to `timeout` seconds in all for the connections to end.
         """
-        if self.control is not None:
-            self.control.stopped = True     # its keep-alive callers too
-            self.control.shutdown()
-            self.control.server_close()
-            self.control = None
+        if self.control_server is not None:
+            self.control_server.stopped = True     # its keep-alive callers too
+            self.control_server.shutdown()
+            self.control_server.server_close()
+            self.control_server = None
         self.disable()
         with self._lock:
             self._idle.wait_for(lambda: not self._connections, timeout)
@@ -2201,7 +2233,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         try:
             super().server_bind()
         except OSError as exc:
-            raise listen_error(exc, self.server_address, 'local HOST:0') from None
+            raise listen_error(exc, self.server_address,
+                               "local='HOST:0' or --local HOST:0") from None
 
     def server_activate(self):
         """Listen without blocking, with Nagle off: accepted sockets inherit TCP_NODELAY."""
@@ -2353,7 +2386,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._accepted += 1
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
-                    format_address(client_address), conn.drawn)
+                    format_address(client_address), conn.current()[0].name)
         with self._lock:
             self._connections.add(conn)
         try:
@@ -2582,7 +2615,7 @@ class ControlServer(http.server.ThreadingHTTPServer):
         try:
             super().server_bind()
         except OSError as exc:
-            raise listen_error(exc, self.server_address, 'http-port 0') from None
+            raise listen_error(exc, self.server_address, 'http_port=0 or --http-port 0') from None
 
     def authorized(self, header):
         """Whether an Authorization header carries the token: ``Bearer TOKEN``, the
@@ -3028,6 +3061,8 @@ class ProxyProcess(int):
         if not self.control:
             raise VaurienError('the proxy pid %d runs without its control API (http=False)'
                                % self)
+        if self not in _children:
+            raise VaurienError('the proxy pid %d was stopped' % self)
         return Client(*self.control, timeout=timeout, token=self.token)
 
     def stop(self):
@@ -3100,7 +3135,8 @@ def stop_proxy(pid):
     try:
         handle = _children.pop(pid)
     except (KeyError, TypeError):
-        raise ValueError('no proxy started by start_proxy() has pid %r' % (pid,)) from None
+        raise ValueError('no proxy started by start_proxy() has pid %s, or it was stopped '
+                         'already' % (int(pid) if isinstance(pid, int) else repr(pid),)) from None
     child = handle.child
     child.terminate()
     try:
@@ -3271,6 +3307,12 @@ def resolve(args):
         options['http'] = True
     if args.behavior is not None:
         _check_behavior(args.behavior, handlers, '--behavior')
+    strays = [name for name in ('http_host', 'http_port', 'http_token')
+              if name in from_file or getattr(args, name) is not None]
+    if strays and not options['http']:
+        raise ConfigError('%s set, but the control API is off: add --http (or http = true '
+                          'in [vaurien])' % ', '.join('--' + name.replace('_', '-')
+                                                      for name in strays))
     if not options['distant'] and not args.demo and not args.list_handlers:
         raise ConfigError('no backend: give --distant HOST:PORT (or try --demo)')
     return options, handlers
@@ -3385,7 +3427,7 @@ def raise_descriptor_limit():
 
 def _announce(proxy, demo):
     """The ready line start_proxy() waits for, then the demo's how-to, flushed."""
-    control = proxy.control_address
+    control = proxy.control
     print('Vaurien ready: proxy %s -> %s%s; behavior %s' % (
         format_address(proxy.address), format_address(proxy.distant),
         ', control http://%s' % format_address(control) if control else '', proxy.behavior),
@@ -3475,7 +3517,7 @@ def _pytest_plugin(pytest):
             log.setLevel(logging.INFO)
         logs_of(request.node).append(('in-process proxies', lambda: '\n'.join(recorder.lines)))
 
-        def make(distant, local='127.0.0.1:0', **options):
+        def make(distant, *, local='127.0.0.1:0', **options):
             options.setdefault('http_host', '127.0.0.1')
             options.setdefault('http_port', 0)
             proxies.append(Proxy(local, distant, **options).start())
