@@ -4349,3 +4349,113 @@ def test_every_readme_code_block_runs_as_written(block, as_written, tmp_path):
     run = readme_runner(block)
     arguments = inspect.signature(run).parameters
     run(block, as_written, *([tmp_path] if 'tmp_path' in arguments else []))
+
+
+# ---------------------------------------------------------------------------
+# What a new user's first hour ran into
+# ---------------------------------------------------------------------------
+
+def test_connection_lines_tell_the_handler_met_and_the_bytes_delivered(make_proxy,
+                                                                      echo_backend, caplog):
+    proxy = make_proxy(echo_backend.address, behavior='100:delay')
+    proxy.set_handler('errors', message='no')
+    with caplog.at_level(logging.DEBUG, logger='vaurien'):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+            answer = outcome(sock)[1]
+        wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    lines = [r.getMessage() for r in caplog.records if r.name == 'vaurien']
+    assert any(line.endswith('opened: errors') for line in lines)
+    closed = [line for line in lines if ' closed: ' in line][0]
+    assert 'closed: errors, 0 B to the backend, %d B to the client' % len(answer) in closed
+    assert echo_backend.accepted == 0
+
+
+def test_transient_takes_the_error_settings_it_answers_with(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('transient', count=1, status=502, message='restarting')
+    conn = http.client.HTTPConnection(*proxy.address, timeout=WAIT)
+    conn.request('GET', '/')
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (502, b'restarting\n')
+    conn.close()
+    assert round_trip(proxy.address) == b'ping'                  # the second passes
+    with pytest.raises(vaurien.ConfigError, match='MySQL error number'):
+        proxy.set_handler('transient', protocol='mysql', code='HY000')
+
+
+@pytest.mark.parametrize('args,message', [
+    (('127.0.0.1:0',), "missing 1 required positional argument: 'distant'"),
+    (('127.0.0.1:0', 6379), 'distant = 6379: expected HOST:PORT'),
+    (('127.0.0.1:0', ('localhost',)), "distant = ('localhost',): expected HOST:PORT"),
+    (('127.0.0.1:0', '127.0.0.1:0'), "port 0 is no backend's port"),
+])
+def test_a_proxy_made_wrong_says_how(args, message):
+    with pytest.raises((TypeError, vaurien.ConfigError), match=re.escape(message)):
+        Proxy(*args)
+
+
+def test_in_process_and_child_proxies_tell_their_control_api_alike(echo_backend):
+    with Proxy(LOOP + ':0', echo_backend.address, http=True, http_host=LOOP,
+               http_port=0) as proxy:
+        host, port = proxy.control
+        assert host == LOOP and proxy.client().status()['enabled']
+    assert proxy.control is None
+    with pytest.raises(vaurien.VaurienError, match='serves no control API'):
+        Proxy(LOOP + ':0', echo_backend.address).client()
+
+
+def test_a_stopped_handle_says_it_was_stopped(echo_backend):
+    handle = start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                         http_host=LOOP, http_port=0, echo=False)
+    handle.stop()
+    with pytest.raises(vaurien.VaurienError, match='pid %d was stopped' % handle):
+        handle.client()
+    with pytest.raises(ValueError, match='has pid %d, or it was stopped already$' % handle):
+        stop_proxy(handle)
+
+
+def test_the_fixtures_take_keywords_after_distant(tmp_path, echo_backend):
+    project = tmp_path / 'p'
+    project.mkdir()
+    (project / 'test_x.py').write_text(
+        'import pytest\n'
+        'def test_proxy(vaurien_proxy):\n'
+        '    with pytest.raises(TypeError):\n'
+        '        vaurien_proxy("127.0.0.1:0", %(b)r)\n'
+        '    assert vaurien_proxy(%(b)r, local="127.0.0.1:0").address[1] > 0\n'
+        'def test_process(vaurien_process):\n'
+        '    with pytest.raises(TypeError):\n'
+        '        vaurien_process("127.0.0.1:0", %(b)r)\n' % {'b': '%s:%d' % echo_backend.address})
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'vaurien', '-p',
+                             'no:cacheprovider'], cwd=str(project), capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=HERE))
+    assert '2 passed' in result.stdout, result.stdout + result.stderr
+
+
+def test_control_api_options_without_the_api_are_an_error(tmp_path):
+    for args in (['--http-port', '0'], ['--http-host', LOOP], ['--http-token', 'x']):
+        result = run_cli('--local', LOOP + ':0', '--distant', 'a:1', *args)
+        assert result.returncode == 2 and 'the control API is off: add --http' in result.stderr
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = a:1\nhttp_port = 0\n')
+    result = run_cli('--config', ini, '--local', LOOP + ':0')
+    assert result.returncode == 2 and '--http-port set, but' in result.stderr
+
+
+def test_a_minute_or_more_without_a_unit_is_called_out(caplog):
+    handler = vaurien.default_handlers()['delay']
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        handler.validate({'sleep': 500})
+        handler.validate({'sleep': '90s'})
+        handler.validate({'sleep': 5})
+    assert [r.getMessage() for r in caplog.records if r.name == 'vaurien'] == [
+        'handler delay: sleep = 500 is 500 seconds; for milliseconds, write 500ms']
+
+
+def test_a_vendored_copy_without_handlers_says_what_to_copy(tmp_path):
+    shutil.copy(VAURIEN, str(tmp_path / 'vaurien.py'))
+    (tmp_path / 'v.ini').write_text(BUNDLED_INI)
+    result = subprocess.run([sys.executable, 'vaurien.py', '--config', 'v.ini'],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert 'copy it beside vaurien.py' in result.stderr
