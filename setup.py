@@ -7,7 +7,7 @@ with open('README.txt', encoding='utf-8') as readme:
 
 setup(
     name='vaurien',
-    version='3.0.0',
+    version='3.1.0',
     description='A chaos TCP proxy: delays, breaks, hangs, cuts or corrupts the traffic '
                 'to a backend, on demand, for tests.',
     long_description=long_description,

@@ -3668,6 +3668,8 @@ def test_corrupting_every_byte_of_megabytes_holds_nobody_up(make_proxy, echo_bac
     ('bandwidth', 'rate', '100KB', 100000), ('bandwidth', 'rate', '100kB/s', 100000),
     ('bandwidth', 'rate', '64KiB', 65536), ('bandwidth', 'rate', '1.5MB', 1500000),
     ('bandwidth', 'rate', '2048', 2048), ('limit_data', 'bytes', '1MiB', 1 << 20),
+    ('limit_data', 'bytes', '9007199254740993', 9007199254740993),
+    ('limit_data', 'bytes', '1.5kB', 1500),
     ('flap', 'up', '100ms', 0.1), ('slicer', 'delay', '10ms', 0.01),
 ])
 def test_settings_take_units_as_people_write_them(name, key, written, typed):
@@ -3679,7 +3681,9 @@ def test_settings_take_units_as_people_write_them(name, key, written, typed):
 @pytest.mark.parametrize('name,key,written', [
     ('delay', 'sleep', '5 parsecs'), ('delay', 'sleep', '5ms/s'), ('delay', 'sleep', '-1ms'),
     ('bandwidth', 'rate', '0.5B'), ('bandwidth', 'rate', '1.5'), ('bandwidth', 'rate', '10Kb/m'),
-    ('limit_data', 'bytes', '1s'),
+    ('limit_data', 'bytes', '1s'), ('limit_data', 'bytes', '600000.5'),
+    ('limit_data', 'bytes', '1.0000001kB'), ('limit_data', 'bytes', '1e-7'),
+    ('bandwidth', 'rate', '100Mb/s'), ('limit_data', 'bytes', '1kB/s'),
 ])
 def test_settings_with_a_wrong_unit_are_refused_saying_which_units_go(name, key, written):
     handler = vaurien.default_handlers()[name]
@@ -3997,10 +4001,14 @@ def test_the_pytest_plugin_gives_fixtures_and_logs_on_failure(tmp_path, echo_bac
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
     """This checkout, installed by pip into a folder of its own: that folder."""
-    site = tmp_path_factory.mktemp('site')
+    site, source = tmp_path_factory.mktemp('site'), tmp_path_factory.mktemp('source')
+    for name in ('vaurien.py', 'setup.py', 'README.txt', 'LICENSE'):   # built there, not
+        shutil.copy(os.path.join(HERE, name), str(source / name))         # in the checkout
+    shutil.copytree(os.path.join(HERE, 'handlers'), str(source / 'handlers'),
+                    ignore=shutil.ignore_patterns('__pycache__'))
     install = subprocess.run(
-        [sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site), HERE],
-        capture_output=True, text=True, timeout=300)
+        [sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site),
+         str(source)], capture_output=True, text=True, timeout=300)
     if install.returncode:
         pytest.skip('pip cannot install here: %s' % install.stderr.strip()[-300:])
     return site
@@ -4078,9 +4086,10 @@ def readme_blocks():
     follow a blank line, dedented (blank lines inside a block belong to it)."""
     with open(README, encoding='utf-8') as readme:
         lines = readme.read().split('\n')
+    lines = [line if line.strip() else '' for line in lines]
     blocks, i = [], 1
     while i < len(lines):
-        if lines[i].startswith('    ') and lines[i][4] != ' ' and not lines[i - 1]:
+        if lines[i].startswith('    ') and lines[i][4:5] != ' ' and not lines[i - 1]:
             j = i
             while j < len(lines) and (lines[j].startswith('    ') or not lines[j] and any(
                     line.startswith('    ') for line in lines[j:j + 3] if line)):
@@ -4227,12 +4236,12 @@ def run_readme_config(block, runner, tmp_path):
         assert redis_ping(runner.ports['8000'])
 
 
-def run_readme_custom_handler(block, runner, tmp_path):
+def run_readme_custom_handler(block, runner, tmp_path, ini=None):
     """The shout handler is examples/custom_handler.py's; with the README's ini, it
     upper-cases an HTTP backend's body and leaves its head alone."""
     with open(os.path.join(HERE, 'examples', 'custom_handler.py')) as example:
         assert block in example.read()
-    ini = [b for b in readme_blocks() if 'callable = custom_handler.shout' in b][0]
+    ini = ini or [b for b in readme_blocks() if 'callable = custom_handler.shout' in b][0]
     (tmp_path / 'custom_handler.py').write_text(block + '\n')
     (tmp_path / 'custom.ini').write_text(runner.map(ini))
     backend = hello_backend(int(runner.ports['8080']))
@@ -4339,7 +4348,7 @@ def readme_runner(block):
 
 def run_readme_custom_handler_ini(block, runner, tmp_path):
     handler = [b for b in readme_blocks() if b.startswith('from vaurien import traits')][0]
-    run_readme_custom_handler(handler, runner, tmp_path)
+    run_readme_custom_handler(handler, runner, tmp_path, ini=block)
 
 
 @pytest.mark.parametrize('block', readme_blocks(),
@@ -4449,7 +4458,8 @@ def test_a_minute_or_more_without_a_unit_is_called_out(caplog):
         handler.validate({'sleep': '90s'})
         handler.validate({'sleep': 5})
     assert [r.getMessage() for r in caplog.records if r.name == 'vaurien'] == [
-        'handler delay: sleep = 500 is 500 seconds; for milliseconds, write 500ms']
+        "handler delay: sleep = 500 is 500 seconds; for milliseconds, write 500ms (in "
+        "Python, the string '500ms')"]
 
 
 def test_a_vendored_copy_without_handlers_says_what_to_copy(tmp_path):
@@ -4459,3 +4469,119 @@ def test_a_vendored_copy_without_handlers_says_what_to_copy(tmp_path):
                             cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert 'copy it beside vaurien.py' in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# What a review of the above found
+# ---------------------------------------------------------------------------
+
+def test_start_proxy_leaves_no_descriptor_behind(echo_backend):
+    def descriptors():
+        return len(os.listdir('/proc/self/fd'))
+    with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                     http_host=LOOP, http_port=0, echo=False):
+        pass                                                 # warm up
+    before = descriptors()
+    for _ in range(15):
+        with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                         http_host=LOOP, http_port=0, echo=False) as handle:
+            pass
+        handle.child.wait(WAIT)
+    wait_for(lambda: descriptors() <= before + 1, what='the pipes to be closed')
+
+
+def test_a_proxy_whose_start_fails_leaves_nothing_relaying(echo_backend):
+    taken = socket.create_server((LOOP, 0))
+    try:
+        proxy = Proxy(LOOP + ':0', echo_backend.address, http=True, http_host=LOOP,
+                      http_port=taken.getsockname()[1])
+        with pytest.raises(OSError, match='cannot listen'):
+            with proxy:
+                pass
+    finally:
+        taken.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proxy.address, timeout=WAIT)
+
+
+def test_put_handler_with_fixed_false_takes_only_what_get_gave(proxy):
+    address = proxy.control
+    saved = api(address, 'GET', '/handler')[1]
+    assert api(address, 'PUT', '/handler', json.dumps(saved))[0] == 200
+    for body in (dict(saved, handler='delay'), dict(saved, settings={'sleep': 2}),
+                 {'name': 'delay', 'fixed': False}):
+        status, answer = api(address, 'PUT', '/handler', json.dumps(body))
+        assert status == 400 and 'give "fixed": true' in answer['error']
+
+
+def test_restoring_a_long_time_is_no_warning_and_register_copies(make_proxy, echo_backend,
+                                                                 caplog):
+    proxy = make_proxy(echo_backend.address)
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        with proxy.with_handler('delay', sleep='2m'):
+            pass
+    assert 'seconds; for milliseconds' not in caplog.text
+    proxy.register('slow', proxy.handler('delay'), sleep=3)
+    assert proxy.handler('delay').settings['sleep'] == 1.0       # the original is untouched
+    assert proxy.set_handler('slow')['handler'] == 'slow'
+    for name, function in ((5, shout), ('x', 'not callable')):
+        with pytest.raises(vaurien.ConfigError):
+            proxy.register(name, function)
+    with pytest.raises(vaurien.ConfigError, match=r'handlers= takes \{name: function\}'):
+        Proxy(LOOP + ':0', echo_backend.address, handlers=[shout])
+
+
+def test_the_plugin_works_whatever_was_imported_first(tmp_path, echo_backend):
+    (tmp_path / 'test_y.py').write_text(
+        'def test_it(vaurien_proxy):\n'
+        '    assert vaurien_proxy(%r).address[1] > 0\n' % ('%s:%d' % echo_backend.address))
+    script = ('import sys, vaurien, pytest\n'
+              'sys.exit(pytest.main(["-q", "-p", "vaurien", "-p", "no:cacheprovider", '
+              '"test_y.py"]))\n')
+    result = subprocess.run([sys.executable, '-c', script], cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=HERE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_vaurien_process_without_a_control_api(tmp_path, echo_backend):
+    (tmp_path / 'test_z.py').write_text(
+        'import socket\n'
+        'def test_it(vaurien_process):\n'
+        '    handle = vaurien_process(%r, http=False)\n'
+        '    assert handle.control is None\n'
+        '    socket.create_connection(handle.local, timeout=10).close()\n'
+        % ('%s:%d' % echo_backend.address))
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'vaurien', '-p',
+                             'no:cacheprovider', 'test_z.py'], cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=HERE))
+    assert '1 passed' in result.stdout, result.stdout + result.stderr
+
+
+def test_exit_on_eof_refuses_a_terminal_and_announces_before_it_stops(echo_backend):
+    import pty
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, VAURIEN, '--exit-on-eof', '--local',
+                                 LOOP + ':0', '--distant', '%s:%d' % echo_backend.address],
+                                stdin=follower, capture_output=True, text=True, timeout=30)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert result.returncode == 2 and 'give it a pipe' in result.stderr
+    result = subprocess.run([sys.executable, VAURIEN, '--exit-on-eof', '--local', LOOP + ':0',
+                             '--distant', '%s:%d' % echo_backend.address],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0
+    assert result.stderr.index('Vaurien ready') < result.stderr.index('standard input closed')
+
+
+def test_the_self_check_tells_address_families_apart(echo_backend):
+    port = free_port()
+    with pytest.raises(vaurien.ConfigError, match='is this proxy itself'):
+        Proxy('127.0.0.1:%d' % port, '[::ffff:127.0.0.1]:%d' % port)
+    if not socket.has_ipv6 or not vaurien._is_local(socket.AF_INET6, '::1'):
+        return
+    Proxy('0.0.0.0:%d' % port, '[::1]:%d' % port).stop()     # IPv4 only: not itself

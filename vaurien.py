@@ -59,6 +59,7 @@ import configparser
 import contextlib
 import difflib
 import errno
+import fractions
 import functools
 import heapq
 import hmac
@@ -86,7 +87,7 @@ import threading
 import time
 import _thread
 
-__version__ = '3.0.0'
+__version__ = '3.1.0'
 __all__ = ['Proxy', 'Client', 'start_proxy', 'stop_proxy', 'traits', 'directional',
            'HOLD_EOF', 'VaurienError', 'ConfigError', 'main']
 
@@ -123,7 +124,7 @@ class ConfigError(VaurienError):
 _SETTING_LINE = re.compile(
     r'^\s*(?P<name>[a-z_][a-z0-9_]*) \((?P<type>[^,]+), default (?P<default>.*?)\):'
     r'\s*(?P<help>.*)$')
-_BOUNDS = re.compile(r'^(?P<type>int|float|seconds|bytes)'
+_BOUNDS = re.compile(r'^(?P<type>int|float|seconds|bytes|rate)'
                      r'(?: (?P<low>[-\d.]+)\.\.(?P<high>[-\d.]+)| >= (?P<min>[-\d.]+))?$')
 _QUANTITY = re.compile(r'^(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*'
                        r'(?P<unit>[a-zA-Z]*)(?P<per_second>/s)?$')
@@ -133,6 +134,7 @@ UNITS = {
     'bytes': {'': 1, 'b': 1, 'kb': 10 ** 3, 'mb': 10 ** 6, 'gb': 10 ** 9,
               'kib': 1 << 10, 'mib': 1 << 20, 'gib': 1 << 30},
 }
+UNITS['rate'] = UNITS['bytes']     # bytes per second, "/s" allowed
 _TRUE = ('true', 'yes', 'on', '1')
 _FALSE = ('false', 'no', 'off', '0')
 
@@ -170,8 +172,8 @@ class Setting:
             self.type, self.choices = 'choice', kind.split('|')
         else:
             self.type = kind
-        if self.type not in ('int', 'float', 'seconds', 'bytes', 'bool', 'str', 'choice',
-                             'address'):
+        if self.type not in ('int', 'float', 'seconds', 'bytes', 'rate', 'bool', 'str',
+                             'choice', 'address'):
             raise ValueError('setting %s: unknown type %r' % (name, kind))
         self.kind = kind
         self.default = None if default == 'none' else self.convert(default)
@@ -221,33 +223,37 @@ class Setting:
 
 
 _UNIT_HELP = {'seconds': 'seconds, or with a unit: 500ms, 2s, 1.5m, 1h',
-              'bytes': 'bytes, or with a unit: 100KB, 64KiB, 1MB, 1MiB; /s for rates'}
+              'bytes': 'a whole number of bytes, or with a unit: 100KB, 64KiB, 1MB, 1MiB',
+              'rate': 'bytes per second, or with a unit: 100KB, 100kB/s, 1MiB/s'}
 
 
 UNITS_NOTE = ('\nUnits: a setting of type seconds takes a bare number of seconds, or 500ms, 2s, '
-              '1.5m, 1h (also us); one of type bytes a bare number of bytes, or 100KB (kB, '
-              'KB: 1000 bytes), 64KiB (1024), 1MB, 1MiB, 1GB, 1GiB, with /s allowed for '
-              'rates: 100kB/s.')
+              '1.5m, 1h (also us); one of type bytes a whole number of bytes, or 100KB (kB, '
+              'KB: 1000 bytes), 64KiB (1024), 1MB, 1MiB, 1GB, 1GiB; one of type rate bytes '
+              'per second, the same way, with /s allowed: 100kB/s.  A lower-case b is bits: '
+              'refused.')
 
 
 def parse_quantity(text, kind):
-    """A number of seconds or bytes, written bare or with a unit: '500ms', '100kB/s'.
+    """A number of seconds, bytes or bytes per second, written bare or with a unit:
+    '500ms', '64KiB', '100kB/s'.
 
-    Raises ValueError for anything else; "/s" is taken for rates, of bytes.
+    Raises ValueError for anything else: a fraction of a byte, bits ('Mb': a
+    lower-case b), "/s" on what is no rate.
     """
     match = _QUANTITY.match(text.strip()) if text.isascii() else None
-    if match is None or (match['per_second'] and kind != 'bytes'):
+    if match is None or (match['per_second'] and kind != 'rate') or \
+            match['unit'].endswith('b'):
         raise ValueError
     factor = UNITS[kind].get(match['unit'].lower())
     if factor is None:
         raise ValueError
-    number = float(match['number']) * factor
-    if kind == 'bytes':
-        rounded = round(number)
-        if abs(number - rounded) > 1e-6 * max(1, abs(number)):
-            raise ValueError     # a fraction of a byte
-        return rounded
-    return number
+    if kind == 'seconds':
+        return float(match['number']) * factor
+    number = fractions.Fraction(match['number']) * factor   # exact: bytes are whole
+    if number.denominator != 1:
+        raise ValueError
+    return int(number)
 
 
 def parse_settings_doc(doc):
@@ -633,7 +639,7 @@ def bandwidth(source, dest, to_backend, name, settings, proxy):
     Data goes out in pieces of a tenth of a second of traffic at most.
 
     Settings:
-      rate (bytes >= 1, default 10240): bytes per second.
+      rate (rate >= 1, default 10240): bytes per second.
       direction (to_backend|to_client|both, default to_client): the traffic limited.
     """
     rate = settings['rate']
@@ -885,10 +891,11 @@ class Handler:
             return self.backend(connection, settings)
         return self.backend
 
-    def validate(self, values):
+    def validate(self, values, warn=True):
         """Return the configured settings updated with `values`, typed and checked.
 
-        Raises ConfigError naming the first setting that is unknown or wrong.
+        Raises ConfigError naming the first setting that is unknown or wrong;
+        with `warn`, logs a time of a minute or more given without a unit.
         """
         merged = dict(self.settings)
         if self.schema is None:  # an undocumented custom handler takes anything
@@ -906,10 +913,11 @@ class Handler:
             except ValueError as exc:
                 raise ConfigError('handler %s: setting %s = %r: %s' % (
                     self.name, key, value, exc)) from None
-            if self.schema[key].type == 'seconds' and merged[key] >= 60 and \
+            if warn and self.schema[key].type == 'seconds' and merged[key] >= 60 and \
                     not (isinstance(value, str) and value.strip()[-1:].isalpha()):
-                log.warning('handler %s: %s = %s is %s seconds; for milliseconds, write %sms',
-                            self.name, key, value, value, value)
+                log.warning("handler %s: %s = %s is %s seconds; for milliseconds, write %sms "
+                            "(in Python, the string '%sms')", self.name, key, value, value,
+                            value, value)
         if self.check is not None:
             try:
                 self.check(merged)
@@ -960,11 +968,14 @@ def _find_bundled_handlers():
     """Make ``vaurien_handlers`` importable from a checkout or a vendored copy, where
     it is the handlers/ folder beside this file (pip installs it under that name,
     so that it never takes a name as common as "handlers")."""
-    if BUNDLED in sys.modules or importlib.util.find_spec(BUNDLED) is not None:
-        return
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'handlers')
     init = os.path.join(folder, '__init__.py')
-    if os.path.exists(init):
+    try:
+        with open(init, encoding='utf-8') as source:
+            ours = 'VAURIEN_HANDLERS = True' in source.read()   # not a user's own handlers/
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if BUNDLED not in sys.modules and ours:   # beside this file: it goes with this file
         spec = importlib.util.spec_from_file_location(BUNDLED, init,
                                                       submodule_search_locations=[folder])
         module = importlib.util.module_from_spec(spec)
@@ -1954,6 +1965,9 @@ class Connection:
         if self.released:
             return
         self.released = True
+        if self.ending is None:
+            clean = all(side.eof_read for side in self.sides if side.sock is not None)
+            self.ending = 'EOF both ways' if clean else 'closed after %g s without EOF' % LINGER
         if self.connect_timer is not None:
             self.pump.cancel(self.connect_timer)
         try:
@@ -1969,9 +1983,6 @@ class Connection:
             self._log_end()
 
     def _log_end(self):
-        if self.ending is None:
-            clean = all(side.eof_read for side in self.sides if side.sock is not None)
-            self.ending = 'EOF both ways' if clean else 'closed after %g s without EOF' % LINGER
         log.log(self.proxy.connection_log_level,
                 'connection #%d from %s closed: %s, %d B to the backend, %d B to the '
                 'client, %s, %.3f s', self.index, format_address(self.address),
@@ -2030,6 +2041,12 @@ def listen_error(exc, address, flag):
                'or another port)' % flag
     return OSError(exc.errno, 'cannot listen on %s: %s%s' % (
         format_address(address), exc.strerror or exc, hint))
+
+
+def _plain_ip(host):
+    """An IP address, its zone left out and an IPv4-mapped IPv6 one as IPv4."""
+    address = ipaddress.ip_address(host.split('%')[0])
+    return getattr(address, 'ipv4_mapped', None) or address
 
 
 def _is_local(family, host):
@@ -2128,6 +2145,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             raise ConfigError('distant %s: port 0 is no backend\'s port' % format_address(
                 self.distant))
         self.handlers = default_handlers()
+        if handlers is not None and not isinstance(handlers, dict):
+            raise ConfigError('handlers= takes {name: function}, not %s' % shown(handlers))
         for name, handler in (handlers or {}).items():
             self.register(name, handler)
         self.behavior = Behavior(behavior, self.handlers)
@@ -2187,7 +2206,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         Started after stop(), the proxy listens again on the same address.
         """
         if self._control_options and self.control_server is None:
-            self.control_server = ControlServer(self, *self._control_options)
+            try:
+                self.control_server = ControlServer(self, *self._control_options)
+            except BaseException:
+                self.stop()      # it relays since its creation: nothing is left behind
+                raise
             threading.Thread(target=self.control_server.serve_forever, args=(0.05,),
                              name='vaurien-control', daemon=True).start()
         self._stopped.clear()
@@ -2253,10 +2276,13 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             return
-        bound = ipaddress.ip_address(self.address[0].split('%')[0])
+        bound = _plain_ip(self.address[0])
         for family, _, _, _, address in infos:
-            target = ipaddress.ip_address(address[0].split('%')[0])
-            if target == bound or (bound.is_unspecified and _is_local(family, address[0])):
+            target = _plain_ip(address[0])
+            reaches = target.version == bound.version or (      # '::' takes IPv4 too
+                bound.is_unspecified and bound.version == 6 and target.version == 4)
+            if reaches and (target == bound or (bound.is_unspecified and _is_local(
+                    socket.AF_INET if target.version == 4 else family, str(target)))):
                 raise ConfigError('distant %s is this proxy itself (local %s): each connection '
                                   'would connect to the proxy again; give the backend\'s '
                                   'address' % (format_address(self.distant),
@@ -2480,6 +2506,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     def register(self, name, function, /, **settings):
         """Add handler `function` (or replace one) under `name`, with its settings;
         then set_handler(name) and set_behavior('20:NAME') find it."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError('a handler is registered under a name (a string), not %s'
+                              % shown(name))
+        if isinstance(function, Handler):   # a copy: the original keeps its settings
+            function = Handler(name, function.func, function.settings)
         handler = function if isinstance(function, Handler) else Handler(name, function)
         if settings:
             handler.settings = handler.validate(settings)
@@ -2544,7 +2575,13 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         fixed = None
         if state.get('fixed', True):
             handler = self.handler(state.get('handler'))
-            fixed = (handler, handler.validate(state.get('settings') or {}))
+            fixed = (handler, handler.validate(state.get('settings') or {}, warn=False))
+        elif state.get('handler', behavior.single) != behavior.single or \
+                state.get('settings', {}) not in ({}, self.handlers[behavior.single].settings
+                                                  if behavior.single else {}):
+            raise ConfigError('with "fixed": false, the mix in "behavior" is put back, and '
+                              '"handler" and "settings" are only what GET /handler gave with '
+                              'it; to set a handler, give "fixed": true (or leave it out)')
         self.behavior, self.fixed = behavior, fixed
         self._new_epoch()
         log.info('%s restored, by %s', 'handler %s (%s)' % (
@@ -2780,7 +2817,10 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                 not isinstance(request.get('fixed', True), bool):
             raise ApiError(400, '"behavior" must be a string, "fixed" true or false')
         if restoring and request.get('fixed') is False:
-            return proxy.restore(request, self.origin())
+            state = {key: value for key, value in request.items() if key != 'name'}
+            if 'name' in request:
+                state['handler'] = name
+            return proxy.restore(state, self.origin())
         if not isinstance(name, str) or not name or request.get('handler', name) != name:
             raise ApiError(400, 'give the handler as {"name": NAME, "settings": {...}}')
         if name not in proxy.handlers:
@@ -2876,8 +2916,8 @@ def _drain_and_close(sock, linger=LINGER, limit=4 * MAX_BODY):
 # Python API: Client, start_proxy, stop_proxy
 # ---------------------------------------------------------------------------
 
-_children = {}   # pid: the ProxyProcess of each proxy start_proxy() started and still runs
-_started = []    # ... and every one it started in this process, in order
+_children = {}   # pid: the ProxyProcess of each proxy start_proxy() started, not stopped
+_last = []       # the last one it started, stopped or not, for Client()'s error
 
 
 class Client(_Driving):
@@ -3019,7 +3059,7 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     threading.Thread(target=_relay_output, args=(child.stderr, lines, echo), daemon=True,
                      name='vaurien-child-%d' % child.pid).start()
     _children[child.pid] = handle
-    _started.append(handle)
+    _last[:] = [handle]
     return handle
 
 
@@ -3081,12 +3121,12 @@ class ProxyProcess(int):
 def _default_control():
     """The control API of the last proxy start_proxy() started that still runs;
     raises if every one it started is gone (another run's could listen there)."""
-    if not _started:
+    if not _last:
         return 'localhost', 8080
-    live = [handle for handle in _started if handle in _children and handle.running]
+    live = [handle for handle in _children.values() if handle.running]
     if live and live[-1].control:
         return live[-1].control
-    last = live[-1] if live else _started[-1]
+    last = live[-1] if live else _last[0]
     why = 'runs without its control API' if not last.control else \
         'was stopped' if last not in _children else \
         'exited with status %s: %s' % (last.child.poll(), last.output.strip()[-500:] or
@@ -3109,6 +3149,8 @@ def _wait_ready(child, lines, timeout, echo):
     finally:
         timer.cancel()
     status = child.wait()
+    child.stdin.close()
+    child.stderr.close()
     why = 'was not ready after %g s: killed' % timeout if expired \
         else 'exited with status %s' % status
     raise VaurienError('the proxy did not start (it %s): %s' % (
@@ -3116,8 +3158,8 @@ def _wait_ready(child, lines, timeout, echo):
 
 
 def _relay_output(stream, lines, echo):
-    """The child's stderr, line by line, until it exits: kept, and echoed."""
-    with contextlib.suppress(ValueError, OSError):
+    """The child's stderr, line by line, until it exits: kept, and echoed; then closed."""
+    with contextlib.suppress(ValueError, OSError), stream:
         for line in stream:
             _keep(line, lines, echo)
 
@@ -3353,6 +3395,9 @@ def main(argv=None):
     """The `vaurien` command: returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.exit_on_eof and sys.stdin is not None and sys.stdin.isatty():
+            raise ConfigError('--exit-on-eof watches standard input, which is a terminal '
+                              'here: give it a pipe from the parent process')
         options, handlers = resolve(args)
         if args.list_handlers:
             print(list_handlers(handlers))
@@ -3380,9 +3425,6 @@ def main(argv=None):
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    if args.exit_on_eof:
-        threading.Thread(target=_stop_at_eof, args=(stop,), name='vaurien-stdin',
-                         daemon=True).start()
     try:
         proxy.start()
     except (OSError, ConfigError) as exc:
@@ -3391,6 +3433,9 @@ def main(argv=None):
             getattr(exc, 'strerror', None) or exc), file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     _announce(proxy, demo)
+    if args.exit_on_eof:
+        threading.Thread(target=_stop_at_eof, args=(stop,), name='vaurien-stdin',
+                         daemon=True).start()
     while not stop.wait(1.0):
         pass
     log.info('stopping')
@@ -3487,10 +3532,19 @@ class DemoBackend(http.server.ThreadingHTTPServer):
 # pytest plugin: "pytest -p vaurien", or pytest_plugins = ['vaurien']
 # ---------------------------------------------------------------------------
 
-def _pytest_plugin(pytest):
+def pytest_configure(config):
+    """pytest's call, when this module is loaded as a plugin: register the fixtures.
+
+    They are made here, from pytest itself, so that importing vaurien costs
+    nothing without pytest, whatever was imported first.
+    """
+    import pytest
+    config.pluginmanager.register(_pytest_fixtures(pytest), 'vaurien-fixtures')
+
+
+def _pytest_fixtures(pytest):
     """Fixtures that start proxies and stop them after each test; a failing test's
-    report gets their log.  Defined only when pytest is loaded: importing
-    vaurien costs nothing without it."""
+    report gets their log."""
 
     class _LogRecorder(logging.Handler):
         def __init__(self):
@@ -3506,59 +3560,57 @@ def _pytest_plugin(pytest):
             item._vaurien_logs = []
         return item._vaurien_logs
 
-    @pytest.fixture
-    def vaurien_proxy(request):
-        """make(distant, **options): a started in-process Proxy on an ephemeral loopback
-        port (its control API too, with http=True), stopped after the test."""
-        proxies, recorder = [], _LogRecorder()
-        level = log.level
-        log.addHandler(recorder)
-        if not log.isEnabledFor(logging.INFO):
-            log.setLevel(logging.INFO)
-        logs_of(request.node).append(('in-process proxies', lambda: '\n'.join(recorder.lines)))
+    class Fixtures:
+        @pytest.fixture
+        def vaurien_proxy(self, request):
+            """make(distant, **options): a started in-process Proxy on an ephemeral
+            loopback port (its control API too, with http=True), stopped after the test."""
+            proxies, recorder = [], _LogRecorder()
+            level = log.level
+            log.addHandler(recorder)
+            if not log.isEnabledFor(logging.INFO):
+                log.setLevel(logging.INFO)
+            logs_of(request.node).append(('in-process proxies',
+                                          lambda: '\n'.join(recorder.lines)))
 
-        def make(distant, *, local='127.0.0.1:0', **options):
-            options.setdefault('http_host', '127.0.0.1')
-            options.setdefault('http_port', 0)
-            proxies.append(Proxy(local, distant, **options).start())
-            return proxies[-1]
-        yield make
-        for proxy in proxies:
-            proxy.stop()
-        log.removeHandler(recorder)
-        log.setLevel(level)
+            def make(distant, *, local='127.0.0.1:0', **options):
+                options.setdefault('http_host', '127.0.0.1')
+                options.setdefault('http_port', 0)
+                proxies.append(Proxy(local, distant, **options))
+                return proxies[-1].start()
+            yield make
+            for proxy in proxies:
+                proxy.stop()
+            log.removeHandler(recorder)
+            log.setLevel(level)
 
-    @pytest.fixture
-    def vaurien_process(request):
-        """make(distant, **options): start_proxy() on ephemeral loopback ports (the
-        proxy and its control API), stopped after the test."""
-        handles = []
+        @pytest.fixture
+        def vaurien_process(self, request):
+            """make(distant, **options): start_proxy() on ephemeral loopback ports (the
+            proxy and its control API), stopped after the test."""
+            handles = []
 
-        def make(distant, **options):
-            for key, value in (('local', '127.0.0.1:0'), ('http_host', '127.0.0.1'),
-                               ('http_port', 0)):
-                options.setdefault(key, value)
-            handle = start_proxy(distant=distant, **options)
-            handles.append(handle)
-            logs_of(request.node).append(('proxy pid %d' % handle, lambda: handle.output))
-            return handle
-        yield make
-        for handle in handles:
-            handle.stop()
+            def make(distant, **options):
+                options.setdefault('local', '127.0.0.1:0')
+                if options.get('http', True):
+                    options.setdefault('http_host', '127.0.0.1')
+                    options.setdefault('http_port', 0)
+                handle = start_proxy(distant=distant, **options)
+                handles.append(handle)
+                logs_of(request.node).append(('proxy pid %d' % handle, lambda: handle.output))
+                return handle
+            yield make
+            for handle in handles:
+                handle.stop()
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(item, call):
-        report = (yield).get_result()
-        if report.failed:
-            for title, text in getattr(item, '_vaurien_logs', ()):
-                report.sections.append(('vaurien log: ' + title, text() or '(nothing)'))
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_makereport(self, item, call):
+            report = (yield).get_result()
+            if report.failed:
+                for title, text in getattr(item, '_vaurien_logs', ()):
+                    report.sections.append(('vaurien log: ' + title, text() or '(nothing)'))
 
-    return vaurien_proxy, vaurien_process, pytest_runtest_makereport
-
-
-if 'pytest' in sys.modules:
-    vaurien_proxy, vaurien_process, pytest_runtest_makereport = \
-        _pytest_plugin(sys.modules['pytest'])
+    return Fixtures()
 
 
 if __name__ == '__main__':

@@ -20,3 +20,5 @@ Modules: ``vaurien_handlers.http`` (slow_paths, status_on_paths),
 ``vaurien_handlers.redis`` (loading), ``vaurien_handlers.mysql`` (gone_away),
 ``vaurien_handlers.ldap`` (busy).
 """
+
+VAURIEN_HANDLERS = True   # how vaurien.py knows this folder beside it is its own
