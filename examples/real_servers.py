@@ -44,8 +44,10 @@ def _postgresql_bin():
     """The directory of initdb and postgres: on PATH, or Debian's newest
     /usr/lib/postgresql/VERSION/bin (not on PATH there)."""
     initdb = shutil.which('initdb')
-    if initdb and os.path.exists(os.path.join(os.path.dirname(initdb), 'postgres')):
-        return os.path.dirname(initdb)
+    if initdb:
+        bindir = os.path.dirname(os.path.realpath(initdb))
+        if os.path.exists(os.path.join(bindir, 'postgres')):
+            return bindir
     found = sorted(glob.glob('/usr/lib/postgresql/*/bin/postgres'),
                    key=lambda path: [int(n) for n in re.findall(r'\d+', path)])
     return os.path.dirname(found[-1]) if found else None
