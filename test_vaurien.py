@@ -4308,6 +4308,15 @@ def run_readme_test_command(block, runner):
         assert ci.read().strip().splitlines()[-1] == block     # CI runs it, every time
 
 
+def run_readme_examples(block, runner):
+    """The three questions' tests: README's test command runs them, in CI too."""
+    command = [b for b in readme_blocks() if b.startswith('python3 -m venv .venv && ')][0]
+    files = block.split()[4:]
+    assert files and all(name.startswith('examples/test_') for name in files)
+    assert all(' %s' % name in command for name in files)
+    run_readme_test_command(command, runner)
+
+
 def run_readme_bench(block, runner):
     """The benchmark, a smoke test so that it never rots: one table, no problem seen."""
     result = subprocess.run(runner.command(block), capture_output=True, text=True,
@@ -4330,6 +4339,8 @@ def readme_runner(block):
         return run_readme_bench
     if first.startswith('python3 -m pytest -p vaurien'):
         return run_readme_plugin_command
+    if first.startswith('python3 -m pytest -q examples/'):
+        return run_readme_examples
     if first.startswith('vaurien --local'):
         return run_readme_command_line
     if first.startswith('Vaurien ready: '):
