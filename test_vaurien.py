@@ -2191,7 +2191,7 @@ def test_any_setting_value_is_typed_or_refused(target, value):
         assert key in str(exc) and '\n' not in str(exc)
     else:
         kind = handler.schema[key].type
-        expected = {'int': int, 'float': float, 'seconds': float, 'bytes': int,
+        expected = {'int': int, 'float': float, 'seconds': float, 'bytes': int, 'rate': int,
                     'bool': bool}.get(kind, str)
         assert type(settings[key]) is expected
 
