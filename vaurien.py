@@ -2563,8 +2563,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         handler = self.handler(name)
         self.fixed = (handler, handler.validate(settings))
         self._new_epoch()
-        log.info('handler %s set, by %s (%s)', handler.name, origin,
-                 _settings_text(self.fixed[1]))
+        if log.isEnabledFor(logging.INFO):     # a switch costs a fraction of a ms: keep it so
+            log.info('handler %s set, by %s (%s)', handler.name, origin,
+                     _settings_text(self.fixed[1]))
         return self.get_handler()
 
     def restore(self, state, origin='a Python call'):
@@ -2584,9 +2585,10 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                               'it; to set a handler, give "fixed": true (or leave it out)')
         self.behavior, self.fixed = behavior, fixed
         self._new_epoch()
-        log.info('%s restored, by %s', 'handler %s (%s)' % (
-            fixed[0].name, _settings_text(fixed[1])) if fixed else 'behavior %s' % behavior,
-            origin)
+        if log.isEnabledFor(logging.INFO):
+            log.info('%s restored, by %s', 'handler %s (%s)' % (
+                fixed[0].name, _settings_text(fixed[1])) if fixed else 'behavior %s' % behavior,
+                origin)
         return self.get_handler()
 
     def list_handlers(self):
