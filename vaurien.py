@@ -2577,9 +2577,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         if state.get('fixed', True):
             handler = self.handler(state.get('handler'))
             fixed = (handler, handler.validate(state.get('settings') or {}, warn=False))
-        elif state.get('handler', behavior.single) != behavior.single or \
-                state.get('settings', {}) not in ({}, self.handlers[behavior.single].settings
-                                                  if behavior.single else {}):
+        elif state.get('handler') not in (None, behavior.single) or \
+                state.get('settings') not in (None, {}, self.handlers[behavior.single].settings
+                                              if behavior.single else {}):
             raise ConfigError('with "fixed": false, the mix in "behavior" is put back, and '
                               '"handler" and "settings" are only what GET /handler gave with '
                               'it; to set a handler, give "fixed": true (or leave it out)')
@@ -2810,27 +2810,25 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         request = self.parse(body, 'name')
         self.check_keys(request, ('name', 'handler', 'settings', 'behavior', 'fixed'),
                         'settings go in "settings": {"name": "delay", "settings": {...}}')
-        proxy = self.server.proxy
-        name, settings = request.get('name', request.get('handler')), request.get('settings', {})
-        restoring = 'fixed' in request or 'behavior' in request
-        if not isinstance(settings, dict):
+        state = {key: value for key, value in request.items() if key != 'name'}
+        if 'name' in request:
+            state.setdefault('handler', request['name'])
+        if not isinstance(state.get('settings', {}), dict):
             raise ApiError(400, '"settings" must be a JSON object')
-        if not isinstance(request.get('behavior', ''), str) or \
-                not isinstance(request.get('fixed', True), bool):
+        if not isinstance(state.get('behavior', ''), str) or \
+                not isinstance(state.get('fixed', True), bool):
             raise ApiError(400, '"behavior" must be a string, "fixed" true or false')
-        if restoring and request.get('fixed') is False:
-            state = {key: value for key, value in request.items() if key != 'name'}
-            if 'name' in request:
-                state['handler'] = name
-            return proxy.restore(state, self.origin())
-        if not isinstance(name, str) or not name or request.get('handler', name) != name:
+        name, fixed = state.get('handler'), state.get('fixed', True)
+        if fixed and (not isinstance(name, str) or not name or
+                      request.get('name', name) != name):
             raise ApiError(400, 'give the handler as {"name": NAME, "settings": {...}}')
-        if name not in proxy.handlers:
+        proxy = self.server.proxy
+        if fixed and name not in proxy.handlers:
             raise ApiError(400, unknown_handler(name, proxy.handlers),
                            known=proxy.list_handlers())
-        if restoring:
-            return proxy.restore(dict(request, handler=name), self.origin())
-        return proxy.apply_handler(name, settings, self.origin())
+        if 'fixed' in state or 'behavior' in state:
+            return proxy.restore(state, self.origin())
+        return proxy.apply_handler(name, state.get('settings', {}), self.origin())
 
     def check_keys(self, request, known, hint=''):
         unknown = sorted(set(request) - set(known))
