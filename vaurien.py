@@ -14,7 +14,8 @@ How it is built (each role is a class or a function below, in this order):
   a ``Settings:`` line, one ``name (type, default X): help`` line each.  That
   docstring is parsed once into a schema which types and validates every value,
   whether it comes from an ini file (strings), the control API (JSON) or a
-  Python call (keywords), at the moment it is set.
+  Python call (keywords), at the moment it is set.  Times (type seconds)
+  and sizes (bytes, rate) take units: 500ms, 100kB/s.
 - Handlers: plain functions ``handler(source, dest, to_backend, name,
   settings, proxy)`` called each time ``source`` has data or EOF.
   ``proxy.get_data(source)`` returns that data (``b''`` at EOF).  Handlers
@@ -46,11 +47,16 @@ How it is built (each role is a class or a function below, in this order):
 - ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose listener the pump
   watches; it accepts through ``get_request``, ``verify_request`` and
   ``process_request``, which draws the handler and opens a ``Connection``.
-  It also owns the handler registry, the behavior, the listener (closed to
-  refuse connections) and the optional control API.
+  It relays from its creation (``start()`` adds the control API).  It also
+  owns the handler registry (the built-ins, plus ``register()``'s), the
+  behavior, the listener (closed to refuse connections) and the optional
+  control API.
 - ``ControlServer``: an ``http.server`` thread serving the JSON control API.
-- ``Client``, ``start_proxy``, ``stop_proxy``: drive a proxy from tests.
+- ``Client``, ``start_proxy`` (whose ``ProxyProcess`` is the child's pid,
+  and knows where it listens), ``stop_proxy``: drive a proxy from tests.
 - Configuration and command line: the ini file, ``main()``, ``--demo``.
+- The pytest plugin (``pytest -p vaurien``): the fixtures ``vaurien_proxy``
+  and ``vaurien_process``, made only when pytest loads the module.
 """
 
 import argparse
