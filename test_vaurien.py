@@ -2207,7 +2207,7 @@ def test_any_setting_value_is_typed_or_refused(target, value):
                              ).map(lambda v: json.dumps(v).encode()))
 def test_any_api_request_gets_a_json_answer_and_the_proxy_keeps_relaying(api_proxy, method,
                                                                         path, body):
-    if method == 'PUT' and path == '/proxy':
+    if method in ('PUT', 'POST', 'PATCH') and path == '/proxy':
         body = b'{"enabled": true}'   # disabling is legal; its effect is tested elsewhere
     status, answer = api(api_proxy.control, method, path, body)
     assert status in (200, 400, 404, 405, 411, 413)
@@ -4596,3 +4596,129 @@ def test_the_self_check_tells_address_families_apart(echo_backend):
     if not socket.has_ipv6 or not vaurien._is_local(socket.AF_INET6, '::1'):
         return
     Proxy('0.0.0.0:%d' % port, '[::1]:%d' % port).stop()     # IPv4 only: not itself
+
+
+# ---------------------------------------------------------------------------
+# Named proxies: many in one process, each driven by name
+# ---------------------------------------------------------------------------
+
+def test_named_proxies_through_the_api(proxy, echo_backend):
+    address = proxy.control
+    other = Backend(chunk_server(lambda data: data.upper()))
+    try:
+        status, made = api(address, 'POST', '/proxies', json.dumps(
+            {'name': 'up', 'distant': '%s:%d' % other.address, 'behavior': '100:normal'}))
+        assert status == 201 and made['name'] == 'up' and made['local'].startswith(LOOP)
+        local = vaurien.parse_address(made['local'])
+        assert round_trip(local, b'hey') == b'HEY'
+        assert round_trip(proxy.address, b'hey') == b'hey'          # the default one
+        assert sorted(api(address, 'GET', '/proxies')[1]) == ['default', 'up']
+        api(address, 'PUT', '/proxies/up/handler', '{"name": "errors", "settings": '
+            '{"protocol": "raw", "message": "E"}}')
+        assert round_trip(local, b'hey') == b'E'
+        assert api(address, 'GET', '/handler')[1]['handler'] == 'normal'   # not the default's
+        assert api(address, 'PUT', '/proxies/up/behavior', '100:normal')[0] == 200
+        moved = api(address, 'PATCH', '/proxies/up', json.dumps(
+            {'local': '%s:0' % LOOP, 'distant': '%s:%d' % echo_backend.address}))[1]
+        assert moved['local'] != made['local']
+        assert round_trip(vaurien.parse_address(moved['local']), b'hey') == b'hey'
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(local, timeout=WAIT)
+        assert api(address, 'PUT', '/proxies/up', '{"enabled": false}')[1]['enabled'] is False
+        status, gone = api(address, 'DELETE', '/proxies/up')
+        assert status == 200 and gone['deleted'] and gone['local'] == moved['local']
+        assert sorted(api(address, 'GET', '/proxies')[1]) == ['default']
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize('method,path,body,status,message', [
+    ('POST', '/proxies', '{"name": "x"}', 400, 'give the backend'),
+    ('POST', '/proxies', '{"name": "x", "distant": "a:1", "colour": 1}', 400, "'colour'"),
+    ('POST', '/proxies', '{"name": "x/y", "distant": "a:1"}', 400, 'without "/"'),
+    ('POST', '/proxies', '{"name": "default", "distant": "a:1"}', 409, 'exists already'),
+    ('GET', '/proxies/nope', None, 404, "no proxy named 'nope'"),
+    ('GET', '/proxies/nope/handler', None, 404, "no proxy named 'nope'"),
+    ('DELETE', '/proxies/default', None, 409, 'goes with its control API'),
+    ('PUT', '/proxies/default', '{"local": "x:99999"}', 400, "local 'x:99999' is not HOST:PORT"),
+    ('PUT', '/proxies/default', '{"enabled": 3}', 400, 'give {"enabled": true}'),
+    ('GET', '/proxies/default/nothing', None, 404, 'no such resource'),
+])
+def test_named_proxy_mistakes_are_named(proxy, method, path, body, status, message):
+    answer = api(proxy.control, method, path, body)
+    assert answer[0] == status and message in answer[1]['error'], answer
+    assert round_trip(proxy.address) == b'ping'
+
+
+def test_a_taken_address_for_a_named_proxy_is_a_409(proxy, echo_backend):
+    taken = socket.create_server((LOOP, 0))
+    try:
+        where = '%s:%d' % taken.getsockname()
+        status, answer = api(proxy.control, 'POST', '/proxies', json.dumps(
+            {'name': 'x', 'local': where, 'distant': '%s:%d' % echo_backend.address}))
+        assert status == 409 and 'cannot listen on %s' % where in answer['error']
+        status, answer = api(proxy.control, 'PUT', '/proxies/default',
+                             json.dumps({'local': where}))
+        assert status == 409 and round_trip(proxy.address) == b'ping'   # still there
+    finally:
+        taken.close()
+
+
+def test_the_client_drives_named_proxies(proxy, echo_backend):
+    client = proxy.client()
+    named = client.create_proxy('second', '%s:%d' % echo_backend.address, seed=3)
+    assert set(client.proxies()) == {'default', 'second'}
+    with named.with_handler('errors', protocol='raw', message='no'):
+        local = vaurien.parse_address(named.status()['local'])
+        assert round_trip(local) == b'no'
+        assert round_trip(proxy.address) == b'ping'
+    assert round_trip(local) == b'ping'
+    with named.down():
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(local, timeout=WAIT)
+    assert named.delete()['deleted'] and set(client.proxies()) == {'default'}
+    with pytest.raises(vaurien.VaurienError, match="404 no proxy named 'second'"):
+        named.status()
+
+
+def test_named_proxies_from_flags_and_a_config_file(tmp_path, echo_backend, cli_proxy):
+    upper = Backend(chunk_server(lambda data: data.upper()))
+    try:
+        ini = write(tmp_path, 'v.ini', '[proxy:cache]\ndistant = %s:%d\nbehavior = 100:delay\n'
+                    '[handler:delay]\nsleep = 10ms\n' % upper.address)
+        proc = cli_proxy('--config', ini, '--proxy', 'db=%s:0,%s:%d' % (
+            LOOP, echo_backend.address[0], echo_backend.address[1]))
+        names = re.findall(r'Vaurien proxy (\w+): (\S+) -> ', ''.join(proc.lines))
+        assert sorted(name for name, _ in names) == ['cache', 'db']
+        where = {name: vaurien.parse_address(local) for name, local in names}
+        assert round_trip(where['cache'], b'hey') == b'HEY'
+        assert round_trip(where['db'], b'hey') == b'hey'
+        client = Client(*proc.control)
+        assert set(client.proxies()) == {'cache', 'db'}
+        assert client.proxy('cache').get_behavior() == '100:delay'
+        assert client.proxy('db').get_behavior() == '100:normal'
+        assert client.get_behavior() == '100:delay'      # no [vaurien]: the first named
+    finally:
+        upper.close()
+
+
+@pytest.mark.parametrize('text,message', [
+    ('[proxy:x]\nlocal = 127.0.0.1:0\n', 'no distant'),
+    ('[proxy:x]\ndistant = a:1\ncolour = 2\n', "unknown key 'colour'"),
+    ('[proxy:x]\ndistant = a:1\nbehavior = 20:nope\n', "unknown handler 'nope'"),
+    ('[proxy:x]\ndistant = nowhere\n', 'distant = nowhere: expected HOST:PORT'),
+    ('[proxy:]\ndistant = a:1\n', 'unknown section'),
+])
+def test_named_proxy_config_mistakes_are_one_line(tmp_path, text, message):
+    ini = write(tmp_path, 'bad.ini', text)
+    result = run_cli('--config', ini)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_start_proxy_takes_named_proxies(echo_backend):
+    with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                     http_host=LOOP, http_port=0, echo=False,
+                     proxy=['a=%s:0,%s:%d' % ((LOOP,) + echo_backend.address)]) as handle:
+        named = handle.client().proxy('a')
+        assert round_trip(vaurien.parse_address(named.status()['local'])) == b'ping'

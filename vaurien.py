@@ -91,6 +91,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import _thread
 
 __version__ = '3.1.0'
@@ -2028,6 +2029,14 @@ def parse_address(text, what='address'):
     return host, int(port)
 
 
+def _distant_option(value):
+    """The backend's (host, port): port 0 is refused."""
+    distant = _address_option(value, 'distant')
+    if distant[1] == 0:
+        raise ConfigError('distant %s: port 0 is no backend\'s port' % format_address(distant))
+    return distant
+
+
 def _address_option(value, what):
     """'host:port' or (host, port) as (host, port); anything else is a ConfigError."""
     if isinstance(value, str):
@@ -2140,16 +2149,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
     def __init__(self, local, distant, behavior='100:normal',
                  handlers=None, seed=None, http=False, http_host='localhost', http_port=8080,
-                 http_token=None, connect_timeout=CONNECT_TIMEOUT, max_connections=0):
+                 http_token=None, connect_timeout=CONNECT_TIMEOUT, max_connections=0,
+                 name='default'):
         connect_timeout, max_connections, seed, http_token = (
             _convert_option(key, value, key) if value is not None else None for key, value in (
                 ('connect_timeout', connect_timeout), ('max_connections', max_connections),
                 ('seed', seed), ('http_token', http_token)))
+        if not isinstance(name, str) or not name or '/' in name:
+            raise ConfigError('a proxy name is a non-empty string without "/", not %s'
+                              % shown(name))
+        self.name = name
         local = _address_option(local, 'local')
-        self.distant = _address_option(distant, 'distant')
-        if self.distant[1] == 0:
-            raise ConfigError('distant %s: port 0 is no backend\'s port' % format_address(
-                self.distant))
+        self.distant = _distant_option(distant)
         self.handlers = default_handlers()
         if handlers is not None and not isinstance(handlers, dict):
             raise ConfigError('handlers= takes {name: function}, not %s' % shown(handlers))
@@ -2236,6 +2247,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             self.control_server.stopped = True     # its keep-alive callers too
             self.control_server.shutdown()
             self.control_server.server_close()
+            for other in list(self.control_server.proxies.values()):
+                if other is not self:          # made through the API, or named in a config
+                    other.stop(timeout)
             self.control_server = None
         self.disable()
         with self._lock:
@@ -2617,9 +2631,40 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return self.get_behavior()
 
     def status(self):
-        return {'local': format_address(self.address), 'distant': format_address(self.distant),
-                'enabled': self.enabled, 'connections': self.connection_count,
-                'accepted': self._accepted}
+        return {'name': self.name, 'local': format_address(self.address),
+                'distant': format_address(self.distant), 'enabled': self.enabled,
+                'connections': self.connection_count, 'accepted': self._accepted}
+
+    def update(self, local=None, distant=None):
+        """Listen on `local` and connect new connections to `distant`, from now on;
+        live connections go on.  Returns the status; nothing changes on an error."""
+        distant = self.distant if distant is None else _distant_option(distant)
+        if local is not None:
+            self.pump.call(self._move, _address_option(local, 'local'))
+        self.distant, self._addresses = distant, None
+        self._check_not_itself()
+        return self.status()
+
+    def _move(self, local):
+        """Listen on `local` instead: bound first, so the old address stays on a failure;
+        a proxy disabled or refusing binds it when it listens again."""
+        sock = socket.socket(_family(local), self.socket_type)
+        try:
+            if self.allow_reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(local)
+        except OSError as exc:
+            sock.close()
+            raise listen_error(exc, local, "local='HOST:0'") from None
+        listening = self.enabled and self._refusal is None
+        self._close_listener()
+        self.socket, self.server_address = sock, sock.getsockname()
+        self.address_family = sock.family
+        if not listening:
+            return sock.close()      # bound again, on this address, by _listen()
+        self.server_activate()
+        self.enabled = True
+        self._listen()
 
     def _new_epoch(self):
         self.epoch = (self._accepted, time.monotonic())
@@ -2644,7 +2689,8 @@ class ControlServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, proxy, host='localhost', port=8080, token=None):
-        self.proxy, self.token = proxy, token
+        self.proxy, self.token = proxy, token     # the default proxy, whose API this is
+        self.proxies = {proxy.name: proxy}        # every proxy it drives, by name
         self.stopped = False
         self.tokens = {token.encode('utf-8')} if token else set()   # what a client sends:
         with contextlib.suppress(UnicodeEncodeError, AttributeError):   # UTF-8, or Latin-1
@@ -2690,7 +2736,8 @@ class ControlServer(http.server.ThreadingHTTPServer):
 
 
 class ControlHandler(http.server.BaseHTTPRequestHandler):
-    """Routes: /handler, /handlers, /behavior, /proxy; JSON in and out."""
+    """Routes: /handler, /handlers, /behavior, /proxy (the default proxy's), /proxies
+    and /proxies/NAME[/handler|/handlers|/behavior]; JSON in and out."""
 
     protocol_version = 'HTTP/1.1'
     server_version = 'Vaurien/' + __version__
@@ -2704,6 +2751,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         '/behavior': {'GET': 'get_behavior', 'PUT': 'put_behavior'},
         '/proxy': {'GET': 'get_proxy', 'PUT': 'put_proxy'},
     }
+    PROXIES = {'GET': 'get_proxies', 'PUT': 'create_proxy'}                 # /proxies
+    NAMED = {'GET': 'get_proxy', 'PUT': 'update_proxy', 'DELETE': 'delete_proxy'}   # /NAME
 
     def do_GET(self):
         self.serve('GET')
@@ -2717,7 +2766,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     def do_DELETE(self):
         self.serve('DELETE')
 
-    do_PATCH = do_DELETE
+    do_PATCH = do_PUT     # an update, as PUT
 
     def do_OPTIONS(self):
         self.serve('OPTIONS')
@@ -2748,21 +2797,38 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             if self.server.stopped:
                 raise ApiError(503, 'this proxy is stopped')
             self.check_caller()
-            methods = self.ROUTES.get(self.path.split('?')[0].rstrip('/') or '/')
+            methods = self.route()
             if methods is None:
                 raise ApiError(404, 'no such resource %r (try /handler, /handlers, '
-                                    '/behavior, /proxy)' % self.path)
+                                    '/behavior, /proxy, /proxies)' % self.path)
             if method not in methods:
                 raise ApiError(405, '%s does not take %s' % (self.path, self.command),
                                allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
                                                               else set())))
             body = self.read_body() if method == 'PUT' else self.no_body()
             self.reading = False
-            self.reply(200, getattr(self, methods[method])(body))
+            answer = getattr(self, methods[method])(body)
+            self.reply(201 if methods[method] == 'create_proxy' else 200, answer)
         except ApiError as exc:
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
         except ConfigError as exc:
             self.reply(400, {'error': str(exc), 'status': 400})
+
+    def route(self):
+        """The methods of the resource the path names, or None; sets `self.target`, the
+        proxy it acts on (the default one, or /proxies/NAME's)."""
+        path = urllib.parse.unquote(self.path.split('?')[0]).rstrip('/') or '/'
+        self.target = self.server.proxy
+        parts = path.split('/', 3)            # '', 'proxies', NAME, the rest
+        if parts[1] != 'proxies':
+            return self.ROUTES.get(path)
+        if len(parts) == 2:
+            return self.PROXIES
+        self.target = self.server.proxies.get(parts[2])
+        if self.target is None:
+            raise ApiError(404, 'no proxy named %r' % parts[2],
+                           known=sorted(self.server.proxies))
+        return self.NAMED if len(parts) == 3 else self.ROUTES.get('/' + parts[3])
 
     def check_caller(self):
         """Refuse browsers (a web page must not drive a developer's proxy) and bad tokens."""
@@ -2809,7 +2875,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         return value
 
     def get_handler(self, body):
-        return self.server.proxy.get_handler()
+        return self.target.get_handler()
 
     def put_handler(self, body):
         """{"name", "settings"}; or what GET /handler returns, to restore it."""
@@ -2828,7 +2894,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         if fixed and (not isinstance(name, str) or not name or
                       request.get('name', name) != name):
             raise ApiError(400, 'give the handler as {"name": NAME, "settings": {...}}')
-        proxy = self.server.proxy
+        proxy = self.target
         if fixed and name not in proxy.handlers:
             raise ApiError(400, unknown_handler(name, proxy.handlers),
                            known=proxy.list_handlers())
@@ -2851,7 +2917,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             else ', ' + shown(agent[:40]) if agent else '')
 
     def get_handlers(self, body):
-        proxy = self.server.proxy
+        proxy = self.target
         return {'handlers': proxy.list_handlers(),
                 'details': {name: proxy.handlers[name].describe() for name in proxy.handlers}}
 
@@ -2861,28 +2927,84 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         spec = request.get('behavior')
         if not isinstance(spec, str):
             raise ApiError(400, 'give the mix as {"behavior": "20:delay,10:errors"}')
-        self.server.proxy.apply_behavior(spec, self.origin())
+        self.target.apply_behavior(spec, self.origin())
         return self.get_behavior(body)
 
     def get_behavior(self, body):
-        return {'behavior': self.server.proxy.get_behavior()}
+        return {'behavior': self.target.get_behavior()}
 
     def get_proxy(self, body):
-        return self.server.proxy.status()
+        return self.target.status()
 
     def put_proxy(self, body):
         request = self.parse(body, 'enabled')
         self.check_keys(request, ('enabled',), 'the others are read-only')
+        return self.switch(self.enabled(request))
+
+    @staticmethod
+    def enabled(request):
+        """The request's "enabled", as a bool (true, "yes", "off"...)."""
         enabled = request.get('enabled')
         if isinstance(enabled, str) and enabled.lower() in _TRUE + _FALSE:
             enabled = enabled.lower() in _TRUE
         if not isinstance(enabled, bool):
             raise ApiError(400, 'give {"enabled": true} or {"enabled": false}')
-        proxy = self.server.proxy
+        return enabled
+
+    def switch(self, enabled):
+        """Accept (listening again) or refuse connections; the proxy's status."""
         try:
-            return proxy.enable() if enabled else proxy.disable()
+            return self.target.enable() if enabled else self.target.disable()
         except OSError as exc:
             raise ApiError(409, exc.strerror or str(exc)) from None
+
+    def get_proxies(self, body):
+        return {name: proxy.status() for name, proxy in sorted(self.server.proxies.items())}
+
+    def create_proxy(self, body):
+        """A new proxy: {"name", "distant", "local" (default 127.0.0.1:0), "behavior",
+        "seed"}; it has the default proxy's handlers and options.  201, its status."""
+        request = self.parse(body, 'name')
+        self.check_keys(request, ('name', 'local', 'distant', 'behavior', 'seed'))
+        name = request.get('name')
+        if name in self.server.proxies:
+            raise ApiError(409, 'a proxy named %r exists already' % name)
+        if 'distant' not in request:
+            raise ApiError(400, 'give the backend: {"name": NAME, "distant": "HOST:PORT"}')
+        owner = self.server.proxy
+        try:
+            proxy = Proxy(request.get('local', '127.0.0.1:0'), request['distant'],
+                          behavior=request.get('behavior', '100:normal'),
+                          seed=request.get('seed'), handlers=owner.handlers,
+                          connect_timeout=owner.connect_timeout,
+                          max_connections=owner.max_connections, name=name)
+        except OSError as exc:
+            raise ApiError(409, exc.strerror or str(exc)) from None
+        self.server.proxies[proxy.name] = proxy
+        log.info('proxy %s created (%s -> %s), by %s', proxy.name,
+                 format_address(proxy.address), format_address(proxy.distant), self.origin())
+        return proxy.status()
+
+    def update_proxy(self, body):
+        """{"local", "distant", "enabled"}, any of them: listen, connect, accept."""
+        request = self.parse(body, 'enabled')
+        self.check_keys(request, ('local', 'distant', 'enabled'), 'the others are read-only')
+        enabled = self.enabled(request) if 'enabled' in request else None
+        try:
+            status = self.target.update(request.get('local'), request.get('distant'))
+        except OSError as exc:
+            raise ApiError(409, exc.strerror or str(exc)) from None
+        return status if enabled is None else self.switch(enabled)
+
+    def delete_proxy(self, body):
+        proxy = self.target
+        if proxy is self.server.proxy:
+            raise ApiError(409, 'the default proxy %r goes with its control API: stop the '
+                                'process instead' % proxy.name)
+        del self.server.proxies[proxy.name]
+        proxy.stop()
+        log.info('proxy %s deleted, by %s', proxy.name, self.origin())
+        return dict(proxy.status(), deleted=True)
 
     def reply(self, status, payload):
         body = (json.dumps(payload) + '\n').encode()
@@ -2940,7 +3062,37 @@ class Client(_Driving):
         default = _default_control() if host is None and port is None else ('localhost', 8080)
         self.host, self.port = host or default[0], port or default[1]
         self.timeout, self.token = timeout, token
+        self.name = None      # the named proxy it drives; None: the default one
         self._http = None
+
+    # -- named proxies ---------------------------------------------------------
+
+    def proxy(self, name):
+        """A Client of the proxy named `name`, on the same control API."""
+        named = Client(self.host, self.port, self.timeout, self.token)
+        named.name = name
+        return named
+
+    def proxies(self):
+        """{name: status} of every proxy this control API drives."""
+        return self._call('GET', '/proxies')
+
+    def create_proxy(self, name, distant, local='127.0.0.1:0', behavior=None, seed=None):
+        """A new named proxy, with the default proxy's handlers; a Client of it."""
+        request = {'name': name, 'distant': distant, 'local': local}
+        request.update((key, value) for key, value in (('behavior', behavior),
+                                                       ('seed', seed)) if value is not None)
+        self._call('PUT', '/proxies', request)
+        return self.proxy(name)
+
+    def update(self, local=None, distant=None):
+        """Listen on `local`, connect new connections to `distant`; the status."""
+        return self._call('PUT', '/proxy', {key: value for key, value in (
+            ('local', local), ('distant', distant)) if value is not None})
+
+    def delete(self):
+        """Stop this named proxy and forget it."""
+        return self._call('DELETE', '/proxy')
 
     def get_handler(self):
         return self._call('GET', '/handler')
@@ -2981,6 +3133,9 @@ class Client(_Driving):
             self._http = None
 
     def _call(self, method, path, payload=None):
+        if self.name is not None:      # /proxy is the named proxy's /proxies/NAME
+            named = '/proxies/' + urllib.parse.quote(self.name, safe='')
+            path = named if path == '/proxy' else named + path
         where = 'the Vaurien control API at %s:%s' % (self.host, self.port)
         body = None if payload is None else json.dumps(payload).encode()
         headers = {'User-Agent': 'vaurien-client/' + __version__,
@@ -3055,6 +3210,9 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
         flag = '--' + key.replace('_', '-')
         if value is True:
             args.append(flag)
+        elif isinstance(value, (list, tuple)):     # a flag given again: --proxy
+            for each in value:
+                args += [flag, str(each)]
         elif value is not None and value is not False:
             args += [flag, str(value)]
     child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -3251,12 +3409,46 @@ def read_config(path, handlers):
                 options[key] = _convert_option(key, value, '%s %s' % (where, key))
         elif section.startswith('handler:') and section[8:]:
             _register_handler(section[8:], values, where, handlers)
+        elif section.startswith('proxy:') and section[6:]:
+            options.setdefault('proxies', {})[section[6:]] = _named_proxy(values, where,
+                                                                          handlers)
         else:
-            raise ConfigError('%s: unknown section (expected [vaurien] or [handler:NAME])'
-                              % where)
+            raise ConfigError('%s: unknown section (expected [vaurien], [proxy:NAME] or '
+                              '[handler:NAME])' % where)
     if 'behavior' in options:
         _check_behavior(options['behavior'], handlers, '%s: [vaurien] behavior' % path)
     return options
+
+
+#: What a [proxy:NAME] section takes; local defaults to a free port on loopback.
+PROXY_KEYS = ('local', 'distant', 'behavior', 'seed')
+
+
+def _named_proxy(values, where, handlers):
+    """A [proxy:NAME] section (or a --proxy flag) as Proxy's keywords, checked."""
+    unknown = sorted(set(values) - set(PROXY_KEYS))
+    if unknown:
+        raise ConfigError('%s: unknown key %r (known: %s)' % (where, unknown[0],
+                                                               ', '.join(PROXY_KEYS)))
+    if not values.get('distant'):
+        raise ConfigError('%s: no distant: give the backend, distant = HOST:PORT' % where)
+    spec = {key: _convert_option(key, value, '%s %s' % (where, key))
+            for key, value in values.items()}
+    spec.setdefault('local', '127.0.0.1:0')
+    if 'behavior' in spec:
+        _check_behavior(spec['behavior'], handlers, '%s behavior' % where)
+    return spec
+
+
+def _proxy_flag(text, handlers):
+    """--proxy NAME=LOCAL,DISTANT, as a named proxy's keywords."""
+    name, sep, addresses = text.partition('=')
+    local, comma, distant = addresses.partition(',')
+    if not sep or not comma or not name.strip():
+        raise ConfigError('--proxy %s: expected NAME=LOCAL,DISTANT, like '
+                          'redis=127.0.0.1:0,localhost:6379' % shown(text))
+    return name.strip(), _named_proxy({'local': local.strip(), 'distant': distant.strip()},
+                                      '--proxy %s' % name.strip(), handlers)
 
 
 def _check_behavior(spec, handlers, where):
@@ -3324,7 +3516,11 @@ def build_parser():
         else:
             add(flag, metavar=name.upper(), help='%s (default: %s)' % (
                 setting.help, 'none' if setting.default is None else setting.default))
-    add('--config', metavar='FILE', help='an ini file with [vaurien] and [handler:NAME] sections.')
+    add('--config', metavar='FILE', help='an ini file with [vaurien], [proxy:NAME] and '
+        '[handler:NAME] sections.')
+    add('--proxy', action='append', metavar='NAME=LOCAL,DISTANT', help='one more proxy, named '
+        'NAME (again for more), e.g. redis=127.0.0.1:0,localhost:6379; its control API is '
+        '/proxies/NAME.')
     add('--list-handlers', action='store_true', help='list the handlers and their settings.')
     add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos, '
         'on free ports unless --local or --http-port say otherwise.')
@@ -3361,8 +3557,15 @@ def resolve(args):
         raise ConfigError('%s set, but the control API is off: add --http (or http = true '
                           'in [vaurien])' % ', '.join('--' + name.replace('_', '-')
                                                       for name in strays))
-    if not options['distant'] and not args.demo and not args.list_handlers:
-        raise ConfigError('no backend: give --distant HOST:PORT (or try --demo)')
+    options['proxies'] = dict(from_file.get('proxies', {}))
+    options['proxies'].update(_proxy_flag(text, handlers) for text in args.proxy or ())
+    if options['distant'] and 'default' in options['proxies']:
+        raise ConfigError('"default" names the proxy of [vaurien] (or of --distant): give '
+                          'the other one another name')
+    if not options['distant'] and not options['proxies'] and not args.demo \
+            and not args.list_handlers:
+        raise ConfigError('no backend: give --distant HOST:PORT, or --proxy '
+                          'NAME=LOCAL,DISTANT (or try --demo)')
     return options, handlers
 
 
@@ -3417,9 +3620,7 @@ def main(argv=None):
         demo = DemoBackend() if args.demo else None
         if demo:
             options['distant'] = format_address(demo.server_address)
-        proxy = Proxy(handlers=handlers, **{key: options[key] for key in (
-            'local', 'distant', 'behavior', 'seed', 'http', 'http_host', 'http_port',
-            'http_token', 'connect_timeout', 'max_connections')})
+        proxy, *others = _make_proxies(options, handlers)
     except ConfigError as exc:
         print('vaurien: error: %s' % exc, file=sys.stderr)
         return 2
@@ -3434,10 +3635,18 @@ def main(argv=None):
     try:
         proxy.start()
     except (OSError, ConfigError) as exc:
-        proxy.server_close()
+        for each in [proxy] + others:
+            each.stop()
         print('vaurien: error: cannot serve the control API: %s' % (
             getattr(exc, 'strerror', None) or exc), file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    for each in [proxy] + others:
+        if proxy.control_server is not None:
+            proxy.control_server.proxies[each.name] = each
+        if each.name != 'default':        # named: one line each, before the ready line
+            print('Vaurien proxy %s: %s -> %s; behavior %s' % (
+                each.name, format_address(each.address), format_address(each.distant),
+                each.behavior), file=sys.stderr, flush=True)
     _announce(proxy, demo)
     if args.exit_on_eof:
         threading.Thread(target=_stop_at_eof, args=(stop,), name='vaurien-stdin',
@@ -3445,10 +3654,32 @@ def main(argv=None):
     while not stop.wait(1.0):
         pass
     log.info('stopping')
-    proxy.stop()
+    for each in [proxy] + others:
+        each.stop()
     if demo:
         demo.shutdown()
     return 0
+
+
+def _make_proxies(options, handlers):
+    """The proxies of the options: [vaurien]'s (or --distant's) first, which serves the
+    control API for all, then the named ones; the first named one serves it without
+    a [vaurien] one."""
+    common = {key: options[key] for key in ('connect_timeout', 'max_connections')}
+    control = {key: options[key] for key in ('http', 'http_host', 'http_port', 'http_token')}
+    specs = [dict(name='default', **{key: options[key] for key in (
+        'local', 'distant', 'behavior', 'seed')})] if options['distant'] else []
+    specs += [dict(spec, name=name) for name, spec in options['proxies'].items()]
+    proxies = []
+    try:
+        for index, spec in enumerate(specs):
+            proxies.append(Proxy(handlers=handlers, **dict(
+                spec, **common, **(control if index == 0 else {}))))
+    except BaseException:
+        for proxy in proxies:
+            proxy.stop()
+        raise
+    return proxies
 
 
 def _stop_at_eof(stop):
