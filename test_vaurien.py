@@ -4722,3 +4722,57 @@ def test_start_proxy_takes_named_proxies(echo_backend):
                      proxy=['a=%s:0,%s:%d' % ((LOOP,) + echo_backend.address)]) as handle:
         named = handle.client().proxy('a')
         assert round_trip(vaurien.parse_address(named.status()['local'])) == b'ping'
+
+
+# ---------------------------------------------------------------------------
+# What happened, visible: stats, events, live connections, Prometheus metrics
+# ---------------------------------------------------------------------------
+
+def test_stats_events_and_connections_tell_what_happened(proxy):
+    address = proxy.control
+    last = api(address, 'GET', '/events?since=0')[1]['last']
+    assert round_trip(proxy.address, b'hello') == b'hello'
+    wait_for(lambda: proxy.connection_count == 0, what='the first to end')
+    proxy.set_handler('errors', protocol='raw', message='E')
+    assert round_trip(proxy.address) == b'E'
+    with connect(proxy.address) as held:
+        held.sendall(b'x')
+        wait_for(lambda: api(address, 'GET', '/connections')[1]['connections'],
+                 what='the live connection to be listed')
+        live = api(address, 'GET', '/connections?proxy=default')[1]['connections']
+        assert live[0]['proxy'] == 'default' and live[0]['handler'] == 'errors'
+        assert api(address, 'GET', '/connections?proxy=other')[1] == {'connections': []}
+    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    stats = api(address, 'GET', '/stats')[1]
+    assert stats['accepted'] == 3 and stats['open'] == 0
+    assert stats['to_backend'] >= 5 and stats['to_client'] >= 5 + 1
+    assert stats['ended']['eof'] == 1 and stats['ended']['closed'] == 2
+    assert api(address, 'GET', '/proxies/default/stats')[1] == stats
+    events = api(address, 'GET', '/events?since=%d' % last)[1]['events']
+    kinds = [(event['event'], event.get('handler')) for event in events]
+    assert kinds[:3] == [('opened', 'normal'), ('closed', 'normal'), ('changed', 'errors')]
+    assert events[1]['how'] == 'EOF both ways' and events[1]['to_client'] == 5
+    assert events[2]['by'] == 'a Python call'
+    assert [event['id'] for event in events] == sorted(event['id'] for event in events)
+    assert api(address, 'GET', '/events?since=%d' % events[-1]['id'])[1]['events'] == []
+    assert api(address, 'GET', '/events?since=soon')[0] == 400
+
+
+def test_prometheus_metrics_of_every_proxy(proxy, echo_backend):
+    client = proxy.client()
+    client.create_proxy('second', '%s:%d' % echo_backend.address)
+    assert round_trip(proxy.address) == b'ping'
+    wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    conn = http.client.HTTPConnection(*proxy.control, timeout=WAIT)
+    conn.request('GET', '/metrics')
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    assert response.getheader('Content-Type').startswith('text/plain; version=0.0.4')
+    assert 'vaurien_connections_total{proxy="default"} 1\n' in text
+    assert 'vaurien_connections_total{proxy="second"} 0\n' in text
+    assert 'vaurien_bytes_total{proxy="default",direction="to_client"} 4\n' in text
+    assert 'vaurien_connections_ended_total{proxy="default",how="eof"} 1\n' in text
+    assert 'vaurien_handler_connections_total{proxy="default",handler="normal"} 1\n' in text
+    for line in text.splitlines():                   # the text format, line by line
+        assert line.startswith('# ') or re.fullmatch(r'vaurien_\w+\{[^}]*\} \d+', line)

@@ -1489,7 +1489,7 @@ class Connection:
         self.jobs = 0             # calls handed to the worker whose effects are not all in
         self.held = 0             # bytes of those calls
         self.first = None         # (from the client?, first bytes): what protocol it speaks
-        self.ending = None        # how it ended, for the log: the first cause seen
+        self.ending = None        # (kind, text): how it ended, the first cause seen
 
     # -- what handlers use ------------------------------------------------------
 
@@ -1528,7 +1528,7 @@ class Connection:
         truncation is never mistaken for a whole answer.
         """
         if self.closing_at is None:
-            self.ending = self.ending or 'closed by the handler'
+            self.ending = self.ending or ('closed', 'closed by the handler')
             now = time.monotonic()
             self.closing_at = max(self.client.last_due, self.backend.last_due, now) + LINGER
             self.drain_until = now + MAX_DRAIN
@@ -1539,14 +1539,14 @@ class Connection:
     @_in_pump
     def abort(self, side):
         """Reset `side` now and close the other one."""
-        self.ending = self.ending or 'reset by the handler (%s)' % side.name
+        self.ending = self.ending or ('reset', 'reset by the handler (%s)' % side.name)
         self._drop(side, reset=True)
         self.close()
 
     def lost(self, side):
         """`side` failed (reset, broken pipe): reset the other one too, after what it has
         (chunks still in the worker included)."""
-        self.ending = self.ending or 'RST from the %s' % side.name
+        self.ending = self.ending or ('rst', 'RST from the %s' % side.name)
         self._drop(side)
         if self.jobs:
             return self._run_for(None, self._reset_after, (side.peer,))
@@ -1577,7 +1577,7 @@ class Connection:
     @_in_pump
     def kill(self):
         """End the connection at once (from any thread): a side holding bytes is reset."""
-        self.ending = self.ending or 'ended by the proxy (disable, stop)'
+        self.ending = self.ending or ('killed', 'ended by the proxy (disable, stop)')
         self._release()
 
     # -- opening ------------------------------------------------------------------
@@ -1659,8 +1659,8 @@ class Connection:
         backend.connecting = False
         self._drop(backend)
         if error is not None:
-            self.ending = 'backend unreachable (%s)' % (getattr(error, 'strerror', None)
-                                                        or error)
+            self.ending = ('unreachable', 'backend unreachable (%s)' % (
+                getattr(error, 'strerror', None) or error))
             self.proxy.backend_fails(error)
         self.close()
 
@@ -1974,7 +1974,8 @@ class Connection:
         self.released = True
         if self.ending is None:
             clean = all(side.eof_read for side in self.sides if side.sock is not None)
-            self.ending = 'EOF both ways' if clean else 'closed after %g s without EOF' % LINGER
+            self.ending = ('eof', 'EOF both ways') if clean else (
+                'no_eof', 'closed after %g s without EOF' % LINGER)
         if self.connect_timer is not None:
             self.pump.cancel(self.connect_timer)
         try:
@@ -1986,18 +1987,41 @@ class Connection:
         finally:
             self.pump.restock()
             self.proxy.forget(self)
-        if log.isEnabledFor(self.proxy.connection_log_level):
-            self._log_end()
+        self.proxy.ended(self)
 
-    def _log_end(self):
-        log.log(self.proxy.connection_log_level,
-                'connection #%d from %s closed: %s, %d B to the backend, %d B to the '
-                'client, %s, %.3f s', self.index, format_address(self.address),
-                self.handler_name, self.backend.delivered, self.client.delivered,
-                self.ending, time.monotonic() - self.opened)
+    def summary(self):
+        """What the log, the events and GET /connections tell of this connection."""
+        return {'proxy': self.proxy.name, 'connection': self.index,
+                'client': format_address(self.address), 'handler': self.handler_name,
+                'to_backend': self.backend.delivered, 'to_client': self.client.delivered,
+                'seconds': round(time.monotonic() - self.opened, 3)}
 
 
 _NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: a socket born non-blocking
+
+
+#: How a connection ends, as metrics count it.
+ENDINGS = ('eof', 'no_eof', 'closed', 'reset', 'rst', 'killed', 'unreachable')
+
+
+class EventLog:
+    """What happened, in a bounded ring: connections opened and closed, handlers and
+    mixes changed.  Each event has an id, growing: read the ones after `since`."""
+
+    def __init__(self, size=10000):
+        self.events = collections.deque(maxlen=size)
+        self.ids = itertools.count(1)
+
+    def record(self, kind, **fields):
+        fields.update(id=next(self.ids), time=round(time.time(), 6), event=kind)
+        self.events.append(fields)
+
+    def since(self, since=0, proxy=None):
+        return [event for event in list(self.events)
+                if event['id'] > since and (proxy is None or event['proxy'] == proxy)]
+
+
+EVENTS = EventLog()     # the process's: every proxy records there
 
 
 def _prepare(sock, nodelay):
@@ -2185,6 +2209,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._stopped = threading.Event()  # what serve_forever() waits for
         self._addresses = None             # (the backend's addresses, when resolved)
         self.outage = None                 # [since, connections failed, first error]
+        self.counts = collections.Counter()    # of ended connections: bytes, how they ended
+        self.by_handler = collections.Counter()   # ended connections, by their last handler
         self.connection_log_level = logging.DEBUG   # of each connection's opened/closed line
         self._resolving = []               # callbacks waiting for them
         self.address_family = _family(local)
@@ -2430,9 +2456,12 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         conn = Connection(self, request, client_address, self._accepted,
                           self.behavior.draw(self._random))
         self._accepted += 1
+        handler = conn.current()[0].name
+        EVENTS.record('opened', proxy=self.name, connection=conn.index,
+                      client=format_address(client_address), handler=handler)
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
-                    format_address(client_address), conn.current()[0].name)
+                    format_address(client_address), handler)
         with self._lock:
             self._connections.add(conn)
         try:
@@ -2479,6 +2508,30 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         waiting, self._resolving = self._resolving, []
         for callback in waiting:
             self.pump.guarded(callback, (addresses, error))
+
+    def ended(self, conn):
+        """The pump's call: `conn` ended: counted, recorded, logged."""
+        kind, how = conn.ending
+        counts = self.counts
+        counts['to_backend'] += conn.backend.delivered
+        counts['to_client'] += conn.client.delivered
+        counts[kind] += 1
+        self.by_handler[conn.handler_name] += 1
+        summary = conn.summary()
+        EVENTS.record('closed', how=how, **summary)
+        if log.isEnabledFor(self.connection_log_level):
+            log.log(self.connection_log_level, 'connection #%d from %s closed: %s, %d B to '
+                    'the backend, %d B to the client, %s, %.3f s', conn.index,
+                    summary['client'], conn.handler_name, summary['to_backend'],
+                    summary['to_client'], how, summary['seconds'])
+
+    def metrics(self):
+        """Counts since the proxy started: connections (open, accepted, ended by how
+        they ended and by their handler) and bytes each way (of ended connections)."""
+        return {'proxy': self.name, 'open': self.connection_count, 'accepted': self._accepted,
+                'to_backend': self.counts['to_backend'], 'to_client': self.counts['to_client'],
+                'ended': {kind: self.counts[kind] for kind in ENDINGS},
+                'handlers': dict(self.by_handler)}
 
     def backend_fails(self, error):
         """A connection found the backend unreachable: one line per outage, not per
@@ -2583,6 +2636,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         handler = self.handler(name)
         self.fixed = (handler, handler.validate(settings))
         self._new_epoch()
+        EVENTS.record('changed', proxy=self.name, handler=handler.name,
+                      settings=dict(self.fixed[1]), by=origin)
         if log.isEnabledFor(logging.INFO):     # a switch costs a fraction of a ms: keep it so
             log.info('handler %s set, by %s (%s)', handler.name, origin,
                      _settings_text(self.fixed[1]))
@@ -2605,6 +2660,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                               'it; to set a handler, give "fixed": true (or leave it out)')
         self.behavior, self.fixed = behavior, fixed
         self._new_epoch()
+        EVENTS.record('changed', proxy=self.name, restored=self.get_handler(), by=origin)
         if log.isEnabledFor(logging.INFO):
             log.info('%s restored, by %s', 'handler %s (%s)' % (
                 fixed[0].name, _settings_text(fixed[1])) if fixed else 'behavior %s' % behavior,
@@ -2627,6 +2683,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.behavior = Behavior(spec, self.handlers)
         self.fixed = None
         self._new_epoch()
+        EVENTS.record('changed', proxy=self.name, behavior=str(self.behavior), by=origin)
         log.info('behavior %s set, by %s', self.behavior, origin)
         return self.get_behavior()
 
@@ -2750,6 +2807,10 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         '/handlers': {'GET': 'get_handlers'},
         '/behavior': {'GET': 'get_behavior', 'PUT': 'put_behavior'},
         '/proxy': {'GET': 'get_proxy', 'PUT': 'put_proxy'},
+        '/stats': {'GET': 'get_stats'},
+        '/events': {'GET': 'get_events'},
+        '/connections': {'GET': 'get_connections'},
+        '/metrics': {'GET': 'get_metrics'},
     }
     PROXIES = {'GET': 'get_proxies', 'PUT': 'create_proxy'}                 # /proxies
     NAMED = {'GET': 'get_proxy', 'PUT': 'update_proxy', 'DELETE': 'delete_proxy'}   # /NAME
@@ -2799,15 +2860,19 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             self.check_caller()
             methods = self.route()
             if methods is None:
-                raise ApiError(404, 'no such resource %r (try /handler, /handlers, '
-                                    '/behavior, /proxy, /proxies)' % self.path)
+                raise ApiError(404, 'no such resource %r (try /handler, /handlers, /behavior, '
+                                    '/proxy, /proxies, /stats, /events, /connections, '
+                                    '/metrics)' % self.path)
             if method not in methods:
                 raise ApiError(405, '%s does not take %s' % (self.path, self.command),
                                allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
                                                               else set())))
             body = self.read_body() if method == 'PUT' else self.no_body()
             self.reading = False
-            answer = getattr(self, methods[method])(body)
+            try:
+                answer = getattr(self, methods[method])(body)
+            except _Text as text:
+                return self.reply_text(str(text))
             self.reply(201 if methods[method] == 'create_proxy' else 200, answer)
         except ApiError as exc:
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
@@ -2958,6 +3023,40 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         except OSError as exc:
             raise ApiError(409, exc.strerror or str(exc)) from None
 
+    def get_stats(self, body):
+        return self.target.metrics()
+
+    def query(self, key, kind=str, default=None):
+        """A parameter of the query string, typed."""
+        values = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get(key)
+        if not values:
+            return default
+        try:
+            return kind(values[-1])
+        except ValueError:
+            raise ApiError(400, 'bad %s=%s in the query string' % (key, shown(values[-1])))
+
+    def get_events(self, body):
+        """?since=ID (the last id seen) and ?proxy=NAME: what happened since."""
+        events = EVENTS.since(self.query('since', int, 0), self.query('proxy'))
+        return {'events': events, 'last': events[-1]['id'] if events else
+                self.query('since', int, 0)}
+
+    def get_connections(self, body):
+        name = self.query('proxy')
+        return {'connections': [conn.summary() for proxy in self.server.proxies.values()
+                                if name in (None, proxy.name) for conn in proxy._live()]}
+
+    def get_metrics(self, body):
+        """Prometheus text: every proxy's counts."""
+        lines = []
+        for metric, kind, help, samples in _metric_samples(self.server.proxies.values()):
+            lines += ['# HELP %s %s' % (metric, help), '# TYPE %s %s' % (metric, kind)]
+            lines += ['%s{%s} %s' % (metric, ','.join('%s="%s"' % (key, _label(value))
+                                                       for key, value in labels), value)
+                      for labels, value in samples]
+        raise _Text('\n'.join(lines) + '\n')
+
     def get_proxies(self, body):
         return {name: proxy.status() for name, proxy in sorted(self.server.proxies.items())}
 
@@ -3006,6 +3105,15 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         log.info('proxy %s deleted, by %s', proxy.name, self.origin())
         return dict(proxy.status(), deleted=True)
 
+    def reply_text(self, text):
+        body = text.encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        if self.command != 'HEAD':
+            self.wfile.write(body)
+
     def reply(self, status, payload):
         body = (json.dumps(payload) + '\n').encode()
         self.send_response(status)
@@ -3025,6 +3133,35 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug('control API %s: ' + format, self.client_address[0], *args)
+
+
+class _Text(Exception):
+    """A route's answer that is text, not JSON (Prometheus' /metrics)."""
+
+
+def _label(value):
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def _metric_samples(proxies):
+    """(metric, type, help, [(labels, value)]) of Prometheus' /metrics."""
+    stats = [proxy.metrics() for proxy in proxies]
+    return [
+        ('vaurien_connections_total', 'counter', 'Connections accepted.',
+         [((('proxy', s['proxy']),), s['accepted']) for s in stats]),
+        ('vaurien_connections_open', 'gauge', 'Connections open now.',
+         [((('proxy', s['proxy']),), s['open']) for s in stats]),
+        ('vaurien_bytes_total', 'counter', 'Bytes relayed by connections that ended.',
+         [((('proxy', s['proxy']), ('direction', way)), s[way]) for s in stats
+          for way in ('to_backend', 'to_client')]),
+        ('vaurien_connections_ended_total', 'counter', 'Connections ended, by how.',
+         [((('proxy', s['proxy']), ('how', how)), count) for s in stats
+          for how, count in s['ended'].items()]),
+        ('vaurien_handler_connections_total', 'counter',
+         'Connections ended, by the handler in force at their end.',
+         [((('proxy', s['proxy']), ('handler', name)), count) for s in stats
+          for name, count in sorted(s['handlers'].items())]),
+    ]
 
 
 def _drain_and_close(sock, linger=LINGER, limit=4 * MAX_BODY):
