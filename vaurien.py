@@ -2006,19 +2006,33 @@ ENDINGS = ('eof', 'no_eof', 'closed', 'reset', 'rst', 'killed', 'unreachable')
 
 class EventLog:
     """What happened, in a bounded ring: connections opened and closed, handlers and
-    mixes changed.  Each event has an id, growing: read the ones after `since`."""
+    mixes changed.  Each event has an id, growing: read the ones after `since`.
+
+    A connection's events are kept as tuples, made into dicts when read: they
+    are recorded in the pump, for every connection.
+    """
+
+    CONNECTION = ('proxy', 'connection', 'client', 'handler')
+    CLOSED = CONNECTION + ('to_backend', 'to_client', 'how', 'seconds')
 
     def __init__(self, size=10000):
         self.events = collections.deque(maxlen=size)
         self.ids = itertools.count(1)
 
-    def record(self, kind, **fields):
-        fields.update(id=next(self.ids), time=round(time.time(), 6), event=kind)
-        self.events.append(fields)
+    def record(self, kind, proxy, fields):
+        """`fields`: a dict, or the values of CONNECTION (opened) or CLOSED (closed)."""
+        self.events.append((next(self.ids), time.time(), kind, proxy, fields))
 
     def since(self, since=0, proxy=None):
-        return [event for event in list(self.events)
-                if event['id'] > since and (proxy is None or event['proxy'] == proxy)]
+        return [self._as_dict(event) for event in list(self.events)
+                if event[0] > since and proxy in (None, event[3])]
+
+    def _as_dict(self, event):
+        number, when, kind, proxy, fields = event
+        if not isinstance(fields, dict):
+            fields = dict(zip(self.CONNECTION if kind == 'opened' else self.CLOSED, fields))
+            fields['client'] = format_address(fields['client'])
+        return dict(fields, id=number, time=round(when, 6), event=kind, proxy=proxy)
 
 
 EVENTS = EventLog()     # the process's: every proxy records there
@@ -2209,8 +2223,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._stopped = threading.Event()  # what serve_forever() waits for
         self._addresses = None             # (the backend's addresses, when resolved)
         self.outage = None                 # [since, connections failed, first error]
-        self.counts = collections.Counter()    # of ended connections: bytes, how they ended
-        self.by_handler = collections.Counter()   # ended connections, by their last handler
+        self.counts = dict.fromkeys(ENDINGS + ('to_backend', 'to_client'), 0)   # of ended
+        self.by_handler = {}               # connections: bytes, how, their last handler
         self.connection_log_level = logging.DEBUG   # of each connection's opened/closed line
         self._resolving = []               # callbacks waiting for them
         self.address_family = _family(local)
@@ -2457,8 +2471,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                           self.behavior.draw(self._random))
         self._accepted += 1
         handler = conn.current()[0].name
-        EVENTS.record('opened', proxy=self.name, connection=conn.index,
-                      client=format_address(client_address), handler=handler)
+        EVENTS.record('opened', self.name, (self.name, conn.index, client_address, handler))
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
                     format_address(client_address), handler)
@@ -2516,14 +2529,16 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         counts['to_backend'] += conn.backend.delivered
         counts['to_client'] += conn.client.delivered
         counts[kind] += 1
-        self.by_handler[conn.handler_name] += 1
-        summary = conn.summary()
-        EVENTS.record('closed', how=how, **summary)
+        self.by_handler[conn.handler_name] = self.by_handler.get(conn.handler_name, 0) + 1
+        seconds = time.monotonic() - conn.opened
+        EVENTS.record('closed', self.name, (
+            self.name, conn.index, conn.address, conn.handler_name, conn.backend.delivered,
+            conn.client.delivered, how, round(seconds, 3)))
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s closed: %s, %d B to '
                     'the backend, %d B to the client, %s, %.3f s', conn.index,
-                    summary['client'], conn.handler_name, summary['to_backend'],
-                    summary['to_client'], how, summary['seconds'])
+                    format_address(conn.address), conn.handler_name, conn.backend.delivered,
+                    conn.client.delivered, how, seconds)
 
     def metrics(self):
         """Counts since the proxy started: connections (open, accepted, ended by how
@@ -2636,8 +2651,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         handler = self.handler(name)
         self.fixed = (handler, handler.validate(settings))
         self._new_epoch()
-        EVENTS.record('changed', proxy=self.name, handler=handler.name,
-                      settings=dict(self.fixed[1]), by=origin)
+        EVENTS.record('changed', self.name, {'handler': handler.name,
+                                             'settings': dict(self.fixed[1]), 'by': origin})
         if log.isEnabledFor(logging.INFO):     # a switch costs a fraction of a ms: keep it so
             log.info('handler %s set, by %s (%s)', handler.name, origin,
                      _settings_text(self.fixed[1]))
@@ -2660,7 +2675,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                               'it; to set a handler, give "fixed": true (or leave it out)')
         self.behavior, self.fixed = behavior, fixed
         self._new_epoch()
-        EVENTS.record('changed', proxy=self.name, restored=self.get_handler(), by=origin)
+        EVENTS.record('changed', self.name, {'restored': self.get_handler(), 'by': origin})
         if log.isEnabledFor(logging.INFO):
             log.info('%s restored, by %s', 'handler %s (%s)' % (
                 fixed[0].name, _settings_text(fixed[1])) if fixed else 'behavior %s' % behavior,
@@ -2683,7 +2698,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.behavior = Behavior(spec, self.handlers)
         self.fixed = None
         self._new_epoch()
-        EVENTS.record('changed', proxy=self.name, behavior=str(self.behavior), by=origin)
+        EVENTS.record('changed', self.name, {'behavior': str(self.behavior), 'by': origin})
         log.info('behavior %s set, by %s', self.behavior, origin)
         return self.get_behavior()
 
