@@ -198,12 +198,12 @@ class CliProxy:
     `files` gives the child's (soft, hard) limit of open files.
     """
 
-    def __init__(self, *args, cwd=HERE, files=None):
+    def __init__(self, *args, cwd=HERE, files=None, local=LOOP + ':0'):
         limit = files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, files))
         self.process = subprocess.Popen(
-            [sys.executable, VAURIEN, '--local', LOOP + ':0', '--http', '--http-port', '0']
-            + list(args), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd,
-            preexec_fn=limit)
+            [sys.executable, VAURIEN, '--http', '--http-port', '0']
+            + (['--local', local] if local else []) + list(args), stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, cwd=cwd, preexec_fn=limit)
         self.lines = []
         for line in self.process.stderr:
             self.lines.append(line)
@@ -2210,7 +2210,7 @@ def test_any_api_request_gets_a_json_answer_and_the_proxy_keeps_relaying(api_pro
     if method in ('PUT', 'POST', 'PATCH') and path == '/proxy':
         body = b'{"enabled": true}'   # disabling is legal; its effect is tested elsewhere
     status, answer = api(api_proxy.control, method, path, body)
-    assert status in (200, 400, 404, 405, 411, 413)
+    assert status in (200, 400, 404, 405, 409, 411, 413)   # 409: DELETE /proxy, the default
     assert (status == 200) == ('error' not in answer)
     if status != 200:
         assert answer['status'] == status and '\n' not in answer['error']
@@ -3765,7 +3765,7 @@ def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
     ('/handler', {'name': 'delay', 'sleep': 2}, "'sleep'"),
     ('/handler', {'name': 'delay', 'settings': {}, 'colour': 1, 'size': 2}, "'colour', 'size'"),
     ('/behavior', {'behavior': '20:delay', 'seed': 3}, "'seed'"),
-    ('/proxy', {'enabled': True, 'local': 'x:1'}, "'local'"),
+    ('/proxy', {'enabled': True, 'connections': 3}, "'connections'"),
 ])
 def test_api_bodies_with_unknown_keys_are_refused_naming_them(proxy, path, body, named):
     before = proxy.get_handler()
@@ -4633,7 +4633,10 @@ def test_named_proxies_through_the_api(proxy, echo_backend):
 
 
 @pytest.mark.parametrize('method,path,body,status,message', [
-    ('POST', '/proxies', '{"name": "x"}', 400, 'give the backend'),
+    ('POST', '/proxies', '{"name": "x"}', 400, 'give a name and the backend'),
+    ('POST', '/proxies', '{"name": ["x"], "distant": "a:1"}', 400, 'give a name'),
+    ('GET', '/proxies/default/events', None, 404, 'no such resource'),
+    ('DELETE', '/proxy', None, 409, 'goes with its control API'),
     ('POST', '/proxies', '{"name": "x", "distant": "a:1", "colour": 1}', 400, "'colour'"),
     ('POST', '/proxies', '{"name": "x/y", "distant": "a:1"}', 400, 'without "/"'),
     ('POST', '/proxies', '{"name": "default", "distant": "a:1"}', 409, 'exists already'),
@@ -4687,7 +4690,7 @@ def test_named_proxies_from_flags_and_a_config_file(tmp_path, echo_backend, cli_
         ini = write(tmp_path, 'v.ini', '[proxy:cache]\ndistant = %s:%d\nbehavior = 100:delay\n'
                     '[handler:delay]\nsleep = 10ms\n' % upper.address)
         proc = cli_proxy('--config', ini, '--proxy', 'db=%s:0,%s:%d' % (
-            LOOP, echo_backend.address[0], echo_backend.address[1]))
+            LOOP, echo_backend.address[0], echo_backend.address[1]), local=None)
         names = re.findall(r'Vaurien proxy (\w+): (\S+) -> ', ''.join(proc.lines))
         assert sorted(name for name, _ in names) == ['cache', 'db']
         where = {name: vaurien.parse_address(local) for name, local in names}
@@ -4776,3 +4779,46 @@ def test_prometheus_metrics_of_every_proxy(proxy, echo_backend):
     assert 'vaurien_handler_connections_total{proxy="default",handler="normal"} 1\n' in text
     for line in text.splitlines():                   # the text format, line by line
         assert line.startswith('# ') or re.fullmatch(r'vaurien_\w+\{[^}]*\} \d+', line)
+
+
+def test_named_proxies_without_a_default_refuse_its_options(tmp_path, echo_backend):
+    backend = '%s:%d' % echo_backend.address
+    for args, message in ((['--local', LOOP + ':0'], '--local: for the proxy of --distant'),
+                          (['--seed', '3'], '--seed: for the proxy of --distant'),
+                          (['--proxy', 'a=%s:0,%s' % (LOOP, backend)], "proxy 'a' is given twice")):
+        result = run_cli('--proxy', 'a=%s:0,%s' % (LOOP, backend), *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = run_cli('--demo', '--proxy', 'default=%s:0,%s' % (LOOP, backend))
+    assert result.returncode == 2 and '"default" names the proxy of' in result.stderr
+
+
+def test_updating_a_proxy_onto_itself_changes_nothing(proxy, echo_backend):
+    named = proxy.client().create_proxy('n', '%s:%d' % echo_backend.address)
+    before = named.status()
+    with pytest.raises(vaurien.VaurienError, match='is this proxy itself'):
+        named.update(distant=before['local'])
+    assert named.status()['distant'] == before['distant']
+    assert named.update(local=before['local'])['local'] == before['local']   # where it is
+    assert round_trip(vaurien.parse_address(before['local'])) == b'ping'
+    assert proxy.client().update(distant='%s:%d' % echo_backend.address)['enabled']
+
+
+def test_a_path_that_is_no_path_gets_a_json_404(proxy):
+    with socket.create_connection(proxy.control, timeout=WAIT) as sock:
+        sock.sendall(b'GET handler HTTP/1.1\r\nHost: x\r\n\r\n')
+        head = read_all(sock).split(b'\r\n')[0]
+    assert head == b'HTTP/1.1 404 Not Found'
+
+
+def test_one_name_one_proxy_however_many_create_it_at_once(proxy, echo_backend):
+    statuses = []
+
+    def create():
+        statuses.append(api(proxy.control, 'POST', '/proxies', json.dumps(
+            {'name': 'same', 'distant': '%s:%d' % echo_backend.address}))[0])
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(statuses) == [201] + [409] * 5

@@ -2013,15 +2013,17 @@ class EventLog:
     """
 
     CONNECTION = ('proxy', 'connection', 'client', 'handler')
-    CLOSED = CONNECTION + ('to_backend', 'to_client', 'how', 'seconds')
+    CLOSED = CONNECTION + ('to_backend', 'to_client', 'ended', 'how', 'seconds')
 
     def __init__(self, size=10000):
         self.events = collections.deque(maxlen=size)
         self.ids = itertools.count(1)
+        self.lock = threading.Lock()     # ids in the ring in their order, from any thread
 
     def record(self, kind, proxy, fields):
         """`fields`: a dict, or the values of CONNECTION (opened) or CLOSED (closed)."""
-        self.events.append((next(self.ids), time.time(), kind, proxy, fields))
+        with self.lock:
+            self.events.append((next(self.ids), time.time(), kind, proxy, fields))
 
     def since(self, since=0, proxy=None):
         return [self._as_dict(event) for event in list(self.events)
@@ -2284,7 +2286,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         Waits up to `timeout` seconds in all for the connections to end.
         """
         if self.control_server is not None:
-            self.control_server.stopped = True     # its keep-alive callers too
+            with self.control_server.lock:
+                self.control_server.stopped = True     # its keep-alive callers too
             self.control_server.shutdown()
             self.control_server.server_close()
             for other in list(self.control_server.proxies.values()):
@@ -2326,17 +2329,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().server_activate()
 
-    def _check_not_itself(self):
-        """Refuse a `distant` that is this very proxy: each connection would open
-        another one, until no descriptor is left."""
-        host, port = self.distant
-        if port != self.address[1]:
+    def _check_not_itself(self, local=None, distant=None):
+        """Refuse a `distant` that is this very proxy (listening on `local`): each
+        connection would open another one, until no descriptor is left."""
+        local, distant = local or self.address, distant or self.distant
+        host, port = distant
+        if port != local[1]:
             return
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             return
-        bound = _plain_ip(self.address[0])
+        bound = _plain_ip(local[0])
         for family, _, _, _, address in infos:
             target = _plain_ip(address[0])
             reaches = target.version == bound.version or (      # '::' takes IPv4 too
@@ -2345,8 +2349,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                     socket.AF_INET if target.version == 4 else family, str(target)))):
                 raise ConfigError('distant %s is this proxy itself (local %s): each connection '
                                   'would connect to the proxy again; give the backend\'s '
-                                  'address' % (format_address(self.distant),
-                                               format_address(self.address)))
+                                  'address' % (format_address(distant), format_address(local)))
 
     def server_close(self):
         self.pump.call(self._close_listener)
@@ -2497,17 +2500,20 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._resolving.append(callback)
         if len(self._resolving) > 1:
             return None
-        if _is_ip(self.distant[0]):
-            return self._resolved(*self._lookup())
+        distant = self.distant
+        if _is_ip(distant[0]):
+            return self._resolved(distant, *self._lookup(distant))
         try:
             threading.Thread(target=lambda: self.pump.call_soon(
-                self._resolved, *self._lookup()), name='vaurien-resolve', daemon=True).start()
+                self._resolved, distant, *self._lookup(distant)), name='vaurien-resolve',
+                daemon=True).start()
         except RuntimeError as exc:    # no thread to be had
-            self._resolved(None, exc, 0)
+            self._resolved(distant, None, exc, 0)
 
-    def _lookup(self):
+    @staticmethod
+    def _lookup(distant):
         """(addresses, None) or (None, the error), and until when they hold."""
-        host, port = self.distant
+        host, port = distant
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except Exception as exc:    # OSError, or UnicodeError for a label too long
@@ -2515,10 +2521,14 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         until = math.inf if _is_ip(host) else time.monotonic() + RESOLVE_TTL
         return [(info[0], info[4]) for info in infos], None, until
 
-    def _resolved(self, addresses, error, until):
+    def _resolved(self, distant, addresses, error, until):
+        waiting, self._resolving = self._resolving, []
+        if distant != self.distant:           # updated meanwhile: look the new one up
+            for callback in waiting:
+                self.resolve_distant(callback)
+            return
         if addresses:
             self._addresses = (addresses, until)
-        waiting, self._resolving = self._resolving, []
         for callback in waiting:
             self.pump.guarded(callback, (addresses, error))
 
@@ -2533,7 +2543,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         seconds = time.monotonic() - conn.opened
         EVENTS.record('closed', self.name, (
             self.name, conn.index, conn.address, conn.handler_name, conn.backend.delivered,
-            conn.client.delivered, how, round(seconds, 3)))
+            conn.client.delivered, kind, how, round(seconds, 3)))
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s closed: %s, %d B to '
                     'the backend, %d B to the client, %s, %.3f s', conn.index,
@@ -2711,11 +2721,18 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         """Listen on `local` and connect new connections to `distant`, from now on;
         live connections go on.  Returns the status; nothing changes on an error."""
         distant = self.distant if distant is None else _distant_option(distant)
-        if local is not None:
-            self.pump.call(self._move, _address_option(local, 'local'))
-        self.distant, self._addresses = distant, None
-        self._check_not_itself()
+        local = None if local is None else _address_option(local, 'local')
+        if local is not None and local[1] and local == self.address:
+            local = None                      # where it listens already
+        self._check_not_itself(local, distant)
+        self.pump.call(self._update, local, distant)
         return self.status()
+
+    def _update(self, local, distant):
+        if local is not None:
+            self._move(local)
+        if distant != self.distant:
+            self.distant, self._addresses = distant, None   # a lookup under way is stale
 
     def _move(self, local):
         """Listen on `local` instead: bound first, so the old address stays on a failure;
@@ -2763,6 +2780,7 @@ class ControlServer(http.server.ThreadingHTTPServer):
     def __init__(self, proxy, host='localhost', port=8080, token=None):
         self.proxy, self.token = proxy, token     # the default proxy, whose API this is
         self.proxies = {proxy.name: proxy}        # every proxy it drives, by name
+        self.lock = threading.Lock()              # of `proxies`, and of `stopped` for them
         self.stopped = False
         self.tokens = {token.encode('utf-8')} if token else set()   # what a client sends:
         with contextlib.suppress(UnicodeEncodeError, AttributeError):   # UTF-8, or Latin-1
@@ -2821,12 +2839,13 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         '/handler': {'GET': 'get_handler', 'PUT': 'put_handler'},
         '/handlers': {'GET': 'get_handlers'},
         '/behavior': {'GET': 'get_behavior', 'PUT': 'put_behavior'},
-        '/proxy': {'GET': 'get_proxy', 'PUT': 'put_proxy'},
+        '/proxy': {'GET': 'get_proxy', 'PUT': 'update_proxy', 'DELETE': 'delete_proxy'},
         '/stats': {'GET': 'get_stats'},
         '/events': {'GET': 'get_events'},
         '/connections': {'GET': 'get_connections'},
         '/metrics': {'GET': 'get_metrics'},
     }
+    PER_PROXY = ('/handler', '/handlers', '/behavior', '/stats')    # under /proxies/NAME
     PROXIES = {'GET': 'get_proxies', 'PUT': 'create_proxy'}                 # /proxies
     NAMED = {'GET': 'get_proxy', 'PUT': 'update_proxy', 'DELETE': 'delete_proxy'}   # /NAME
 
@@ -2880,8 +2899,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                                     '/metrics)' % self.path)
             if method not in methods:
                 raise ApiError(405, '%s does not take %s' % (self.path, self.command),
-                               allowed=sorted(set(methods) | ({'POST'} if 'PUT' in methods
-                                                              else set())))
+                               allowed=sorted(set(methods) | ({'POST', 'PATCH'}
+                                                              if 'PUT' in methods else set())))
             body = self.read_body() if method == 'PUT' else self.no_body()
             self.reading = False
             try:
@@ -2897,18 +2916,22 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     def route(self):
         """The methods of the resource the path names, or None; sets `self.target`, the
         proxy it acts on (the default one, or /proxies/NAME's)."""
-        path = urllib.parse.unquote(self.path.split('?')[0]).rstrip('/') or '/'
+        path = self.path.split('?')[0].rstrip('/') or '/'
         self.target = self.server.proxy
         parts = path.split('/', 3)            # '', 'proxies', NAME, the rest
+        if len(parts) < 2 or parts[0]:
+            return None                       # not a path: "*", "handler"
         if parts[1] != 'proxies':
             return self.ROUTES.get(path)
         if len(parts) == 2:
             return self.PROXIES
-        self.target = self.server.proxies.get(parts[2])
+        name = urllib.parse.unquote(parts[2])
+        self.target = self.server.proxies.get(name)
         if self.target is None:
-            raise ApiError(404, 'no proxy named %r' % parts[2],
-                           known=sorted(self.server.proxies))
-        return self.NAMED if len(parts) == 3 else self.ROUTES.get('/' + parts[3])
+            raise ApiError(404, 'no proxy named %r' % name, known=sorted(self.server.proxies))
+        if len(parts) == 3:
+            return self.NAMED
+        return self.ROUTES.get('/' + parts[3]) if '/' + parts[3] in self.PER_PROXY else None
 
     def check_caller(self):
         """Refuse browsers (a web page must not drive a developer's proxy) and bad tokens."""
@@ -3016,11 +3039,6 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     def get_proxy(self, body):
         return self.target.status()
 
-    def put_proxy(self, body):
-        request = self.parse(body, 'enabled')
-        self.check_keys(request, ('enabled',), 'the others are read-only')
-        return self.switch(self.enabled(request))
-
     @staticmethod
     def enabled(request):
         """The request's "enabled", as a bool (true, "yes", "off"...)."""
@@ -3059,13 +3077,13 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def get_connections(self, body):
         name = self.query('proxy')
-        return {'connections': [conn.summary() for proxy in self.server.proxies.values()
+        return {'connections': [conn.summary() for proxy in list(self.server.proxies.values())
                                 if name in (None, proxy.name) for conn in proxy._live()]}
 
     def get_metrics(self, body):
         """Prometheus text: every proxy's counts."""
         lines = []
-        for metric, kind, help, samples in _metric_samples(self.server.proxies.values()):
+        for metric, kind, help, samples in _metric_samples(list(self.server.proxies.values())):
             lines += ['# HELP %s %s' % (metric, help), '# TYPE %s %s' % (metric, kind)]
             lines += ['%s{%s} %s' % (metric, ','.join('%s="%s"' % (key, _label(value))
                                                        for key, value in labels), value)
@@ -3073,7 +3091,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         raise _Text('\n'.join(lines) + '\n')
 
     def get_proxies(self, body):
-        return {name: proxy.status() for name, proxy in sorted(self.server.proxies.items())}
+        return {name: proxy.status() for name, proxy in sorted(list(
+            self.server.proxies.items()))}
 
     def create_proxy(self, body):
         """A new proxy: {"name", "distant", "local" (default 127.0.0.1:0), "behavior",
@@ -3081,20 +3100,24 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         request = self.parse(body, 'name')
         self.check_keys(request, ('name', 'local', 'distant', 'behavior', 'seed'))
         name = request.get('name')
-        if name in self.server.proxies:
-            raise ApiError(409, 'a proxy named %r exists already' % name)
-        if 'distant' not in request:
-            raise ApiError(400, 'give the backend: {"name": NAME, "distant": "HOST:PORT"}')
+        if not isinstance(name, str) or 'distant' not in request:
+            raise ApiError(400, 'give a name and the backend: {"name": NAME, "distant": '
+                                '"HOST:PORT"}')
         owner = self.server.proxy
-        try:
-            proxy = Proxy(request.get('local', '127.0.0.1:0'), request['distant'],
-                          behavior=request.get('behavior', '100:normal'),
-                          seed=request.get('seed'), handlers=owner.handlers,
-                          connect_timeout=owner.connect_timeout,
-                          max_connections=owner.max_connections, name=name)
-        except OSError as exc:
-            raise ApiError(409, exc.strerror or str(exc)) from None
-        self.server.proxies[proxy.name] = proxy
+        with self.server.lock:       # one name, one proxy, however many callers at once
+            if self.server.stopped:
+                raise ApiError(503, 'this proxy is stopped')
+            if name in self.server.proxies:
+                raise ApiError(409, 'a proxy named %r exists already' % name)
+            try:
+                proxy = Proxy(request.get('local', '127.0.0.1:0'), request['distant'],
+                              behavior=request.get('behavior', '100:normal'),
+                              seed=request.get('seed'), handlers=owner.handlers,
+                              connect_timeout=owner.connect_timeout,
+                              max_connections=owner.max_connections, name=name)
+            except OSError as exc:
+                raise ApiError(409, exc.strerror or str(exc)) from None
+            self.server.proxies[proxy.name] = proxy
         log.info('proxy %s created (%s -> %s), by %s', proxy.name,
                  format_address(proxy.address), format_address(proxy.distant), self.origin())
         return proxy.status()
@@ -3115,7 +3138,9 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         if proxy is self.server.proxy:
             raise ApiError(409, 'the default proxy %r goes with its control API: stop the '
                                 'process instead' % proxy.name)
-        del self.server.proxies[proxy.name]
+        with self.server.lock:
+            if self.server.proxies.pop(proxy.name, None) is None:
+                raise ApiError(404, 'no proxy named %r' % proxy.name)
         proxy.stop()
         log.info('proxy %s deleted, by %s', proxy.name, self.origin())
         return dict(proxy.status(), deleted=True)
@@ -3285,7 +3310,7 @@ class Client(_Driving):
             self._http = None
 
     def _call(self, method, path, payload=None):
-        if self.name is not None:      # /proxy is the named proxy's /proxies/NAME
+        if self.name is not None and path != '/proxies':   # /proxy: its /proxies/NAME
             named = '/proxies/' + urllib.parse.quote(self.name, safe='')
             path = named if path == '/proxy' else named + path
         where = 'the Vaurien control API at %s:%s' % (self.host, self.port)
@@ -3710,10 +3735,18 @@ def resolve(args):
                           'in [vaurien])' % ', '.join('--' + name.replace('_', '-')
                                                       for name in strays))
     options['proxies'] = dict(from_file.get('proxies', {}))
-    options['proxies'].update(_proxy_flag(text, handlers) for text in args.proxy or ())
-    if options['distant'] and 'default' in options['proxies']:
-        raise ConfigError('"default" names the proxy of [vaurien] (or of --distant): give '
-                          'the other one another name')
+    for name, spec in (_proxy_flag(text, handlers) for text in args.proxy or ()):
+        if name in options['proxies']:
+            raise ConfigError('proxy %r is given twice (--proxy, [proxy:%s]): give each one '
+                              'once' % (name, name))
+        options['proxies'][name] = spec
+    if options['proxies'] and not options['distant'] and not args.demo:
+        strays = [name for name in ('local', 'behavior', 'seed')
+                  if name in from_file or getattr(args, name) is not None]
+        if strays:
+            raise ConfigError('%s: for the proxy of --distant, and there is none: give '
+                              '--distant, or set them in a [proxy:NAME] section'
+                              % ', '.join('--' + name for name in strays))
     if not options['distant'] and not options['proxies'] and not args.demo \
             and not args.list_handlers:
         raise ConfigError('no backend: give --distant HOST:PORT, or --proxy '
@@ -3795,7 +3828,7 @@ def main(argv=None):
     for each in [proxy] + others:
         if proxy.control_server is not None:
             proxy.control_server.proxies[each.name] = each
-        if each.name != 'default':        # named: one line each, before the ready line
+        if each is not proxy or each.name != 'default':   # named: a line before the ready one
             print('Vaurien proxy %s: %s -> %s; behavior %s' % (
                 each.name, format_address(each.address), format_address(each.distant),
                 each.behavior), file=sys.stderr, flush=True)
@@ -3817,6 +3850,9 @@ def _make_proxies(options, handlers):
     """The proxies of the options: [vaurien]'s (or --distant's) first, which serves the
     control API for all, then the named ones; the first named one serves it without
     a [vaurien] one."""
+    if options['distant'] and 'default' in options['proxies']:
+        raise ConfigError('"default" names the proxy of [vaurien] (or of --distant, or the '
+                          'demo): give the other one another name')
     common = {key: options[key] for key in ('connect_timeout', 'max_connections')}
     control = {key: options[key] for key in ('http', 'http_host', 'http_port', 'http_token')}
     specs = [dict(name='default', **{key: options[key] for key in (
