@@ -4758,6 +4758,11 @@ def test_stats_events_and_connections_tell_what_happened(proxy):
     assert events[2]['by'] == 'a Python call'
     assert [event['id'] for event in events] == sorted(event['id'] for event in events)
     assert api(address, 'GET', '/events?since=%d' % events[-1]['id'])[1]['events'] == []
+    ring = vaurien.EventLog(size=3)
+    for number in range(5):
+        ring.record('changed', 'p', {'n': number})
+    assert ring.oldest() == 3 and [e['id'] for e in ring.since(1)] == [3, 4, 5]   # 2 lost
+    assert api(address, 'GET', '/events?since=0')[1]['oldest'] >= 1
     assert api(address, 'GET', '/events?since=soon')[0] == 400
 
 

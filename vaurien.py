@@ -2029,6 +2029,12 @@ class EventLog:
         return [self._as_dict(event) for event in list(self.events)
                 if event[0] > since and proxy in (None, event[3])]
 
+    def oldest(self):
+        """The id of the oldest event held (0: none): a reader whose `since` + 1 is
+        below it has missed events the ring dropped."""
+        with self.lock:
+            return self.events[0][0] if self.events else 0
+
     def _as_dict(self, event):
         number, when, kind, proxy, fields = event
         if not isinstance(fields, dict):
@@ -3072,8 +3078,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     def get_events(self, body):
         """?since=ID (the last id seen) and ?proxy=NAME: what happened since."""
         events = EVENTS.since(self.query('since', int, 0), self.query('proxy'))
-        return {'events': events, 'last': events[-1]['id'] if events else
-                self.query('since', int, 0)}
+        return {'events': events, 'oldest': EVENTS.oldest(),
+                'last': events[-1]['id'] if events else self.query('since', int, 0)}
 
     def get_connections(self, body):
         name = self.query('proxy')
