@@ -4243,39 +4243,21 @@ def run_readme_custom_handler(block, runner, tmp_path, ini=None):
         assert block in example.read()
     ini = ini or [b for b in readme_blocks() if 'callable = custom_handler.shout' in b][0]
     (tmp_path / 'custom_handler.py').write_text(block + '\n')
+    backend = vaurien.DemoBackend()            # 8080: an HTTP backend on a free port
+    runner.ports['8080'] = str(backend.server_address[1])
     (tmp_path / 'custom.ini').write_text(runner.map(ini))
-    backend = hello_backend(int(runner.ports['8080']))
     try:
         with running(['vaurien', '--config', str(tmp_path / 'custom.ini')], runner.env):
             conn = http.client.HTTPConnection(LOOP, int(runner.ports['8000']), timeout=WAIT)
             conn.request('GET', '/quiet')
             response = conn.getresponse()
-            assert response.read() == b'HELLO FROM /QUIET\n'
-            assert response.getheader('Content-Type') == 'text/plain'   # the head is kept
+            assert response.read() == b'HELLO FROM THE VAURIEN DEMO BACKEND: REQUEST #1, ' \
+                b'/QUIET\n'
+            assert response.getheader('Content-Type') == 'text/plain; charset=utf-8'  # kept
             conn.close()
     finally:
         backend.shutdown()
         backend.server_close()
-
-
-def hello_backend(port):
-    class Hello(http.server.BaseHTTPRequestHandler):
-        protocol_version = 'HTTP/1.1'
-
-        def do_GET(self):
-            body = b'hello from %s\n' % self.path.encode()
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/plain')
-            self.send_header('Content-Length', str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-    server = http.server.ThreadingHTTPServer((LOOP, port), Hello)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    return server
 
 
 def run_readme_python(block, runner, tmp_path):

@@ -3966,11 +3966,11 @@ class DemoBackend(http.server.ThreadingHTTPServer):
 def pytest_configure(config):
     """pytest's call, when this module is loaded as a plugin: register the fixtures.
 
-    They are made here, from pytest itself, so that importing vaurien costs
-    nothing without pytest, whatever was imported first.
+    They are made here, from the pytest that calls this, so that vaurien
+    never imports it: importing vaurien costs nothing without pytest.
     """
-    import pytest
-    config.pluginmanager.register(_pytest_fixtures(pytest), 'vaurien-fixtures')
+    config.pluginmanager.register(_pytest_fixtures(sys.modules['pytest']),
+                                  'vaurien-fixtures')
 
 
 def _pytest_fixtures(pytest):
