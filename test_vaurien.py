@@ -4809,3 +4809,265 @@ def test_one_name_one_proxy_however_many_create_it_at_once(proxy, echo_backend):
     for thread in threads:
         thread.join(WAIT)
     assert sorted(statuses) == [201] + [409] * 5
+
+
+# ---------------------------------------------------------------------------
+# Stacked faults: layers on top of the handler, each way, live
+# ---------------------------------------------------------------------------
+
+def tagging(tag):
+    """A non-blocking fault handler that appends `tag` to each chunk it passes on."""
+    @vaurien.traits(blocking=False)
+    def tag_chunk(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        dest.sendall(data + tag if data else data)
+    return tag_chunk
+
+
+def arrivals(times):
+    """A fault handler that notes when each chunk reaches it, and passes it on."""
+    def note(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data:
+            times.append(time.monotonic())
+        dest.sendall(data)
+    return note
+
+
+def test_faults_act_in_stack_order_each_way_and_on_top_of_the_handler(make_proxy,
+                                                                       echo_backend):
+    proxy = make_proxy(echo_backend.address, handlers={'a': tagging(b'A'),
+                                                       'b': tagging(b'B')})
+    proxy.add_fault('a', direction='both')
+    proxy.add_fault('b', direction='to_client')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'x')
+        assert read_exactly(sock, 4) == b'xAAB'    # A to the backend; A then B back
+    wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    proxy.add_fault('b', name='first', index=0, direction='to_client')
+    assert [fault['name'] for fault in proxy.get_faults()] == ['first', 'a', 'b']
+    proxy.set_handler('corrupt', ratio=0.0)        # the handler stays under the stack
+    with connect(proxy.address) as sock:
+        sock.sendall(b'y')
+        assert read_exactly(sock, 5) == b'yABAB'
+    assert [fault['connections'] for fault in proxy.get_faults()] == [1, 2, 2]
+
+
+def test_a_delay_in_one_layer_delays_what_the_next_layers_see(make_proxy, echo_backend):
+    times = []
+    proxy = make_proxy(echo_backend.address, handlers={'note': arrivals(times)})
+    proxy.add_fault('delay', sleep=0.3, direction='to_client')
+    proxy.add_fault('note', direction='to_client')
+    proxy.add_fault('delay', sleep=0.2, direction='to_client')
+    with connect(proxy.address) as sock:
+        started = time.monotonic()
+        sock.sendall(b'ping')
+        assert read_exactly(sock, 4) == b'ping'
+        took = time.monotonic() - started
+    assert times[0] - started >= 0.3 and took >= 0.5        # chained: 0.3 then 0.2
+
+
+def test_eof_passes_the_layers_after_the_data_and_hold_eof_and_false_work_there(
+        make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    with proxy.fault('delay', sleep=0.2, direction='to_backend'):
+        assert round_trip(proxy.address, b'half') == b'half'   # EOF after the delayed data
+    with proxy.fault('hang', direction='both'):               # HOLD_EOF: no EOF relayed
+        with connect(proxy.address) as sock:
+            sock.sendall(b'q')
+            sock.shutdown(socket.SHUT_WR)
+            assert outcome(sock, 0.5) == ('open', b'')
+    with proxy.fault('limit_data', bytes=3, direction='to_client'):   # False: closed
+        with connect(proxy.address) as sock:
+            sock.sendall(b'abcdef')
+            assert outcome(sock) == ('eof', b'abc')
+    with proxy.fault('abort', when='response'):               # abort: an RST
+        with connect(proxy.address) as sock:
+            sock.sendall(b'req')
+            assert outcome(sock)[0] == 'rst'
+
+
+def test_an_errors_fault_answers_without_the_backend(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    with proxy.fault('errors', protocol='http', status=502):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+            assert read_all(sock).startswith(b'HTTP/1.1 502 Bad Gateway\r\n')
+    assert echo_backend.accepted == 0
+
+
+def test_removing_a_fault_passes_what_it_holds_at_once_in_order(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('delay', sleep=30, direction='to_client')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'held')
+        wait_for(lambda: echo_backend.accepted, what='the backend to get it')
+        time.sleep(0.1)
+        started = time.monotonic()
+        proxy.remove_fault('delay')
+        sock.sendall(b'next')
+        assert read_exactly(sock, 8) == b'heldnext'
+        assert time.monotonic() - started < 5
+    assert proxy.get_faults() == []
+
+
+class Sequence:
+    """A client that sends the 4-byte numbers 0..count-1 in random-sized writes, and
+    checks that the echo brings every one back once, in order."""
+
+    def __init__(self, address, count):
+        self.sock = connect(address)
+        self.payload = b''.join(struct.pack('!I', number) for number in range(count))
+        self.echoed = bytearray()
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self):
+        self.sock.settimeout(WAIT * 3)
+        while len(self.echoed) < len(self.payload):
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            self.echoed += data
+
+    def send(self, rng, between=lambda part: None, parts=1):
+        """Send it all in random-sized writes; `between(n)` after each nth part."""
+        view, part = memoryview(self.payload), 0
+        while view:
+            size = rng.randint(1, 2000)
+            self.sock.sendall(view[:size])
+            view = view[size:]
+            if (len(self.payload) - len(view)) * parts // len(self.payload) > part:
+                part += 1
+                between(part)
+
+    def check(self):
+        self.reader.join(WAIT * 3)
+        self.sock.close()
+        got = bytes(self.echoed)
+        assert len(got) == len(self.payload), 'lost or repeated: %d of %d bytes' % (
+            len(got), len(self.payload))
+        assert got == self.payload, 'reordered or changed at byte %d' % next(
+            index for index, (a, b) in enumerate(zip(got, self.payload)) if a != b)
+
+
+def passing(source, dest, to_backend, name, settings, proxy):
+    """A user's fault that may block (no traits): it runs in the connection's thread."""
+    dest.sendall(proxy.get_data(source))
+
+
+def test_65535_sequence_numbers_survive_faults_added_and_removed_live(make_proxy,
+                                                                      echo_backend):
+    proxy = make_proxy(echo_backend.address, handlers={'passing': passing}, seed=7)
+    faults = [{'handler': 'delay', 'sleep': 0.002, 'jitter': 0.001, 'direction': 'both'},
+              {'handler': 'slicer', 'size': 300, 'variation': 200, 'delay': 0.0001,
+               'direction': 'both'},
+              {'handler': 'bandwidth', 'rate': '20MB', 'direction': 'to_client'},
+              {'handler': 'normal', 'toxicity': 0.5},
+              {'handler': 'passing'},
+              {'handler': 'delay', 'sleep': 0, 'direction': 'to_backend', 'toxicity': 0.3}]
+    rng = random.Random(11)
+    sequence = Sequence(proxy.address, 65535)
+    done = threading.Event()
+    changes = []
+
+    def churn():
+        while not done.is_set():
+            spec = dict(rng.choice(faults))
+            handler = spec.pop('handler')
+            added = proxy.add_fault(handler, index=rng.randint(0, len(proxy.get_faults())),
+                                    **spec)
+            changes.append(added['name'])
+            time.sleep(rng.uniform(0, 0.01))
+            if rng.random() < 0.5:
+                proxy.update_fault(added['name'], toxicity=rng.random())
+            live = proxy.get_faults()
+            if len(live) > 2 or rng.random() < 0.3:
+                proxy.remove_fault(rng.choice(live)['name'])
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    try:     # the bytes flow while faults come and go: a change in each 50th of them
+        sequence.send(rng, lambda part: wait_for(lambda: len(changes) >= part,
+                                                 what='a change of faults'), parts=50)
+        sequence.check()
+    finally:
+        done.set()
+        churner.join(WAIT)
+
+
+def test_toxicity_is_drawn_per_connection_reproducibly_with_a_seed(make_proxy,
+                                                                    echo_backend):
+    def applied(seed):
+        proxy = make_proxy(echo_backend.address, seed=seed)
+        proxy.add_fault('errors', protocol='raw', message='E', toxicity=0.5)
+        proxy.add_fault('normal', toxicity=0.5)        # another draw: it changes nothing
+        return [round_trip(proxy.address, b'p') == b'E' for _ in range(24)]
+    first = applied(3)
+    assert first == applied(3) and 3 <= sum(first) <= 21
+    assert first != applied(4)
+    proxy = make_proxy(echo_backend.address)
+    with proxy.fault('errors', protocol='raw', message='E', toxicity=0):
+        assert round_trip(proxy.address) == b'ping'
+        proxy.update_fault('errors', toxicity=1.0)       # drawn again, live too
+        assert round_trip(proxy.address) == b'E'
+
+
+def test_a_timer_armed_by_a_fault_outlives_a_handler_switch(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('timeout', timeout=0.3, direction='to_client')
+    with connect(proxy.address) as sock:
+        started = time.monotonic()
+        sock.sendall(b'x')
+        proxy.set_handler('delay', sleep=0, direction='to_backend')
+        assert outcome(sock) == ('eof', b'')              # the echo was swallowed
+        assert time.monotonic() - started >= 0.3
+
+
+def test_faults_through_the_api_and_the_client(proxy, echo_backend):
+    client = proxy.client()
+    added = client.add_fault('delay', sleep='50ms', direction='downstream', toxicity=0.5)
+    assert added == {'name': 'delay', 'handler': 'delay', 'direction': 'to_client',
+                     'settings': {'sleep': 0.05, 'jitter': 0.0, 'direction': 'to_client'},
+                     'toxicity': 0.5, 'connections': 0, 'ended': {}}
+    assert client.update_fault('delay', sleep=0.1)['settings']['sleep'] == 0.1
+    assert client.get_faults() == [dict(added, settings=dict(added['settings'], sleep=0.1))]
+    address = proxy.control
+    assert api(address, 'PUT', '/faults', '{"handler": "delay"}')[0] == 201   # delay_2
+    for method, path, body, status, text in [
+            ('PUT', '/faults', {'handler': 'delay', 'name': 'delay'}, 409, 'exists already'),
+            ('PUT', '/faults', {'handler': 'dela'}, 400, 'did you mean delay?'),
+            ('PUT', '/faults', {'handler': 'delay', 'sleep': 1}, 400, 'unknown key'),
+            ('PUT', '/faults', {'handler': 'delay', 'toxicity': 2}, 400, 'toxicity 2'),
+            ('PUT', '/faults', {'handler': 'delay', 'direction': 'up'}, 400, 'direction'),
+            ('PATCH', '/faults/delay', {'settings': {'sleep': -1}}, 400, 'sleep'),
+            ('PATCH', '/faults/delay', {'settings': {'direction': 'both'}}, 400, 'remove'),
+            ('GET', '/faults/nope', None, 404, 'no fault named nope'),
+            ('DELETE', '/proxies/default/faults/nope', None, 404, 'no fault')]:
+        answer = api(address, method, path, body and json.dumps(body))
+        assert answer[0] == status and text in answer[1]['error'], (path, answer)
+    assert api(address, 'GET', '/proxies/default/faults/delay')[1]['settings']['sleep'] == 0.1
+    with client.faults('hang', {'handler': 'corrupt', 'ratio': 1}) as added:
+        assert [fault['name'] for fault in added] == ['hang', 'corrupt']
+        assert len(client.get_faults()) == 4
+    assert [fault['name'] for fault in client.clear_faults()] == ['delay', 'delay_2']
+    assert client.get_faults() == [] and round_trip(proxy.address) == b'ping'
+    with pytest.raises(vaurien.VaurienError, match='cannot be sent a function'):
+        client.add_fault(passing)
+
+
+def test_fault_counts_events_and_metrics(proxy):
+    last = api(proxy.control, 'GET', '/events')[1]['last']
+    proxy.add_fault('errors', protocol='raw', message='E')
+    assert round_trip(proxy.address) == b'E'
+    wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    stats = api(proxy.control, 'GET', '/stats')[1]
+    assert stats['faults'] == {'errors': {'connections': 1, 'ended': {'closed': 1}}}
+    events = api(proxy.control, 'GET', '/events?since=%d' % last)[1]['events']
+    assert events[-2]['event'] == 'opened' and events[-2]['faults'] == ['errors']
+    assert events[-1]['event'] == 'closed' and events[-1]['faults'] == ['errors']
+    assert [e['fault']['name'] for e in events if e['event'] == 'changed'] == ['errors']
+    conn = http.client.HTTPConnection(*proxy.control, timeout=WAIT)
+    conn.request('GET', '/metrics')
+    text = conn.getresponse().read().decode()
+    conn.close()
+    assert 'vaurien_fault_connections_total{proxy="default",fault="errors"} 1\n' in text

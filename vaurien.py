@@ -123,6 +123,20 @@ class VaurienError(Exception):
 class ConfigError(VaurienError):
     """A user mistake in a setting, a behavior, an option or a config file."""
 
+    status = 400     # the control API's answer to it
+
+
+class FaultNotFound(ConfigError):
+    """No fault of that name on the proxy."""
+
+    status = 404
+
+
+class FaultExists(ConfigError):
+    """A fault of that name is on the proxy already."""
+
+    status = 409
+
 
 # ---------------------------------------------------------------------------
 # Settings: typed, validated, documented in the handler's docstring
@@ -898,13 +912,14 @@ class Handler:
             return self.backend(connection, settings)
         return self.backend
 
-    def validate(self, values, warn=True):
-        """Return the configured settings updated with `values`, typed and checked.
+    def validate(self, values, warn=True, base=None):
+        """Return the configured settings (or `base`) updated with `values`, typed and
+        checked.
 
         Raises ConfigError naming the first setting that is unknown or wrong;
         with `warn`, logs a time of a minute or more given without a unit.
         """
-        merged = dict(self.settings)
+        merged = dict(self.settings if base is None else base)
         if self.schema is None:  # an undocumented custom handler takes anything
             merged.update((key, parse_value(value) if isinstance(value, str) else value)
                           for key, value in values.items())
@@ -1052,6 +1067,87 @@ class Behavior:
 
     def __str__(self):
         return ','.join('%s:%s' % (_number(percent), name) for percent, name in self.entries)
+
+
+#: A fault's direction, as Vaurien and Toxiproxy name it: the traffic it acts on
+#: (True: to the backend, False: to the client).
+DIRECTIONS = {'to_backend': (True,), 'upstream': (True,), 'to_client': (False,),
+              'downstream': (False,), 'both': (True, False)}
+
+
+class Fault:
+    """A fault stacked on a proxy's handler or mix: `handler` with its `settings`, on
+    the traffic of `direction`, for a `toxicity` share of the connections.
+
+    The fault's handler is called for the chunks of its direction only
+    (a ``direction`` setting, as delay's, is the fault's); by default, the
+    direction of the handler's setting, or both.  Whether
+    a fault applies to a connection is drawn when the connection opens (and
+    again when the toxicity changes), from the proxy's seed, the connection's
+    index and the fault's name, so that the handlers' own draws are not
+    disturbed.
+    """
+
+    def __init__(self, name, handler, settings=None, direction=None, toxicity=1.0):
+        if not isinstance(name, str) or not name or '/' in name:
+            raise ConfigError('a fault name is a non-empty string without "/", not %s'
+                              % shown(name))
+        self.name, self.handler = name, handler
+        self.directional = handler.schema is not None and 'direction' in handler.schema
+        self.settings = dict(handler.settings)
+        self.direction = 'both'
+        self.toxicity = 1.0
+        self.draws = 0          # its toxicity was set this many times: each is drawn anew
+        self.active = True      # False once removed: its timers do nothing
+        self.touched = 0        # connections it applied to
+        self.endings = {}       # how those connections ended
+        self.configure(settings or {}, direction, toxicity)
+
+    def configure(self, settings, direction=None, toxicity=None):
+        """Change settings (merged), direction and toxicity; checked before any changes."""
+        settings = dict(settings)
+        if direction is None and self.directional:
+            direction = settings.pop('direction', None)
+        if direction is not None and direction not in DIRECTIONS:
+            raise ConfigError('fault %s: direction %s is none of %s' % (
+                self.name, shown(direction), ', '.join(DIRECTIONS)))
+        if toxicity is not None and (isinstance(toxicity, bool) or not isinstance(
+                toxicity, (int, float)) or not 0 <= toxicity <= 1):
+            raise ConfigError('fault %s: toxicity %s is no number from 0 to 1' % (
+                self.name, shown(toxicity)))
+        direction = {'upstream': 'to_backend', 'downstream': 'to_client'}.get(
+            direction, direction) or (self.settings['direction'] if self.directional
+                                      else self.direction)
+        if self.directional:
+            settings['direction'] = direction
+        try:
+            merged = self.handler.validate(settings, base=self.settings)
+        except ConfigError as exc:
+            raise ConfigError('fault %s: %s' % (self.name, exc)) from None
+        self.settings, self.direction = merged, direction
+        if toxicity is not None and toxicity != self.toxicity:
+            self.toxicity, self.draws = float(toxicity), self.draws + 1
+
+    @property
+    def streams(self):
+        """The directions it has a layer in: (True,), (False,) or (True, False)."""
+        return DIRECTIONS[self.direction]
+
+    def applies(self, connection):
+        """Whether it applies to `connection`: drawn, reproducibly with a seed."""
+        if self.toxicity >= 1 or self.toxicity <= 0:
+            return self.toxicity >= 1
+        seed = connection.proxy.seed
+        rng = random.Random(None if seed is None else '%s:%d:%s:%d' % (
+            seed, connection.index, self.name, self.draws))
+        return rng.random() < self.toxicity
+
+    def describe(self):
+        """What the API and get_faults() tell of it."""
+        return {'name': self.name, 'handler': self.handler.name,
+                'settings': dict(self.settings), 'direction': self.direction,
+                'toxicity': self.toxicity, 'connections': self.touched,
+                'ended': dict(self.endings)}
 
 
 # ---------------------------------------------------------------------------
@@ -1331,7 +1427,7 @@ class Side:
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'delivered')
+                 'events', 'on_event', 'delivered', 'staged', 'inlet')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1351,6 +1447,8 @@ class Side:
         self.events = 0           # what the selector watches this socket for
         self.on_event = functools.partial(connection.on_event, self)
         self.delivered = 0        # bytes sent to this socket
+        self.staged = 0           # bytes (and entries) on their way here, in fault layers
+        self.inlet = self         # where what is sent here enters: the first Layer, if any
 
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
@@ -1451,6 +1549,200 @@ class Side:
         self.connection.pump.dirty.add(self.connection)
 
 
+def _size(item):
+    """The bytes of a queued item (0 for _EOF and _RST)."""
+    return len(item) if isinstance(item, (bytes, memoryview)) else 0
+
+
+class Layer:
+    """One direction of a connection, past one layer of its fault stack.
+
+    A connection with faults has, each way, a chain of layers between the
+    handler in force and the socket.  The first layer is the handler's
+    `dest` (it has no fault); each other one holds a fault, and is the `dest`
+    of that fault's handler.  What a handler sends through its layer (with
+    ``sendall(delay=, pace=)``, ``shutdown``) waits there for its due time, in
+    order, then goes on to the next layer's fault handler (as its chunk, or
+    its EOF) or, past the last, to the socket's `Side`.  So a delay in one
+    layer delays what later layers see, as in Toxiproxy's toxic chain.  A
+    handler's `source` is the Side the data comes from: what it answers there
+    goes straight to that socket.
+
+    A layer whose fault is removed passes what it holds on at once, and
+    whatever reaches it later, without its handler: no byte is lost,
+    repeated or reordered.  A closing connection's layers call no handler
+    either: what they hold goes out in its time, and then the EOF.
+    """
+
+    __slots__ = ('connection', 'fault', 'to_backend', 'source', 'side', 'next', 'applied',
+                 'removed', 'queue', 'last_due', 'eof_queued', 'timer')
+
+    def __init__(self, connection, fault, to_backend, applied=True):
+        self.connection = connection
+        self.fault = fault          # None for the first layer: the handler's own
+        self.to_backend = to_backend
+        self.source = connection.client if to_backend else connection.backend
+        self.side = self.source.peer   # the socket this chain ends at
+        self.next = self.side
+        self.applied = applied      # the fault's toxicity drawn for this connection
+        self.removed = False
+        self.queue = collections.deque()   # [due, bytes or _EOF or _RST, (pace, pause)]
+        self.last_due = 0.0
+        self.eof_queued = False
+        self.timer = None
+
+    def __repr__(self):
+        return '<Layer %s to the %s of connection #%d>' % (
+            self.fault.name if self.fault else 'handler', self.side.name,
+            self.connection.index)
+
+    @property
+    def pump(self):
+        return self.connection.pump
+
+    @property
+    def name(self):
+        return self.side.name
+
+    # -- what the handler before it uses, as its `dest` ---------------------------------
+
+    def sendall(self, data, delay=0.0, pace=None):
+        """Pass `data` on to the next layer, `delay` seconds from now, after what waits
+        here; with `pace`, in pieces, as `Side.sendall` does."""
+        due = time.monotonic() + delay if delay > 0 else 0.0
+        if not self.pump.in_loop():
+            return self.pump.call_soon(self._send_at, bytes(data), due, pace)
+        self._send_at(data, due, pace)
+
+    def shutdown(self, how=socket.SHUT_WR, delay=0.0):
+        """Pass the EOF on after what waits here; SHUT_RDWR closes the connection."""
+        if how != socket.SHUT_WR:
+            return self.close()
+        self._end(_EOF, delay)
+
+    def close(self):
+        self.connection.close()
+
+    def abort(self):
+        """Reset the socket this chain ends at, and end the connection."""
+        self.side.abort()
+
+    def _send_at(self, data, due, pace=None):
+        if not data or self.eof_queued:
+            return
+        if not self.queue and (self.removed or pace is None and due <= time.monotonic()):
+            return self._pass(data)     # removed: what its handler still sends goes at once
+        self._push(due, bytes(data) if isinstance(data, bytearray) else data, pace)
+
+    @_in_pump
+    def _end(self, marker, delay=0.0):
+        if self.eof_queued:      # a reset after the EOF replaces it, or follows it
+            if marker is _RST:
+                if self.queue and self.queue[-1][1] is _EOF:
+                    self.queue[-1][1] = _RST
+                else:
+                    self._pass(_RST)
+            return
+        self.eof_queued = True
+        if (delay <= 0 or self.removed) and not self.queue:
+            return self._pass(marker)
+        self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
+
+    def _push(self, due, item, pace=None):
+        due = max(due, self.last_due)
+        self.last_due = due
+        self.queue.append([due, item] if pace is None else [due, item, pace, 0.0])
+        self.side.staged += _size(item) + ENTRY_COST
+        if len(self.queue) == 1:
+            self._arm(due)
+
+    def _arm(self, due):
+        if self.timer is not None:
+            self.pump.cancel(self.timer)
+        self.timer = self.pump.call_at(due, self._flush)
+
+    def _flush(self):
+        """The pump's call: pass on what is due, in order; wait for the rest."""
+        self.timer = None
+        queue, now = self.queue, time.monotonic()
+        while queue and queue[0][0] <= now:
+            entry = queue[0]
+            item, whole = entry[1], True
+            if len(entry) > 2:    # paced: a piece now, the rest after the pause
+                size, entry[3] = entry[2](len(item))
+                size = max(1, int(size))
+                if size < len(item):
+                    item, entry[1], whole = item[:size], item[size:], False
+                    entry[0] = now + entry[3]
+            if whole:
+                queue.popleft()
+                if len(entry) > 2 and queue:   # the pause after the last piece holds the next
+                    queue[0][0] = max(queue[0][0], now + entry[3])
+            self.side.staged -= _size(item) + (ENTRY_COST if whole else 0)
+            self._pass(item)
+        if queue:
+            self._arm(queue[0][0])
+        self.pump.dirty.add(self.connection)
+
+    def _pass(self, item):
+        """Hand `item` (bytes, _EOF or _RST) to the next layer, or to the socket."""
+        target = self.next
+        if target is self.side:
+            if item is _EOF or item is _RST:
+                return target._end(item)
+            return target.sendall(item)
+        target.take(item)
+
+    # -- what the layer before it hands over -------------------------------------------
+
+    def take(self, item):
+        """`item` reached this layer: its fault's handler gets it (b'' for an EOF), or,
+        the fault not applied, removed or the connection closing, it passes on."""
+        conn = self.connection
+        if not self.applied or self.removed or conn.closing_at is not None or item is _RST:
+            if conn.jobs:   # calls in the worker: this one follows them there, in order
+                return conn._run_for(None, self._relay, (item,), _size(item) + ENTRY_COST)
+            return self._relay(item)
+        data = b'' if item is _EOF else item
+        conn._run_for(self.fault.handler, self._handle, (data,), len(data) + ENTRY_COST)
+
+    def _relay(self, item):
+        if item is _EOF or item is _RST:
+            return self._end(item)
+        self.sendall(item)
+
+    def _handle(self, data):
+        conn, fault, source = self.connection, self.fault, self.source
+        if conn.released:
+            return
+        saved, source.data = source.data, data
+        calling, conn.calling = conn.calling, fault
+        try:
+            result = conn._call(fault.handler.func, source, self, self.to_backend, fault.name,
+                                fault.settings, conn.proxy)
+        finally:
+            source.data, conn.calling = saved, calling
+        if result is False:
+            conn.close()
+        elif not data and not (isinstance(result, str) and result == HOLD_EOF):
+            self.shutdown()
+
+    def remove(self):
+        """Its fault was removed: pass on at once, in order, what it holds."""
+        self.removed = True
+        self.last_due = 0.0
+        for entry in self.queue:
+            entry[:] = [0.0, entry[1]]     # unpaced too
+        if self.queue:
+            self._flush()
+
+    def stop(self):
+        """The connection ended: drop what it holds."""
+        if self.timer is not None:
+            self.pump.cancel(self.timer)
+        self.queue.clear()
+
+
 class Connection:
     """Relays one client connection to the backend, through the handler in force.
 
@@ -1462,7 +1754,7 @@ class Connection:
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
                  'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held',
-                 'first', 'connect_timer', 'ending')
+                 'first', 'connect_timer', 'ending', 'chains', 'calling', 'faults')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -1478,7 +1770,7 @@ class Connection:
         self.handler_name = drawn
         self._random = None
         self.states = None
-        self.closers = None       # handlers called here that have an on_close hook
+        self.closers = None       # (handler, name) called here that have an on_close hook
         self.closing_at = None    # deadline once the connection is closing
         self.drain_until = None   # the latest it may be pushed to by a peer still talking
         self.released = False
@@ -1490,6 +1782,9 @@ class Connection:
         self.held = 0             # bytes of those calls
         self.first = None         # (from the client?, first bytes): what protocol it speaks
         self.ending = None        # (kind, text): how it ended, the first cause seen
+        self.chains = None        # with faults: its Layers each way, (to_client, to_backend)
+        self.calling = None       # the Fault whose handler is being called
+        self.faults = ()          # the faults that applied to it, when it opened
 
     # -- what handlers use ------------------------------------------------------
 
@@ -1515,7 +1810,7 @@ class Connection:
         blocking handler.
         """
         due, blocking = time.monotonic() + seconds, not self.pump.in_loop()
-        armed = self.current()[0]
+        armed = self.calling or self.current()[0]
         self._in_loop(self.pump.call_at, due, self._timer, function, blocking, armed)
 
     @_in_pump
@@ -1530,10 +1825,11 @@ class Connection:
         if self.closing_at is None:
             self.ending = self.ending or ('closed', 'closed by the handler')
             now = time.monotonic()
-            self.closing_at = max(self.client.last_due, self.backend.last_due, now) + LINGER
+            self.closing_at = max(self.client.last_due, self.backend.last_due, now, *(
+                layer.last_due for chain in self.chains or () for layer in chain)) + LINGER
             self.drain_until = now + MAX_DRAIN
             for side in self.sides:
-                side.shutdown()
+                side.inlet.shutdown()   # after what the fault layers hold
         self.pump.dirty.add(self)
 
     @_in_pump
@@ -1553,7 +1849,7 @@ class Connection:
         self._reset_after(side.peer)
 
     def _reset_after(self, side):
-        side._end(_RST)
+        side.inlet._end(_RST)
         self.close()
 
     @_in_pump
@@ -1583,25 +1879,96 @@ class Connection:
     # -- opening ------------------------------------------------------------------
 
     def open(self):
-        """Start the connection under the handler in force: its on_connect, the backend."""
+        """Start the connection under the handler in force and the faults that apply to
+        it: their on_connect hooks, in that order, then the backend."""
         _prepare(self.client.sock, nodelay=False)   # inherited from the listener
         handler, settings = self._in_force()
-        if handler.on_connect is None:
-            self._opened(handler, settings, None)
+        starts = [(handler, settings, handler.name, None)] + [
+            (fault.handler, fault.settings, fault.name, fault) for fault in self.faults]
+        hooked = [start[0] for start in starts if start[0].on_connect is not None]
+        if not hooked:
+            self._opened(starts, None)
         else:
-            self._run_for(handler, self._on_connect, (handler, settings))
+            blocking = [hooked_handler for hooked_handler in hooked if hooked_handler.blocking]
+            self._run_for((blocking or hooked)[0], self._on_connect, (starts,))
         self.pump.dirty.add(self)
 
-    def _on_connect(self, handler, settings):
-        result = self._call(handler.on_connect, self.client, self.backend, handler.name,
-                            settings, self.proxy)
-        self._in_loop(self._opened, handler, settings, result)
+    def _on_connect(self, starts):
+        result = None
+        for handler, settings, name, fault in starts:
+            if handler.on_connect is not None and result is not False:
+                self.calling = fault
+                result = self._call(handler.on_connect, self.client, self.backend, name,
+                                    settings, self.proxy)
+        self.calling = None
+        self._in_loop(self._opened, starts, result)
 
-    def _opened(self, handler, settings, result):
+    def _opened(self, starts, result):
         if result is False:
             return self.close()
-        if self.closing_at is None and self._call(handler.needs_backend, self, settings):
+        if self.closing_at is None and all(self._call(handler.needs_backend, self, settings)
+                                           for handler, settings, _, _ in starts):
             self.connect_backend()
+
+    # -- faults: layers between the handler and each socket ---------------------------
+
+    def add_fault(self, fault):
+        """Lay `fault` on this connection, where it stands in its proxy's stack, and draw
+        whether it applies (in the pump)."""
+        if self.chains is None:
+            self.chains = ([Layer(self, None, False)], [Layer(self, None, True)])
+            self.client.inlet, self.backend.inlet = self.chains[0][0], self.chains[1][0]
+        applied = self._draw(fault)
+        order = self.proxy.fault_stack
+        above = order.index(fault)
+        for to_backend in fault.streams:
+            chain = self._pruned(self.chains[to_backend])
+            index = next((index for index, layer in enumerate(chain) if index and not
+                          layer.removed and order.index(layer.fault) > above), len(chain))
+            chain.insert(index, Layer(self, fault, to_backend, applied))
+            self._link(chain)
+
+    def redraw(self, fault):
+        """`fault`'s toxicity changed: whether it applies is drawn again."""
+        applied = self._draw(fault)
+        for chain in self.chains or ():
+            for layer in chain:
+                if layer.fault is fault:
+                    layer.applied = applied
+
+    def remove_fault(self, fault):
+        """Take `fault`'s layers out: what they hold goes on at once, in order.
+
+        A layer with a call in the worker stays in its chain, passing what
+        reaches it on, so that nothing overtakes what that call sends; it is
+        taken out at a later change, once no call is in the worker.
+        """
+        for chain in self.chains or ():
+            for layer in chain:
+                if layer.fault is fault:
+                    layer.remove()
+            self._link(self._pruned(chain))
+        self.pump.dirty.add(self)
+
+    def _pruned(self, chain):
+        """`chain` without its removed layers, unless a call is in the worker."""
+        if not self.jobs:
+            chain[:] = [layer for layer in chain if not layer.removed]
+        return chain
+
+    def _draw(self, fault):
+        applied = fault.applies(self)
+        if applied and fault not in self.faults:
+            fault.touched += 1
+            self.faults += (fault,)
+            if fault.handler.on_close is not None:
+                self._closes_with(fault.handler, fault.name)
+        return applied
+
+    @staticmethod
+    def _link(chain):
+        for layer, after in zip(chain, chain[1:] + [chain[0].side]):
+            layer.next = after
 
     def _connect_first(self, addresses, error):
         if self.closing_at is not None or self.released:
@@ -1736,7 +2103,7 @@ class Connection:
         handler = self.current()[0]
         if handler.func is normal and not self.jobs and data:   # the fast way
             self.handler_name = 'normal'
-            side.peer.sendall(data)
+            side.peer.inlet.sendall(data)
         elif handler.blocking or self.jobs:
             self._run_for(handler, self._handle, (side, data), len(data) + ENTRY_COST)
         else:
@@ -1746,9 +2113,9 @@ class Connection:
         if self.released:    # killed while this chunk waited in the worker
             return
         handler, settings = self._in_force()
-        side.data = data
+        side.data, dest = data, side.peer.inlet
         started = time.perf_counter()
-        result = self._call(handler.func, side, side.peer, side is self.client,
+        result = self._call(handler.func, side, dest, side is self.client,
                             handler.name, settings, self.proxy)
         if time.perf_counter() - started > SLOW_CALL and not handler.warned:
             self._warn_slow(handler, time.perf_counter() - started)
@@ -1756,7 +2123,7 @@ class Connection:
         if result is False:
             self.close()
         elif not data and not (isinstance(result, str) and result == HOLD_EOF):
-            side.peer.shutdown()
+            dest.shutdown()
 
     def _warn_slow(self, handler, seconds):
         if self.pump.in_loop():
@@ -1807,7 +2174,8 @@ class Connection:
         self.pump.call_soon(function, *args)
 
     def _timer(self, function, blocking, armed):
-        if self.closing_at is not None or self.released or self.current()[0] is not armed:
+        if self.closing_at is not None or self.released or not (
+                armed.active if isinstance(armed, Fault) else self.current()[0] is armed):
             return
         if blocking and self.worker is not None:
             self._run_for(None, self._call, (function,))
@@ -1819,10 +2187,14 @@ class Connection:
         handler, settings = self.current()
         self.handler_name = handler.name
         if handler.on_close is not None:
-            if self.closers is None:
-                self.closers = set()
-            self.closers.add(handler)
+            self._closes_with(handler, handler.name)
         return handler, settings
+
+    def _closes_with(self, handler, name):
+        """Call `handler`'s on_close hook, as `name`, when the connection ends."""
+        if self.closers is None:
+            self.closers = set()
+        self.closers.add((handler, name))
 
     def _call(self, function, *args):
         """Call a handler (or hook); its failure resets this connection's client only.
@@ -1900,8 +2272,8 @@ class Connection:
             if side.connecting:
                 events = selectors.EVENT_WRITE
             else:
-                if not side.eof_read and (self.closing_at is not None
-                                          or side.peer.queued + self.held < HIGH_WATER):
+                if not side.eof_read and (self.closing_at is not None or side.peer.queued
+                                          + side.peer.staged + self.held < HIGH_WATER):
                     events = selectors.EVENT_READ
                 if side.queue and side.queue[0][0] <= now:
                     events |= selectors.EVENT_WRITE
@@ -1947,13 +2319,13 @@ class Connection:
         live = [side for side in self.sides
                 if (side.sock is not None or side.connecting) and not side.broken]
         if self.closing_at is not None:
-            if any(side.queue for side in live):
+            if any(side.queue or side.staged for side in live):
                 return False      # what was queued goes out first, however slowly
             return time.monotonic() >= self.closing_at or all(
                 side.eof_read and side.eof_sent for side in live)
         if self.jobs:
             return False
-        return all(side.eof_read and not side.queue for side in live)
+        return all(side.eof_read and not side.queue and not side.staged for side in live)
 
     def _drop(self, side, reset=False):
         """Close `side`'s socket now (with an RST if `reset`); its queue is lost."""
@@ -1978,12 +2350,14 @@ class Connection:
                 'no_eof', 'closed after %g s without EOF' % LINGER)
         if self.connect_timer is not None:
             self.pump.cancel(self.connect_timer)
+        for chain in self.chains or ():
+            for layer in chain:
+                layer.stop()
         try:
             for side in self.sides:
                 self._drop(side, reset=bool(side.queue))   # bytes left: never a clean EOF
-            for handler in self.closers or ():
-                self._run_for(handler, self._call,
-                              (handler.on_close, self, handler.name, self.proxy))
+            for handler, name in self.closers or ():
+                self._run_for(handler, self._call, (handler.on_close, self, name, self.proxy))
         finally:
             self.pump.restock()
             self.proxy.forget(self)
@@ -2012,7 +2386,7 @@ class EventLog:
     are recorded in the pump, for every connection.
     """
 
-    CONNECTION = ('proxy', 'connection', 'client', 'handler')
+    CONNECTION = ('proxy', 'connection', 'client', 'handler', 'faults')
     CLOSED = CONNECTION + ('to_backend', 'to_client', 'ended', 'how', 'seconds')
 
     def __init__(self, size=10000):
@@ -2167,6 +2541,30 @@ class _Driving:
             self.restore(previous)
 
     @contextlib.contextmanager
+    def fault(self, handler, /, **options):
+        """Stack a fault for the block (add_fault's arguments), then remove it."""
+        added = self.add_fault(handler, **options)
+        try:
+            yield added
+        finally:
+            self.remove_fault(added['name'])
+
+    @contextlib.contextmanager
+    def faults(self, *faults):
+        """Stack several faults for the block, in order, then remove them: each a
+        handler's name, or a dict of add_fault's arguments with "handler"."""
+        with contextlib.ExitStack() as stack:
+            added = []
+            for spec in faults:
+                options = {'handler': spec} if isinstance(spec, str) else dict(spec)
+                if 'handler' not in options:
+                    raise ConfigError('a fault is a handler name or a dict with "handler", '
+                                      'not %s' % shown(spec))
+                added.append(stack.enter_context(self.fault(options.pop('handler'),
+                                                            **options)))
+            yield added
+
+    @contextlib.contextmanager
     def down(self):
         """Refuse connections during the block (as a stopped server), then accept again."""
         self.disable()
@@ -2217,6 +2615,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self.fixed = None                 # (Handler, settings) set through the API
+        self.fault_stack = []             # Faults on top of it, in order (changed in the pump)
         self.epoch = (0, time.monotonic())  # (accepted, time) of the last change
         self.enabled = True
         self.control_server = None
@@ -2479,8 +2878,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         conn = Connection(self, request, client_address, self._accepted,
                           self.behavior.draw(self._random))
         self._accepted += 1
+        for fault in self.fault_stack:
+            conn.add_fault(fault)
         handler = conn.current()[0].name
-        EVENTS.record('opened', self.name, (self.name, conn.index, client_address, handler))
+        EVENTS.record('opened', self.name, (self.name, conn.index, client_address, handler,
+                                            [fault.name for fault in conn.faults]))
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
                     format_address(client_address), handler)
@@ -2548,8 +2950,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.by_handler[conn.handler_name] = self.by_handler.get(conn.handler_name, 0) + 1
         seconds = time.monotonic() - conn.opened
         EVENTS.record('closed', self.name, (
-            self.name, conn.index, conn.address, conn.handler_name, conn.backend.delivered,
+            self.name, conn.index, conn.address, conn.handler_name,
+            [fault.name for fault in conn.faults], conn.backend.delivered,
             conn.client.delivered, kind, how, round(seconds, 3)))
+        for fault in conn.faults:
+            fault.endings[kind] = fault.endings.get(kind, 0) + 1
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s closed: %s, %d B to '
                     'the backend, %d B to the client, %s, %.3f s', conn.index,
@@ -2562,7 +2967,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return {'proxy': self.name, 'open': self.connection_count, 'accepted': self._accepted,
                 'to_backend': self.counts['to_backend'], 'to_client': self.counts['to_client'],
                 'ended': {kind: self.counts[kind] for kind in ENDINGS},
-                'handlers': dict(self.by_handler)}
+                'handlers': dict(self.by_handler),
+                'faults': {fault.name: {'connections': fault.touched, 'ended': dict(
+                    fault.endings)} for fault in list(self.fault_stack)}}
 
     def backend_fails(self, error):
         """A connection found the backend unreachable: one line per outage, not per
@@ -2718,6 +3125,105 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         log.info('behavior %s set, by %s', self.behavior, origin)
         return self.get_behavior()
 
+    # -- faults: stacked on the handler or mix -------------------------------------------
+
+    def add_fault(self, handler, /, name=None, direction=None, toxicity=1.0, index=None,
+                  **settings):
+        """Stack a fault on the handler or mix, for new and live connections: `handler`
+        (a name, or a function) with `settings`, on the traffic of `direction`
+        (to_backend, to_client or both; the handler's own by default), for a
+        `toxicity` share of the connections.  It goes on top of the stack, or at
+        `index`.  `name` defaults to the handler's (then NAME_2...).  Returns its
+        description, as get_faults() gives it."""
+        return self.apply_fault(handler, name, direction, toxicity, index, settings,
+                                'a Python call')
+
+    def apply_fault(self, handler, name, direction, toxicity, index, settings, origin):
+        """add_fault(), saying where the change came from: `origin` is logged."""
+        handler = self.handler(handler)
+        if name is None:
+            taken = {fault.name for fault in self.fault_stack}
+            name = next(candidate for candidate in itertools.chain(
+                [handler.name], ('%s_%d' % (handler.name, number)
+                                 for number in itertools.count(2))) if candidate not in taken)
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+            raise ConfigError('a fault index is an integer, not %s' % shown(index))
+        fault = Fault(name, handler, settings, direction, toxicity)
+        self.pump.call(self._lay, fault, index)
+        self._changed('fault %s added' % name, fault.describe(), origin)
+        return fault.describe()
+
+    def _lay(self, fault, index):
+        if any(other.name == fault.name for other in self.fault_stack):
+            raise FaultExists('a fault named %r exists already' % fault.name)
+        self.fault_stack.insert(len(self.fault_stack) if index is None else index, fault)
+        for conn in self._live():
+            conn.add_fault(fault)
+
+    def update_fault(self, name, /, toxicity=None, **settings):
+        """Change fault `name`'s settings (merged with its own) or toxicity, for new and
+        live connections; its description."""
+        return self.apply_fault_update(name, settings, toxicity, 'a Python call')
+
+    def apply_fault_update(self, name, settings, toxicity, origin):
+        fault = self.find_fault(name)
+        direction = settings.get('direction', fault.direction)
+        if {'upstream': 'to_backend', 'downstream': 'to_client'}.get(
+                direction, direction) != fault.direction:
+            raise ConfigError('fault %s: its direction is %s; to change it, remove the '
+                              'fault and add it again' % (name, fault.direction))
+        settings.pop('direction', None)
+        self.pump.call(self._reconfigure, fault, settings, toxicity)
+        self._changed('fault %s updated' % name, fault.describe(), origin)
+        return fault.describe()
+
+    def _reconfigure(self, fault, settings, toxicity):
+        draws = fault.draws
+        fault.configure(settings, toxicity=toxicity)
+        if fault.draws != draws:
+            for conn in self._live():
+                conn.redraw(fault)
+
+    def remove_fault(self, name):
+        """Take fault `name` off, for new and live connections: what its layers hold
+        goes on at once, in order.  Its last description."""
+        return self.apply_fault_removal(name, 'a Python call')
+
+    def apply_fault_removal(self, name, origin):
+        fault = self.find_fault(name)
+        self.pump.call(self._unlay, fault)
+        self._changed('fault %s removed' % name, fault.describe(), origin)
+        return fault.describe()
+
+    def _unlay(self, fault):
+        if fault in self.fault_stack:
+            self.fault_stack.remove(fault)
+            fault.active = False
+            for conn in self._live():
+                conn.remove_fault(fault)
+
+    def clear_faults(self, origin='a Python call'):
+        """Remove every fault; their last descriptions."""
+        return [self.apply_fault_removal(fault.name, origin) for fault in list(self.fault_stack)]
+
+    def get_faults(self):
+        """The stack, bottom first: each fault's description (name, handler, settings,
+        direction, toxicity, and the connections it applied to and how they ended)."""
+        return [fault.describe() for fault in list(self.fault_stack)]
+
+    def find_fault(self, name):
+        for fault in list(self.fault_stack):
+            if fault.name == name:
+                return fault
+        raise FaultNotFound('no fault named %s (faults: %s)' % (shown(name), ', '.join(
+            fault.name for fault in self.fault_stack) or 'none'))
+
+    def _changed(self, what, description, origin):
+        EVENTS.record('changed', self.name, {'fault': description, 'by': origin})
+        if log.isEnabledFor(logging.INFO):
+            log.info('%s, by %s (%s, %s, toxicity %g)', what, origin, description['handler'],
+                     _settings_text(description['settings']), description['toxicity'])
+
     def status(self):
         return {'name': self.name, 'local': format_address(self.address),
                 'distant': format_address(self.distant), 'enabled': self.enabled,
@@ -2850,8 +3356,10 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         '/events': {'GET': 'get_events'},
         '/connections': {'GET': 'get_connections'},
         '/metrics': {'GET': 'get_metrics'},
+        '/faults': {'GET': 'get_faults', 'PUT': 'add_fault', 'DELETE': 'clear_faults'},
     }
-    PER_PROXY = ('/handler', '/handlers', '/behavior', '/stats')    # under /proxies/NAME
+    PER_PROXY = ('/handler', '/handlers', '/behavior', '/stats', '/faults')   # /proxies/NAME
+    FAULT = {'GET': 'get_fault', 'PUT': 'update_fault', 'DELETE': 'remove_fault'}  # /faults/F
     PROXIES = {'GET': 'get_proxies', 'PUT': 'create_proxy'}                 # /proxies
     NAMED = {'GET': 'get_proxy', 'PUT': 'update_proxy', 'DELETE': 'delete_proxy'}   # /NAME
 
@@ -2913,22 +3421,24 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                 answer = getattr(self, methods[method])(body)
             except _Text as text:
                 return self.reply_text(str(text))
-            self.reply(201 if methods[method] == 'create_proxy' else 200, answer)
+            self.reply(201 if methods[method] in ('create_proxy', 'add_fault') else 200,
+                       answer)
         except ApiError as exc:
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
         except ConfigError as exc:
-            self.reply(400, {'error': str(exc), 'status': 400})
+            self.reply(exc.status, {'error': str(exc), 'status': exc.status})
 
     def route(self):
         """The methods of the resource the path names, or None; sets `self.target`, the
-        proxy it acts on (the default one, or /proxies/NAME's)."""
+        proxy it acts on (the default one, or /proxies/NAME's), and `self.fault`, the
+        name in /faults/NAME."""
         path = self.path.split('?')[0].rstrip('/') or '/'
         self.target = self.server.proxy
         parts = path.split('/', 3)            # '', 'proxies', NAME, the rest
         if len(parts) < 2 or parts[0]:
             return None                       # not a path: "*", "handler"
         if parts[1] != 'proxies':
-            return self.ROUTES.get(path)
+            return self.resource(path, self.ROUTES)
         if len(parts) == 2:
             return self.PROXIES
         name = urllib.parse.unquote(parts[2])
@@ -2937,7 +3447,15 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(404, 'no proxy named %r' % name, known=sorted(self.server.proxies))
         if len(parts) == 3:
             return self.NAMED
-        return self.ROUTES.get('/' + parts[3]) if '/' + parts[3] in self.PER_PROXY else None
+        return self.resource('/' + parts[3], self.PER_PROXY)
+
+    def resource(self, path, known):
+        """The methods of `path` (one of `known`), or of a fault: /faults/NAME."""
+        head, _, name = path[1:].partition('/')
+        if head == 'faults' and name and '/' not in name and '/faults' in known:
+            self.fault = urllib.parse.unquote(name)
+            return self.FAULT
+        return self.ROUTES.get(path) if path in known else None
 
     def check_caller(self):
         """Refuse browsers (a web page must not drive a developer's proxy) and bad tokens."""
@@ -3151,6 +3669,53 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         log.info('proxy %s deleted, by %s', proxy.name, self.origin())
         return dict(proxy.status(), deleted=True)
 
+    # -- faults ----------------------------------------------------------------------
+
+    FAULT_OPTIONS = ('name', 'direction', 'toxicity', 'index')
+
+    def get_faults(self, body):
+        return {'faults': self.target.get_faults()}
+
+    def add_fault(self, body):
+        """{"handler", "settings", "name", "direction", "toxicity", "index"}; 201, the
+        fault."""
+        request = self.parse(body, 'handler')
+        self.check_keys(request, ('handler', 'settings') + self.FAULT_OPTIONS,
+                        'settings go in "settings": {"handler": "delay", "settings": {...}}')
+        handler, settings = request.get('handler'), self.settings_of(request)
+        if not isinstance(handler, str) or handler not in self.target.handlers:
+            raise ApiError(400, unknown_handler(handler, self.target.handlers)
+                           if isinstance(handler, str) else
+                           'give the fault as {"handler": NAME, "settings": {...}}',
+                           known=self.target.list_handlers())
+        return self.target.apply_fault(
+            handler, request.get('name'), request.get('direction'),
+            request.get('toxicity', 1.0), request.get('index'), settings, self.origin())
+
+    @staticmethod
+    def settings_of(request):
+        settings = request.get('settings', {})
+        if not isinstance(settings, dict):
+            raise ApiError(400, '"settings" must be a JSON object')
+        return settings
+
+    def get_fault(self, body):
+        return self.target.find_fault(self.fault).describe()
+
+    def update_fault(self, body):
+        """{"settings", "toxicity"}, either: merged into the fault's."""
+        request = self.parse(body, 'toxicity')
+        self.check_keys(request, ('settings', 'toxicity'), 'to change anything else, remove '
+                                                           'the fault and add it again')
+        return self.target.apply_fault_update(self.fault, self.settings_of(request),
+                                              request.get('toxicity'), self.origin())
+
+    def remove_fault(self, body):
+        return dict(self.target.apply_fault_removal(self.fault, self.origin()), removed=True)
+
+    def clear_faults(self, body):
+        return {'removed': self.target.clear_faults(self.origin())}
+
     def reply_text(self, text):
         body = text.encode()
         self.send_response(200)
@@ -3207,6 +3772,10 @@ def _metric_samples(proxies):
          'Connections ended, by the handler in force at their end.',
          [((('proxy', s['proxy']), ('handler', name)), count) for s in stats
           for name, count in sorted(s['handlers'].items())]),
+        ('vaurien_fault_connections_total', 'counter',
+         'Connections a fault on the stack applied to.',
+         [((('proxy', s['proxy']), ('fault', name)), fault['connections']) for s in stats
+          for name, fault in s['faults'].items()]),
     ]
 
 
@@ -3281,11 +3850,7 @@ class Client(_Driving):
         return self._call('GET', '/handler')
 
     def set_handler(self, name, /, **settings):
-        if callable(name):
-            raise VaurienError('a Client drives a proxy in another process, which cannot be '
-                               'sent a function: register it there by name ([handler:NAME] '
-                               'callable = module.function in its config file), then give '
-                               'the name')
+        self._check_named(name)
         return self._call('PUT', '/handler', {'name': name, 'settings': settings})
 
     def restore(self, state):
@@ -3304,11 +3869,43 @@ class Client(_Driving):
     def status(self):
         return self._call('GET', '/proxy')
 
+    def add_fault(self, handler, /, name=None, direction=None, toxicity=1.0, index=None,
+                  **settings):
+        """Stack a fault (see Proxy.add_fault); its description."""
+        self._check_named(handler)
+        request = {'handler': handler, 'settings': settings, 'toxicity': toxicity}
+        request.update((key, value) for key, value in (
+            ('name', name), ('direction', direction), ('index', index)) if value is not None)
+        return self._call('PUT', '/faults', request)
+
+    def update_fault(self, name, /, toxicity=None, **settings):
+        request = {'settings': settings}
+        if toxicity is not None:
+            request['toxicity'] = toxicity
+        return self._call('PATCH', '/faults/' + urllib.parse.quote(name, safe=''), request)
+
+    def remove_fault(self, name):
+        return self._call('DELETE', '/faults/' + urllib.parse.quote(name, safe=''))
+
+    def clear_faults(self):
+        return self._call('DELETE', '/faults')['removed']
+
+    def get_faults(self):
+        return self._call('GET', '/faults')['faults']
+
     def disable(self):
         return self._call('PUT', '/proxy', {'enabled': False})
 
     def enable(self):
         return self._call('PUT', '/proxy', {'enabled': True})
+
+    @staticmethod
+    def _check_named(handler):
+        if callable(handler):
+            raise VaurienError('a Client drives a proxy in another process, which cannot be '
+                               'sent a function: register it there by name ([handler:NAME] '
+                               'callable = module.function in its config file), then give '
+                               'the name')
 
     def close(self):
         if self._http is not None:
