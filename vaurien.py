@@ -96,7 +96,7 @@ import _thread
 
 __version__ = '3.1.0'
 __all__ = ['Proxy', 'Client', 'start_proxy', 'stop_proxy', 'traits', 'directional',
-           'HOLD_EOF', 'VaurienError', 'ConfigError', 'main']
+           'HOLD_EOF', 'VaurienError', 'ConfigError', 'ToxiproxyServer', 'main']
 
 log = logging.getLogger('vaurien')
 
@@ -745,6 +745,24 @@ def limit_data(source, dest, to_backend, name, settings, proxy):
         return False
 
 
+@directional
+def reset_peer(source, dest, to_backend, name, settings, proxy):
+    """Resets both ends (RST) `timeout` seconds after the first data of `direction`,
+    which is dropped, with all that follows; as Toxiproxy's reset_peer.
+
+    Settings:
+      timeout (seconds >= 0, default 0): seconds between the first data and the resets.
+      direction (to_backend|to_client|both, default to_backend): the traffic that sets it off.
+    """
+    data = proxy.get_data(source)
+    state = source.connection.state((name, 'reset_peer'))
+    if data and not state:
+        state['armed'] = True
+        source.connection.call_later(settings['timeout'], lambda: (source.abort(),
+                                                                   dest.abort()))
+    return HOLD_EOF
+
+
 def _failing(conn, settings):
     """The errors settings when `conn` is one of those transient fails, else None.
 
@@ -875,7 +893,7 @@ def _flips_seldom(rng, size, ratio):
 
 
 BUILTIN_HANDLERS = (normal, delay, errors, hang, blackout, abort, bandwidth, slicer,
-                    slow_close, timeout, limit_data, transient, flap, corrupt)
+                    slow_close, timeout, limit_data, reset_peer, transient, flap, corrupt)
 for _builtin in BUILTIN_HANDLERS:
     _builtin.blocking = False   # none of them waits: the pump calls them itself
 
@@ -1101,6 +1119,8 @@ class Fault:
         self.active = True      # False once removed: its timers do nothing
         self.touched = 0        # connections it applied to
         self.endings = {}       # how those connections ended
+        self.toxic = None       # made through Toxiproxy's API: its type, stream, attributes
+        self.closes_when_removed = False   # its connections, as Toxiproxy's timeout
         self.configure(settings or {}, direction, toxicity)
 
     def configure(self, settings, direction=None, toxicity=None):
@@ -1948,6 +1968,8 @@ class Connection:
                 if layer.fault is fault:
                     layer.remove()
             self._link(self._pruned(chain))
+        if fault.closes_when_removed and fault in self.faults:
+            self.close()
         self.pump.dirty.add(self)
 
     def _pruned(self, chain):
@@ -3793,6 +3815,585 @@ def _drain_and_close(sock, linger=LINGER, limit=4 * MAX_BODY):
 
 
 # ---------------------------------------------------------------------------
+# Toxiproxy's API: the clients of Toxiproxy drive Vaurien unchanged
+# ---------------------------------------------------------------------------
+
+TOXIPROXY_VERSION = '2.12.0'   # the Toxiproxy whose API this one answers as
+UNLIMITED = 10 ** 15           # bytes per second: Toxiproxy's bandwidth rate 0 (no limit)
+
+#: Toxiproxy's toxic types: (the Vaurien handler, the Go struct (for error messages),
+#: the attributes with their defaults and Go types, the handler's settings from them).
+#: Toxiproxy's units: ms, KB/s (1000 bytes), µs for slicer's delay.
+TOXICS = {
+    'latency': ('delay', 'LatencyToxic', {'latency': 0, 'jitter': 0}, 'int64', lambda a: {
+        'sleep': max(0, a['latency']) / 1000, 'jitter': max(0, a['jitter']) / 1000}),
+    'bandwidth': ('bandwidth', 'BandwidthToxic', {'rate': 0}, 'int64', lambda a: {
+        'rate': a['rate'] * 1000 if a['rate'] > 0 else UNLIMITED}),
+    'slow_close': ('slow_close', 'SlowCloseToxic', {'delay': 0}, 'int64', lambda a: {
+        'delay': max(0, a['delay']) / 1000}),
+    'timeout': ('timeout', 'TimeoutToxic', {'timeout': 0}, 'int64', lambda a: {
+        'timeout': max(0, a['timeout']) / 1000}),
+    'reset_peer': ('reset_peer', 'ResetToxic', {'timeout': 0}, 'int64', lambda a: {
+        'timeout': max(0, a['timeout']) / 1000}),
+    'slicer': ('slicer', 'SlicerToxic', {'average_size': 0, 'size_variation': 0, 'delay': 0},
+               'int', lambda a: {'size': max(1, a['average_size']),
+                                 'variation': max(0, a['size_variation']),
+                                 'delay': max(0, a['delay']) / 1e6}),
+    'limit_data': ('limit_data', 'LimitDataToxic', {'bytes': 0}, 'int64', lambda a: {
+        'bytes': max(0, a['bytes'])}),
+    'noop': ('normal', 'NoopToxic', {}, 'int64', lambda a: {}),
+}
+_STREAMS = {'upstream': 'to_backend', 'downstream': 'to_client'}
+
+
+class ToxiproxyError(Exception):
+    """An answer of Toxiproxy's API that is an error: {"error": message, "status": status}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def _go_json(value):
+    """JSON as Go's encoding/json writes it: compact, <, > and & escaped."""
+    text = json.dumps(value, separators=(',', ':'), ensure_ascii=False)
+    for char, escaped in (('<', '\\u003c'), ('>', '\\u003e'), ('&', '\\u0026'),
+                          ('\u2028', '\\u2028'), ('\u2029', '\\u2029')):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _go_kind(value):
+    """How Go's encoding/json names a JSON value in its errors."""
+    if isinstance(value, bool):
+        return 'bool'
+    if isinstance(value, (int, float)):
+        return 'number'
+    return {str: 'string', list: 'array', dict: 'object'}.get(type(value), 'null')
+
+
+def _go_decode(body, what, expected=dict):
+    """The first JSON value of `body` (an `expected` or null), or a ToxiproxyError 400
+    that words it as Go does (`what`: the Go type it is decoded into)."""
+    text = body.decode('utf-8', 'replace').lstrip(' \t\r\n')
+    if not text:
+        raise ToxiproxyError(400, 'bad request body: EOF')
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError as exc:
+        at = getattr(exc, 'pos', 0)
+        raise ToxiproxyError(400, 'bad request body: ' + (
+            'unexpected EOF' if at >= len(text.rstrip()) else
+            'invalid character %r looking for beginning of value' % text[at])) from None
+    if not isinstance(value, expected) and value is not None:
+        raise ToxiproxyError(400, 'bad request body: json: cannot unmarshal %s into Go value '
+                                  'of type %s' % (_go_kind(value), what))
+    return value
+
+
+def _go_fields(request, struct, fields, into):
+    """Copy `request`'s keys that name `fields` ({name: Go type}) into `into`, as Go does:
+    keys in any case, null ignored, a value of the wrong type refused."""
+    for key, value in (request or {}).items():
+        name = key.lower()
+        if name not in fields or value is None:
+            continue
+        kind = fields[name]
+        good = {'string': isinstance(value, str), 'bool': isinstance(value, bool),
+                'float32': isinstance(value, (int, float)) and not isinstance(value, bool)}.get(
+            kind, isinstance(value, int) and not isinstance(value, bool))
+        if not good:
+            shown_kind = _go_kind(value)
+            if shown_kind == 'number' and kind.startswith('int'):   # Go shows the number
+                shown_kind = 'number %s' % json.dumps(value)
+            raise ToxiproxyError(400, 'bad request body: json: cannot unmarshal %s into Go '
+                                      'struct field %s.%s of type %s' % (
+                                          shown_kind, struct, name, kind))
+        into[name] = value
+    return into
+
+
+PROXY_FIELDS = {'name': 'string', 'listen': 'string', 'upstream': 'string', 'enabled': 'bool'}
+TOXIC_FIELDS = {'name': 'string', 'type': 'string', 'stream': 'string', 'toxicity': 'float32'}
+
+
+class ToxiproxyServer(http.server.ThreadingHTTPServer):
+    """Toxiproxy's HTTP API (2.x, as 2.12 answers it), in threads of this process.
+
+    Toxiproxy's clients (Go, Ruby, Python, Node, toxiproxy-cli...) create,
+    update and delete proxies here, and their toxics, which are stacked
+    faults (`TOXICS` maps Toxiproxy's types; any registered handler is a type
+    too, its settings as attributes).  The proxies are shared with the native
+    control API when `proxies` and `lock` are its own.
+    """
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address=('localhost', 8474), proxies=None, lock=None, handlers=None,
+                 **options):
+        self.proxies = {} if proxies is None else proxies   # name: Proxy
+        self.lock = lock or threading.Lock()
+        self.handlers = handlers      # of the proxies made here (None: the built-in ones)
+        self.options = options        # seed, connect_timeout, max_connections of those
+        self.spelled = {}             # Proxy: its listen and upstream, as a client gave them
+        self.serving = False
+        self.address_family = _family(address)
+        super().__init__(address, ToxiproxyHandler)
+
+    def server_bind(self):
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise listen_error(exc, self.server_address, '--toxiproxy-api PORT') from None
+
+    def start(self):
+        """Serve in a thread; returns self."""
+        self.serving = True
+        threading.Thread(target=self.serve_forever, args=(0.05,), name='vaurien-toxiproxy',
+                         daemon=True).start()
+        return self
+
+    def stop(self, proxies=False):
+        """Stop serving (and, with `proxies`, stop every proxy it knows)."""
+        if self.serving:
+            self.shutdown()      # which waits for serve_forever(): only once started
+        self.server_close()
+        if proxies:
+            with self.lock:
+                known, self.proxies = list(self.proxies.values()), {}
+            for proxy in known:
+                proxy.stop()
+
+    # -- proxies as Toxiproxy shows them ------------------------------------------------
+
+    def describe(self, proxy):
+        """A proxy as Toxiproxy's JSON: name, listen (the address bound, once it listened:
+        Toxiproxy rewrites it), upstream, enabled, Logger, toxics."""
+        listen, upstream = self.spelled.get(proxy, (None, None))
+        if listen is None or proxy.enabled:
+            listen = format_address(proxy.address)
+            self.spelled[proxy] = (listen, upstream)
+        if upstream is None or parse_address(upstream, 'upstream') != proxy.distant:
+            upstream = format_address(proxy.distant)
+        return {'name': proxy.name, 'listen': listen, 'upstream': upstream,
+                'enabled': proxy.enabled, 'Logger': {}, 'toxics': self.toxics(proxy)}
+
+    def toxics(self, proxy):
+        """Its faults as toxics, upstream ones first."""
+        toxics = [self.toxic(fault) for fault in list(proxy.fault_stack)]
+        upstream = [_STREAMS.get(toxic['stream'].lower()) == 'to_backend' for toxic in toxics]
+        return [toxic for toxic, up in zip(toxics, upstream) if up] + \
+            [toxic for toxic, up in zip(toxics, upstream) if not up]
+
+    @staticmethod
+    def toxic(fault):
+        """A fault as Toxiproxy's JSON."""
+        toxic = fault.toxic or {
+            'type': fault.handler.name,
+            'stream': 'upstream' if fault.direction == 'to_backend' else 'downstream'}
+        attributes = toxic['attributes'] if toxic['type'] in TOXICS else fault.settings
+        toxicity = fault.toxicity
+        return {'attributes': dict(attributes), 'name': fault.name,
+                'type': toxic['type'], 'stream': toxic['stream'],
+                'toxicity': int(toxicity) if toxicity == int(toxicity) else toxicity}
+
+    def create(self, name, listen, upstream, enabled, origin):
+        """A new proxy (the caller holds the lock): ToxiproxyError 500 if it cannot listen."""
+        try:
+            local = parse_address(listen or '127.0.0.1:0', 'listen')
+            proxy = Proxy(local, parse_address(upstream, 'upstream'), name=name,
+                          handlers=self.handlers, **self.options)
+        except ConfigError as exc:
+            raise ToxiproxyError(400, str(exc)) from None
+        except OSError as exc:
+            raise ToxiproxyError(500, 'listen tcp %s: bind: %s' % (
+                listen, _go_error_text(exc))) from None
+        if not enabled:
+            proxy.disable()
+        self.proxies[name] = proxy
+        self.spelled[proxy] = (listen, upstream)
+        log.info('proxy %s created (%s -> %s), by %s', name, format_address(proxy.address),
+                 upstream, origin)
+        return proxy
+
+    def populate(self, body, origin):
+        """POST /populate: create or replace each proxy of a JSON list, in order; those
+        unchanged (the same listen, resolved, and upstream) are kept, with their
+        toxics.  (status, payload): on an error, its status and the proxies made so
+        far."""
+        try:
+            entries = _go_decode(body, '[]struct { toxiproxy.Proxy; Enabled *bool '
+                                       '"json:\\"enabled\\"" }', list) or []
+            wanted = [self._populate_entry(entry, number)
+                      for number, entry in enumerate(entries, 1)]
+        except ToxiproxyError as exc:
+            return exc.status, {'error': str(exc), 'status': exc.status, 'proxies': None}
+        made = []
+        with self.lock:
+            for fields in wanted:
+                try:
+                    made.append(self._add_or_replace(fields, origin))
+                except ToxiproxyError as exc:
+                    return exc.status, {'error': str(exc), 'status': exc.status, 'proxies': [
+                        self.describe(proxy) for proxy in made] or None}
+        return 201, {'proxies': [self.describe(proxy) for proxy in made] or None}
+
+    @staticmethod
+    def _populate_entry(entry, number):
+        if not isinstance(entry, dict):
+            raise ToxiproxyError(400, 'bad request body: json: cannot unmarshal %s into Go '
+                                      'value of type struct { toxiproxy.Proxy; Enabled *bool '
+                                      '"json:\\"enabled\\"" }' % _go_kind(entry))
+        fields = _go_fields(entry, 'Proxy', PROXY_FIELDS, {'name': '', 'listen': '',
+                                                           'upstream': '', 'enabled': True})
+        for required in ('name', 'upstream'):
+            if not fields[required]:
+                raise ToxiproxyError(400, 'missing required field: %s at proxy %d'
+                                     % (required, number))
+        return fields
+
+    def _add_or_replace(self, fields, origin):
+        existing = self.proxies.get(fields['name'])
+        if existing is not None:
+            current = self.describe(existing)
+            if current['listen'] == _resolved_listen(fields['listen']) and \
+                    current['upstream'] == fields['upstream']:
+                return existing
+            self.remove(existing)
+        return self.create(fields['name'], fields['listen'], fields['upstream'],
+                           fields['enabled'], origin)
+
+    def remove(self, proxy):
+        """Stop and forget `proxy` (the caller holds the lock)."""
+        self.proxies.pop(proxy.name, None)
+        self.spelled.pop(proxy, None)
+        proxy.stop()
+
+
+def _resolved_listen(listen):
+    """A listen address as Go's net.ResolveTCPAddr writes it: localhost:0 is 127.0.0.1:0."""
+    try:
+        host, port = parse_address(listen, 'listen')
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (ConfigError, OSError, UnicodeError):
+        return listen
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return format_address(infos[0][4][:2]) if infos else listen
+
+
+_XID = '0123456789abcdefghijklmnopqrstuv'
+_MACHINE = random.getrandbits(40)           # xid's machine and process bytes
+_request_counter = itertools.count(random.getrandbits(24))
+
+
+def _request_id():
+    """An id as Toxiproxy's X-Toxiproxy-Request-Id (an xid): 20 characters of 0-9a-v,
+    from the time, this process and a counter."""
+    number = (int(time.time()) & 0xFFFFFFFF) << 64 | _MACHINE << 24 | \
+        next(_request_counter) & 0xFFFFFF
+    return ''.join(_XID[(number << 4) >> shift & 31] for shift in range(95, -1, -5))
+
+
+def _go_error_text(exc):
+    """An OSError worded as Go's syscall errors are: "address already in use"."""
+    text = os.strerror(exc.errno) if exc.errno else str(exc)
+    return text[:1].lower() + text[1:]
+
+
+class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
+    """The routes of Toxiproxy's API, with its JSON, its errors and their words."""
+
+    protocol_version = 'HTTP/1.1'
+    server_version = 'Vaurien/' + __version__
+    timeout = 25
+    disable_nagle_algorithm = True
+
+    ROUTES = [
+        (re.compile(r'/reset'), {'POST': 'reset'}),
+        (re.compile(r'/proxies'), {'GET': 'proxy_index', 'POST': 'proxy_create'}),
+        (re.compile(r'/populate'), {'POST': 'populate'}),
+        (re.compile(r'/proxies/([^/]+)'), {'GET': 'proxy_show', 'POST': 'proxy_update',
+                                           'PATCH': 'proxy_update', 'DELETE': 'proxy_delete'}),
+        (re.compile(r'/proxies/([^/]+)/toxics'), {'GET': 'toxic_index',
+                                                  'POST': 'toxic_create'}),
+        (re.compile(r'/proxies/([^/]+)/toxics/([^/]+)'), {
+            'GET': 'toxic_show', 'POST': 'toxic_update', 'PATCH': 'toxic_update',
+            'DELETE': 'toxic_delete'}),
+        (re.compile(r'/version'), {'GET': 'version'}),
+        (re.compile(r'/metrics'), {'GET': 'metrics'}),
+    ]
+
+    def do_GET(self):
+        self.serve()
+
+    do_POST = do_PATCH = do_DELETE = do_PUT = do_HEAD = do_OPTIONS = do_GET
+
+    def serve(self):
+        path = urllib.parse.urlsplit(self.path).path
+        for pattern, methods in self.ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                break
+        else:
+            return self.send(404, b'404 page not found\n', 'text/plain; charset=utf-8',
+                             nosniff=True)
+        if self.command not in methods:
+            return self.send(405, b'', None)
+        if self.headers.get('User-Agent', '').startswith('Mozilla/'):
+            return self.send(403, b'User agent not allowed\n', 'text/plain; charset=utf-8',
+                             nosniff=True)
+        args = [urllib.parse.unquote(part) for part in match.groups()]
+        try:
+            body = self.read_body()
+            status, answer, *content_type = getattr(self, methods[self.command])(body, *args)
+        except ToxiproxyError as exc:
+            error = _go_json({'error': str(exc), 'status': exc.status}) + '\n'
+            return self.send(exc.status, error.encode(), 'text/plain; charset=utf-8',
+                             nosniff=True)
+        if content_type:
+            return self.send(status, answer, content_type[0])
+        self.send(status, b'' if answer is None else _go_json(answer).encode(),
+                  None if answer is None else 'application/json')
+
+    def read_body(self):
+        if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b';')[0].strip() or b'0', 16)
+                if not size:
+                    while self.rfile.readline().strip():
+                        pass
+                    return b''.join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+                if sum(map(len, chunks)) > MAX_BODY:
+                    raise ToxiproxyError(413, 'request body too large')
+        length = self.headers.get('Content-Length', '0').strip() or '0'
+        if not length.isdigit() or int(length) > MAX_BODY:
+            raise ToxiproxyError(400, 'bad request body: bad Content-Length')
+        return self.rfile.read(int(length))
+
+    def send(self, status, body, content_type, nosniff=False):
+        self.send_response(status)
+        self.send_header('X-Toxiproxy-Request-Id', _request_id())
+        if content_type:
+            self.send_header('Content-Type', content_type)
+        if nosniff:
+            self.send_header('X-Content-Type-Options', 'nosniff')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        if self.command != 'HEAD':
+            self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        log.debug('Toxiproxy API %s: ' + format, self.client_address[0], *args)
+
+    def origin(self):
+        agent = self.headers.get('User-Agent', '')
+        return 'the Toxiproxy API (%s%s)' % (self.client_address[0],
+                                              ', ' + shown(agent[:40]) if agent else '')
+
+    # -- proxies ------------------------------------------------------------------------
+
+    def find(self, name):
+        proxy = self.server.proxies.get(name)
+        if proxy is None:
+            raise ToxiproxyError(404, 'proxy not found')
+        return proxy
+
+    def proxy_index(self, body):
+        server = self.server
+        return 200, {name: server.describe(proxy) for name, proxy in list(
+            server.proxies.items())}
+
+    def proxy_create(self, body):
+        fields = _go_fields(_go_decode(body, 'toxiproxy.Proxy'), 'Proxy', PROXY_FIELDS, {
+            'name': '', 'listen': '', 'upstream': '', 'enabled': True})
+        for required in ('name', 'upstream'):
+            if not fields[required]:
+                raise ToxiproxyError(400, 'missing required field: ' + required)
+        with self.server.lock:
+            if fields['name'] in self.server.proxies:
+                raise ToxiproxyError(409, 'proxy already exists')
+            proxy = self.server.create(fields['name'], fields['listen'], fields['upstream'],
+                                       fields['enabled'], self.origin())
+        return 201, self.server.describe(proxy)
+
+    def populate(self, body):
+        return self.server.populate(body, self.origin())
+
+    def proxy_show(self, body, name):
+        return 200, self.server.describe(self.find(name))
+
+    def proxy_update(self, body, name):
+        """Listen, upstream and enabled over the current ones: a new listen or upstream
+        closes the connections first (as Toxiproxy restarts the proxy)."""
+        proxy = self.find(name)
+        current = self.server.describe(proxy)
+        fields = _go_fields(_go_decode(body, 'toxiproxy.Proxy'), 'Proxy', PROXY_FIELDS, {
+            key: current[key] for key in ('listen', 'upstream', 'enabled')})
+        if (fields['listen'], fields['upstream']) != (current['listen'], current['upstream']):
+            try:
+                local = parse_address(fields['listen'] or '127.0.0.1:0', 'listen')
+                distant = parse_address(fields['upstream'], 'upstream')
+                proxy.disable()
+                proxy.update(local, distant)
+            except ConfigError as exc:
+                raise ToxiproxyError(400, str(exc)) from None
+            except OSError as exc:
+                raise ToxiproxyError(500, 'listen tcp %s: bind: %s' % (
+                    fields['listen'], _go_error_text(exc))) from None
+            self.server.spelled[proxy] = (fields['listen'], fields['upstream'])
+            if fields['enabled']:
+                self.enable(proxy)
+        elif fields['enabled'] != proxy.enabled:
+            self.enable(proxy) if fields['enabled'] else proxy.disable()
+        return 200, self.server.describe(proxy)
+
+    @staticmethod
+    def enable(proxy):
+        try:
+            proxy.enable()
+        except OSError as exc:
+            raise ToxiproxyError(500, 'listen tcp %s: bind: %s' % (
+                format_address(proxy.address), _go_error_text(exc))) from None
+
+    def proxy_delete(self, body, name):
+        with self.server.lock:
+            self.server.remove(self.find(name))
+        return 204, None
+
+    def reset(self, body):
+        """Every proxy enabled, every toxic removed; open connections go on."""
+        for proxy in list(self.server.proxies.values()):
+            if not proxy.enabled:
+                self.enable(proxy)
+            proxy.clear_faults(self.origin())
+        return 204, None
+
+    def version(self, body):
+        """As Toxiproxy 2.6 and later: JSON (2.1-era clients took the bare text)."""
+        return 200, ('{"version": "%s"}\n' % TOXIPROXY_VERSION).encode(), \
+            'application/json;charset=utf-8'
+
+    def metrics(self, body):
+        lines = []
+        for metric, kind, help, samples in _metric_samples(list(self.server.proxies.values())):
+            lines += ['# HELP %s %s' % (metric, help), '# TYPE %s %s' % (metric, kind)]
+            lines += ['%s{%s} %s' % (metric, ','.join('%s="%s"' % (key, _label(value))
+                                                       for key, value in labels), value)
+                      for labels, value in samples]
+        return 200, ('\n'.join(lines) + '\n').encode(), \
+            'text/plain; version=0.0.4; charset=utf-8'
+
+    # -- toxics -------------------------------------------------------------------------
+
+    def toxic_index(self, body, name):
+        return 200, self.server.toxics(self.find(name))
+
+    def toxic_create(self, body, name):
+        """Checked in Toxiproxy's order: the proxy, the body, the stream, the type, the
+        name, then the attributes."""
+        proxy = self.find(name)
+        request = _go_decode(body, 'toxics.ToxicWrapper') or {}
+        fields = _go_fields(request, 'ToxicWrapper', TOXIC_FIELDS, {
+            'name': '', 'type': '', 'stream': 'downstream', 'toxicity': 1.0})
+        self.check_attributes(request, 'ToxicWrapper.attributes', 'toxics.NoopToxic')
+        direction = _STREAMS.get(fields['stream'].lower())
+        if direction is None:
+            raise ToxiproxyError(400, 'stream was invalid, can be either upstream or '
+                                      'downstream')
+        kind = fields['type']
+        if kind not in TOXICS and kind not in proxy.handlers:
+            raise ToxiproxyError(400, 'invalid toxic type')
+        fault_name = fields['name'] or '%s_%s' % (kind, fields['stream'])
+        if any(fault.name == fault_name for fault in list(proxy.fault_stack)):
+            raise ToxiproxyError(409, 'toxic already exists')
+        attributes = self.attributes(kind, request, {})
+        handler, settings = self.settings(kind, attributes)
+        if kind not in TOXICS and 'direction' not in (proxy.handler(handler).schema or {}):
+            direction = 'both'       # errors, hang...: the whole connection, as in force
+        try:
+            proxy.apply_fault(handler, fault_name, direction, fields['toxicity'], None,
+                              settings, self.origin())
+        except FaultExists:
+            raise ToxiproxyError(409, 'toxic already exists') from None
+        except ConfigError as exc:
+            raise ToxiproxyError(400, str(exc)) from None
+        fault = proxy.find_fault(fault_name)
+        fault.toxic = {'type': kind, 'stream': fields['stream'], 'attributes': attributes}
+        fault.closes_when_removed = kind == 'timeout'    # Toxiproxy's Cleanup closes
+        return 200, self.server.toxic(fault)
+
+    @staticmethod
+    def check_attributes(request, field, go_type):
+        """The request's attributes: an object, or null."""
+        attributes = next((value for key, value in request.items()
+                           if key.lower() == 'attributes'), None)
+        if attributes is not None and not isinstance(attributes, dict):
+            raise ToxiproxyError(400, 'bad request body: json: cannot unmarshal %s into Go '
+                                      'struct field %s of type %s' % (
+                                          _go_kind(attributes), field, go_type))
+        return attributes
+
+    def attributes(self, kind, request, current):
+        """The toxic's attributes: `current` (or the defaults) with the request's."""
+        struct = TOXICS[kind][1] if kind in TOXICS else 'Toxic'
+        attributes = self.check_attributes(request, '.attributes', 'toxics.' + struct)
+        if kind in TOXICS:
+            _, struct, defaults, go_type, _ = TOXICS[kind]
+            return _go_fields(attributes, struct + '.attributes', dict.fromkeys(
+                defaults, go_type), dict(defaults, **current))
+        return dict(current, **(attributes or {}))
+
+    @staticmethod
+    def settings(kind, attributes):
+        """The Vaurien handler and its settings for a toxic of type `kind`."""
+        if kind in TOXICS:
+            handler, _, _, _, convert = TOXICS[kind]
+            return handler, convert(attributes)
+        return kind, attributes
+
+    def find_toxic(self, proxy, toxic):
+        try:
+            return proxy.find_fault(toxic)
+        except FaultNotFound:
+            raise ToxiproxyError(404, 'toxic not found') from None
+
+    def toxic_show(self, body, name, toxic):
+        proxy = self.find(name)
+        return 200, self.server.toxic(self.find_toxic(proxy, toxic))
+
+    def toxic_update(self, body, name, toxic):
+        """Attributes merged over the toxic's; the toxicity changed only when given."""
+        proxy = self.find(name)
+        fault = self.find_toxic(proxy, toxic)
+        shown = self.server.toxic(fault)
+        request = _go_decode(body, 'toxics.ToxicWrapper') or {}
+        toxicity = _go_fields(request, 'ToxicWrapper', {'toxicity': 'float32'}, {}).get(
+            'toxicity')
+        attributes = self.attributes(shown['type'], request, shown['attributes'])
+        handler, settings = self.settings(shown['type'], attributes)
+        settings.pop('direction', None)
+        try:
+            proxy.apply_fault_update(fault.name, settings, toxicity, self.origin())
+        except ConfigError as exc:
+            raise ToxiproxyError(400, str(exc)) from None
+        if fault.toxic:
+            fault.toxic['attributes'] = attributes
+        return 200, self.server.toxic(fault)
+
+    def toxic_delete(self, body, name, toxic):
+        proxy = self.find(name)
+        try:
+            proxy.apply_fault_removal(toxic, self.origin())
+        except FaultNotFound:
+            raise ToxiproxyError(404, 'toxic not found') from None
+        return 204, None
+
+
+# ---------------------------------------------------------------------------
 # Python API: Client, start_proxy, stop_proxy
 # ---------------------------------------------------------------------------
 
@@ -4153,6 +4754,8 @@ OPTIONS = {s.name: s for s in (
     Setting('connect_timeout', 'seconds >= 0.001', str(CONNECT_TIMEOUT),
             'seconds to connect to the backend.'),
     Setting('max_connections', 'int >= 0', '0', 'connections open at once; 0: no limit.'),
+    Setting('toxiproxy_api', 'str', 'none', "[HOST:]PORT to serve Toxiproxy's HTTP API on "
+            '(8474 is its usual port), beside the proxies: its clients drive them.'),
     Setting('log_level', 'debug|info|warning|error', 'info', 'what is logged.'),
     Setting('log_output', 'str', 'stderr', 'stderr, stdout or a file path.'),
 )}
@@ -4350,6 +4953,8 @@ def resolve(args):
             raise ConfigError('%s: for the proxy of --distant, and there is none: give '
                               '--distant, or set them in a [proxy:NAME] section'
                               % ', '.join('--' + name for name in strays))
+    if options['toxiproxy_api']:
+        options['toxiproxy_api'] = api_address(options['toxiproxy_api'], '--toxiproxy-api')
     if not options['distant'] and not options['proxies'] and not args.demo \
             and not args.list_handlers:
         raise ConfigError('no backend: give --distant HOST:PORT, or --proxy '
@@ -4388,8 +4993,21 @@ def setup_logging(level, output):
     log.propagate = False
 
 
+def api_address(text, where):
+    """[HOST:]PORT, as --toxiproxy-api takes it: (host, port), localhost by default."""
+    text = str(text)
+    try:
+        return parse_address(text if ':' in text else 'localhost:' + text, where)
+    except ConfigError:
+        raise ConfigError('%s %s: expected [HOST:]PORT, like 8474 or 127.0.0.1:8474'
+                          % (where, shown(text))) from None
+
+
 def main(argv=None):
     """The `vaurien` command: returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['toxiproxy']:
+        return toxiproxy_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.exit_on_eof and sys.stdin is not None and sys.stdin.isatty():
@@ -4435,6 +5053,16 @@ def main(argv=None):
             print('Vaurien proxy %s: %s -> %s; behavior %s' % (
                 each.name, format_address(each.address), format_address(each.distant),
                 each.behavior), file=sys.stderr, flush=True)
+    toxiproxy = None
+    if options['toxiproxy_api']:
+        try:
+            toxiproxy = _serve_toxiproxy(options, handlers, [proxy] + others)
+        except OSError as exc:
+            for each in [proxy] + others:
+                each.stop()
+            print('vaurien: error: cannot serve the Toxiproxy API: %s' % (
+                exc.strerror or exc), file=sys.stderr)
+            return 1
     _announce(proxy, demo)
     if args.exit_on_eof:
         threading.Thread(target=_stop_at_eof, args=(stop,), name='vaurien-stdin',
@@ -4442,11 +5070,102 @@ def main(argv=None):
     while not stop.wait(1.0):
         pass
     log.info('stopping')
+    if toxiproxy is not None:
+        toxiproxy.stop(proxies=True)    # those made through it too
     for each in [proxy] + others:
         each.stop()
     if demo:
         demo.shutdown()
     return 0
+
+
+def _serve_toxiproxy(options, handlers, proxies):
+    """Toxiproxy's API beside the proxies, sharing them (and the control API's registry,
+    when there is one); its address on a line before the ready one."""
+    control = proxies[0].control_server
+    registry = control.proxies if control else {each.name: each for each in proxies}
+    server = ToxiproxyServer(options['toxiproxy_api'], registry,
+                             control.lock if control else None, handlers,
+                             connect_timeout=options['connect_timeout'],
+                             max_connections=options['max_connections']).start()
+    print('Vaurien Toxiproxy API: http://%s' % format_address(server.server_address),
+          file=sys.stderr, flush=True)
+    return server
+
+
+def toxiproxy_main(argv):
+    """`vaurien toxiproxy`: Toxiproxy's API, and no proxy until a client makes one, as
+    toxiproxy-server starts; its flags (-host, -port, -config) are toxiproxy-server's."""
+    parser = argparse.ArgumentParser(
+        prog='vaurien toxiproxy', description="Serve Toxiproxy's HTTP API: its clients "
+        'create proxies and toxics, which Vaurien relays and applies.')
+    parser.add_argument('-host', '--host', default='localhost',
+                        help='host of the API (default: localhost).')
+    parser.add_argument('-port', '--port', default='8474', help='port of the API (default: '
+                        '8474; 0 picks a free one).')
+    parser.add_argument('-config', '--config', metavar='FILE.json', help='proxies to create '
+                        'at start: a JSON list, as toxiproxy-server -config and POST '
+                        '/populate take.')
+    for name in ('seed', 'connect_timeout', 'max_connections', 'log_level', 'log_output'):
+        setting = OPTIONS[name]
+        parser.add_argument('--' + name.replace('_', '-'), metavar=name.upper(),
+                            default=setting.default, help='%s (default: %s)' % (
+                                setting.help, 'none' if setting.default is None
+                                else setting.default))
+    parser.add_argument('--exit-on-eof', action='store_true', help='exit when standard '
+                        'input closes.')
+    args = parser.parse_args(argv)
+    try:
+        options = {name: _convert_option(name, getattr(args, name), '--' + name.replace(
+            '_', '-')) if getattr(args, name) is not None else None for name in (
+            'seed', 'connect_timeout', 'max_connections', 'log_level', 'log_output')}
+        address = api_address('%s:%s' % (args.host, args.port), '-host/-port')
+        setup_logging(options['log_level'], options['log_output'])
+        raise_descriptor_limit()
+        server = ToxiproxyServer(address, seed=options['seed'],
+                                 connect_timeout=options['connect_timeout'],
+                                 max_connections=options['max_connections'])
+    except ConfigError as exc:
+        print('vaurien: error: %s' % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print('vaurien: error: %s' % (exc.strerror or exc), file=sys.stderr)
+        return 1
+    if args.config and not _populate_from(server, args.config):
+        server.stop(proxies=True)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    print('Vaurien ready: Toxiproxy API http://%s' % format_address(server.server_address),
+          file=sys.stderr, flush=True)
+    if args.exit_on_eof:
+        threading.Thread(target=_stop_at_eof, args=(stop,), name='vaurien-stdin',
+                         daemon=True).start()
+    while not stop.wait(1.0):
+        pass
+    log.info('stopping')
+    server.stop(proxies=True)
+    return 0
+
+
+def _populate_from(server, path):
+    """Create the proxies of a toxiproxy-server -config file; False after an error."""
+    try:
+        with open(path, 'rb') as config:
+            status, answer = server.populate(config.read(), 'the config file %s' % path)
+    except OSError as exc:
+        print('vaurien: error: %s: cannot read: %s' % (path, exc.strerror or exc),
+              file=sys.stderr)
+        return False
+    if status != 201:
+        print('vaurien: error: %s: %s' % (path, answer['error']), file=sys.stderr)
+        return False
+    for proxy in answer['proxies'] or ():
+        print('Vaurien proxy %s: %s -> %s' % (proxy['name'], proxy['listen'],
+                                              proxy['upstream']), file=sys.stderr, flush=True)
+    return True
 
 
 def _make_proxies(options, handlers):
