@@ -4078,7 +4078,7 @@ def test_bundled_handlers_by_one_name_installed_without_taking_handlers(tmp_path
 # ---------------------------------------------------------------------------
 
 README = os.path.join(HERE, 'README.txt')
-README_PORTS = re.compile(r'\b(8000|8080|6379)\b')
+README_PORTS = re.compile(r'\b(8000|8080|6379|8474)\b')
 
 
 def readme_blocks():
@@ -4130,7 +4130,7 @@ def as_written(tmp_path, request):
     """Run README blocks as written: a `vaurien` command on the PATH (as installed),
     vaurien importable, the ports mapped to free ones (6379 to the Redis)."""
     class Runner:
-        ports = {'8000': str(free_port()), '8080': str(free_port())}
+        ports = {'8000': str(free_port()), '8080': str(free_port()), '8474': str(free_port())}
         bin = tmp_path / 'bin'
         env = dict(os.environ, PYTHONPATH=HERE,
                    PATH='%s%s%s' % (tmp_path / 'bin', os.pathsep, os.environ['PATH']))
@@ -4162,7 +4162,7 @@ def started(argv, env, cwd=HERE):
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env=env, cwd=str(cwd))
     for line in process.stderr:
-        if vaurien._READY.search(line):
+        if line.startswith('Vaurien ready: '):
             rest = []
             threading.Thread(target=rest.extend, args=(process.stderr,), daemon=True).start()
             return process, line.strip(), rest
@@ -4325,6 +4325,10 @@ def readme_runner(block):
         return run_readme_examples
     if first.startswith('vaurien --local'):
         return run_readme_command_line
+    if first.startswith('vaurien toxiproxy'):
+        return run_readme_toxiproxy
+    if first.startswith('from toxiproxy import'):
+        return run_readme_toxiproxy_client
     if first.startswith('Vaurien ready: '):
         return run_readme_ready_line
     if first == '[vaurien]':
@@ -4337,6 +4341,30 @@ def readme_runner(block):
     if first.startswith(('from vaurien import', 'with start_proxy(')):
         return run_readme_python
     raise AssertionError('README.txt has a code block no test runs: %r' % first)
+
+
+def run_readme_toxiproxy(block, runner):
+    """vaurien toxiproxy: it is ready at once, and answers as Toxiproxy 2.12."""
+    with running(runner.command(block), runner.env) as (ready, _):
+        address = vaurien.parse_address(ready.split('http://')[1])
+        assert address[1] == int(runner.ports['8474'])
+        conn = http.client.HTTPConnection(*address, timeout=WAIT)
+        conn.request('GET', '/version')
+        assert conn.getresponse().read() == b'{"version": "2.12.0"}\n'
+        conn.close()
+
+
+def run_readme_toxiproxy_client(block, runner, tmp_path):
+    """The toxiproxy-python snippet, against the vaurien toxiproxy of the block before."""
+    pytest.importorskip('toxiproxy', reason='pip install toxiproxy-python')
+    command = [b for b in readme_blocks() if b.startswith('vaurien toxiproxy')][0]
+    script = tmp_path / 'snippet.py'
+    script.write_text(runner.map(block) + '\n')
+    with running(runner.command(command), runner.env):
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                env=runner.env, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r'127\.0\.0\.1:\d+\n', result.stdout), result.stdout
 
 
 def run_readme_custom_handler_ini(block, runner, tmp_path):
@@ -4872,11 +4900,20 @@ def test_eof_passes_the_layers_after_the_data_and_hold_eof_and_false_work_there(
     proxy = make_proxy(echo_backend.address)
     with proxy.fault('delay', sleep=0.2, direction='to_backend'):
         assert round_trip(proxy.address, b'half') == b'half'   # EOF after the delayed data
-    with proxy.fault('hang', direction='both'):               # HOLD_EOF: no EOF relayed
-        with connect(proxy.address) as sock:
-            sock.sendall(b'q')
-            sock.shutdown(socket.SHUT_WR)
-            assert outcome(sock, 0.5) == ('open', b'')
+    def answer_and_close(sock):
+        sock.sendall(sock.recv(10))
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(10)
+    closing = Backend(answer_and_close)
+    hanging = make_proxy(closing.address)
+    try:
+        with hanging.fault('hang', direction='to_client'):   # HOLD_EOF, in a layer: the
+            with connect(hanging.address) as sock:           # answer and its EOF dropped
+                sock.sendall(b'q')
+                wait_for(lambda: closing.accepted, what='the backend to answer')
+                assert outcome(sock, 0.5) == ('open', b'')
+    finally:
+        closing.close()
     with proxy.fault('limit_data', bytes=3, direction='to_client'):   # False: closed
         with connect(proxy.address) as sock:
             sock.sendall(b'abcdef')
@@ -5071,3 +5108,304 @@ def test_fault_counts_events_and_metrics(proxy):
     text = conn.getresponse().read().decode()
     conn.close()
     assert 'vaurien_fault_connections_total{proxy="default",fault="errors"} 1\n' in text
+
+
+# ---------------------------------------------------------------------------
+# Toxiproxy's API: its clients drive Vaurien unchanged
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def toxiproxy():
+    """Vaurien's Toxiproxy API on a free port, with no proxy; a caller of it."""
+    server = vaurien.ToxiproxyServer((LOOP, 0)).start()
+
+    def call(method, path, body=None, headers=None):
+        """(status, headers, body text) of one request, sent as a client sends it."""
+        conn = http.client.HTTPConnection(*server.server_address, timeout=WAIT)
+        try:
+            conn.request(method, path, body if body is None or isinstance(body, str)
+                         else json.dumps(body), dict({'User-Agent': 'toxiproxy-test'},
+                                                     **(headers or {})))
+            response = conn.getresponse()
+            return response.status, response.headers, response.read().decode()
+        finally:
+            conn.close()
+    call.server = server
+    yield call
+    server.stop(proxies=True)
+
+
+def test_toxiproxy_api_errors_are_toxiproxys_word_for_word(toxiproxy, echo_backend):
+    """The answers of toxiproxy-server 2.12 to the same requests, as it sends them."""
+    upstream = '%s:%d' % echo_backend.address
+    assert toxiproxy('GET', '/proxies')[::2] == (200, '{}')
+    for method, path, body, status, error in [
+            ('POST', '/proxies', '{"name": 5}', 400, 'bad request body: json: cannot unmarshal '
+             'number into Go struct field Proxy.name of type string'),
+            ('POST', '/proxies', '', 400, 'bad request body: EOF'),
+            ('POST', '/proxies', '{"name": "a"', 400, 'bad request body: unexpected EOF'),
+            ('POST', '/proxies', 'xx', 400, "bad request body: invalid character 'x' looking "
+             'for beginning of value'),
+            ('POST', '/proxies', '[]', 400, 'bad request body: json: cannot unmarshal array '
+             'into Go value of type toxiproxy.Proxy'),
+            ('POST', '/proxies', '{"upstream": "x:1"}', 400, 'missing required field: name'),
+            ('POST', '/proxies', '{"name": "a"}', 400, 'missing required field: upstream'),
+            ('GET', '/proxies/nope', None, 404, 'proxy not found'),
+            ('DELETE', '/proxies/nope', None, 404, 'proxy not found'),
+            ('POST', '/proxies/nope/toxics', '{}', 404, 'proxy not found')]:
+        answer = toxiproxy(method, path, body)
+        assert answer[0] == status and answer[2] == json.dumps(
+            {'error': error, 'status': status}, separators=(',', ':')) + '\n', (path, answer)
+        assert answer[1]['Content-Type'] == 'text/plain; charset=utf-8'
+        assert answer[1]['X-Content-Type-Options'] == 'nosniff'
+    status, headers, body = toxiproxy('POST', '/proxies', {
+        'Name': 'a', 'UPSTREAM': upstream, 'listen': 'localhost:0', 'extra': 1})
+    port = json.loads(body)['listen'].split(':')[1]
+    assert status == 201 and headers['Content-Type'] == 'application/json'
+    assert body == ('{"name":"a","listen":"127.0.0.1:%s","upstream":"%s","enabled":true,'
+                    '"Logger":{},"toxics":[]}' % (port, upstream))
+    assert re.fullmatch('[0-9a-v]{20}', headers['X-Toxiproxy-Request-Id'])
+    for method, path, body, status, error in [
+            ('POST', '/proxies', {'name': 'a', 'upstream': upstream}, 409,
+             'proxy already exists'),
+            ('POST', '/proxies', {'name': 'b', 'upstream': upstream,
+                                  'listen': 'localhost:' + port}, 500,   # Go's: resolved
+             'listen tcp 127.0.0.1:%s: bind: address already in use' % port),
+            ('POST', '/proxies/a/toxics', {'type': 'latency', 'stream': 'sideways'}, 400,
+             'stream was invalid, can be either upstream or downstream'),
+            ('POST', '/proxies/a/toxics', {'type': 'nope'}, 400, 'invalid toxic type'),
+            ('POST', '/proxies/a/toxics', {'type': 'latency', 'attributes': {'latency': 1.5}},
+             400, 'bad request body: json: cannot unmarshal number 1.5 into Go struct field '
+             'LatencyToxic.attributes.latency of type int64'),
+            ('POST', '/proxies/a/toxics', {'type': 'latency', 'toxicity': 'x'}, 400,
+             'bad request body: json: cannot unmarshal string into Go struct field '
+             'ToxicWrapper.toxicity of type float32'),
+            ('GET', '/proxies/a/toxics/nope', None, 404, 'toxic not found'),
+            ('PATCH', '/proxies/a', '', 400, 'bad request body: EOF')]:
+        answer = toxiproxy(method, path, body)
+        assert answer[0] == status and json.loads(answer[2]) == {
+            'error': error, 'status': status}, (path, answer)
+    assert toxiproxy('GET', '/nope')[::2] == (404, '404 page not found\n')
+    assert toxiproxy('PUT', '/proxies')[::2] == (405, '')
+    assert toxiproxy('GET', '/proxies', headers={'User-Agent': 'Mozilla/5.0'})[::2] == (
+        403, 'User agent not allowed\n')
+    status, headers, body = toxiproxy('GET', '/version')
+    assert (status, body) == (200, '{"version": "2.12.0"}\n')
+    assert headers['Content-Type'] == 'application/json;charset=utf-8'
+
+
+def test_toxiproxy_toxics_are_made_updated_and_listed_as_toxiproxy_does(toxiproxy,
+                                                                         echo_backend):
+    upstream = '%s:%d' % echo_backend.address
+    toxiproxy('POST', '/proxies', {'name': 'a', 'upstream': upstream, 'listen': LOOP + ':0'})
+    made = toxiproxy('POST', '/proxies/a/toxics', {
+        'type': 'latency', 'stream': 'UpStream', 'attributes': {'latency': 5, 'bogus': 1},
+        'toxicity': 0.3})
+    assert made[0] == 200 and made[2] == (
+        '{"attributes":{"latency":5,"jitter":0},"name":"latency_UpStream","type":"latency",'
+        '"stream":"UpStream","toxicity":0.3}')
+    assert toxiproxy('POST', '/proxies/a/toxics', {'type': 'noop'})[2] == (
+        '{"attributes":{},"name":"noop_downstream","type":"noop","stream":"downstream",'
+        '"toxicity":1}')
+    assert json.loads(toxiproxy('POST', '/proxies/a/toxics', {
+        'type': 'latency', 'name': 'latency_UpStream', 'stream': 'downstream'})[2])[
+        'error'] == 'toxic already exists'
+    toxiproxy('POST', '/proxies/a/toxics', {'type': 'bandwidth', 'name': 'bw',
+                                            'attributes': {'rate': 100}})
+    toxiproxy('POST', '/proxies/a/toxics', {'type': 'slicer', 'stream': 'upstream',
+                                            'attributes': {'average_size': 10}})
+    names = [toxic['name'] for toxic in json.loads(toxiproxy('GET', '/proxies/a/toxics')[2])]
+    assert names == ['latency_UpStream', 'slicer_upstream', 'noop_downstream', 'bw']
+    updated = toxiproxy('PATCH', '/proxies/a/toxics/bw', {'attributes': {'rate': 5}})
+    assert json.loads(updated[2])['attributes'] == {'rate': 5}
+    assert json.loads(toxiproxy('POST', '/proxies/a/toxics/bw', {'toxicity': 0.5})[2])[
+        'toxicity'] == 0.5
+    assert json.loads(toxiproxy('PATCH', '/proxies/a/toxics/bw', {})[2])['toxicity'] == 0.5
+    proxy = toxiproxy.server.proxies['a']
+    assert proxy.find_fault('bw').settings['rate'] == 5000         # KB/s: 1000 bytes
+    assert proxy.find_fault('latency_UpStream').direction == 'to_backend'
+    assert toxiproxy('DELETE', '/proxies/a/toxics/bw')[::2] == (204, '')
+    assert toxiproxy('DELETE', '/proxies/a/toxics/bw')[0] == 404
+    mysql = json.loads(toxiproxy('POST', '/proxies/a/toxics', {
+        'type': 'errors', 'attributes': {'protocol': 'mysql', 'code': '1040'}})[2])
+    assert mysql['attributes']['protocol'] == 'mysql' and mysql['stream'] == 'downstream'
+    assert proxy.find_fault('errors_downstream').direction == 'both'   # the whole connection
+    assert toxiproxy('POST', '/reset')[::2] == (204, '')
+    assert toxiproxy('GET', '/proxies/a/toxics')[2] == '[]'
+
+
+def test_toxiproxy_proxies_disabled_updated_populated_and_reset(toxiproxy, echo_backend):
+    upstream = '%s:%d' % echo_backend.address
+    made = json.loads(toxiproxy('POST', '/proxies', {'name': 'c', 'upstream': upstream,
+                                                     'listen': LOOP + ':0',
+                                                     'enabled': False})[2])
+    assert made['listen'] == LOOP + ':0' and made['enabled'] is False   # never listened
+    shown = json.loads(toxiproxy('PATCH', '/proxies/c', {'enabled': True})[2])
+    address = vaurien.parse_address(shown['listen'])
+    assert shown['enabled'] and round_trip(address) == b'ping'
+    with connect(address) as held:
+        held.sendall(b'x')
+        assert read_exactly(held, 1) == b'x'
+        assert json.loads(toxiproxy('PATCH', '/proxies/c', {'enabled': False})[2])[
+            'listen'] == shown['listen']            # the bound address, once it listened
+        assert outcome(held)[0] in ('eof', 'rst')   # down: live connections end...
+    with pytest.raises(ConnectionRefusedError):     # ... and connects are refused
+        socket.create_connection(address, timeout=WAIT).close()
+    assert toxiproxy('POST', '/reset')[0] == 204                      # enabled again
+    assert round_trip(address) == b'ping'
+    toxiproxy('POST', '/proxies/c/toxics', {'type': 'noop'})
+    entries = [{'name': 'c', 'upstream': upstream, 'listen': shown['listen']},
+               {'name': 'd', 'upstream': upstream, 'listen': LOOP + ':0'}]
+    status, headers, body = toxiproxy('POST', '/populate', entries)
+    populated = json.loads(body)['proxies']
+    assert status == 201 and headers['Content-Type'] == 'application/json'
+    assert [p['name'] for p in populated] == ['c', 'd'] and populated[0]['toxics']  # kept
+    entries[0]['upstream'] = '%s:%d' % (LOOP, free_port())                           # changed
+    populated = json.loads(toxiproxy('POST', '/populate', entries)[2])['proxies']
+    assert populated[0]['toxics'] == [] and populated[0]['upstream'] == entries[0]['upstream']
+    assert toxiproxy('POST', '/populate', [entries[1], {'name': 'e'}])[::2] == (400, (
+        '{"error":"missing required field: upstream at proxy 2","status":400,'
+        '"proxies":null}'))
+    taken = json.loads(toxiproxy('GET', '/proxies/d')[2])['listen']
+    status, _, body = toxiproxy('POST', '/populate', [
+        {'name': 'f', 'upstream': upstream, 'listen': LOOP + ':0'},
+        {'name': 'g', 'upstream': upstream, 'listen': taken}])
+    assert status == 500 and [p['name'] for p in json.loads(body)['proxies']] == ['f']
+    moved = json.loads(toxiproxy('POST', '/proxies/d', {'listen': LOOP + ':0'})[2])
+    assert moved['listen'] != taken and round_trip(vaurien.parse_address(
+        moved['listen'])) == b'ping'
+    assert toxiproxy('DELETE', '/proxies/d')[::2] == (204, '')
+    assert sorted(json.loads(toxiproxy('GET', '/proxies')[2])) == ['c', 'f']
+
+
+def test_toxiproxy_toxics_act_on_the_wire_with_its_units(toxiproxy, echo_backend):
+    upstream = '%s:%d' % echo_backend.address
+    shown = json.loads(toxiproxy('POST', '/proxies', {'name': 'w', 'upstream': upstream,
+                                                      'listen': LOOP + ':0'})[2])
+    address = vaurien.parse_address(shown['listen'])
+
+    def toxic(body):
+        answer = toxiproxy('POST', '/proxies/w/toxics', body)
+        assert answer[0] == 200, answer
+        return json.loads(answer[2])['name']
+
+    def timed(payload=b'ping'):
+        started = time.monotonic()
+        with connect(address) as sock:
+            sock.sendall(payload)
+            got = read_exactly(sock, len(payload))
+        return got, time.monotonic() - started
+    name = toxic({'type': 'latency', 'attributes': {'latency': 300}})         # ms
+    got, took = timed()
+    assert got == b'ping' and took >= 0.3
+    toxiproxy('DELETE', '/proxies/w/toxics/' + name)
+    name = toxic({'type': 'bandwidth', 'attributes': {'rate': 100}})          # KB/s
+    got, took = timed(b'x' * 50000)
+    assert took >= 0.3                                                         # 0.5 s ideally
+    toxiproxy('DELETE', '/proxies/w/toxics/' + name)
+    name = toxic({'type': 'limit_data', 'attributes': {'bytes': 3}})
+    with connect(address) as sock:
+        sock.sendall(b'abcdef')
+        assert outcome(sock) == ('eof', b'abc')
+    toxiproxy('DELETE', '/proxies/w/toxics/' + name)
+    name = toxic({'type': 'reset_peer', 'stream': 'upstream', 'attributes': {'timeout': 100}})
+    with connect(address) as sock:
+        sock.sendall(b'abc')
+        assert outcome(sock) == ('rst', b'')
+    toxiproxy('DELETE', '/proxies/w/toxics/' + name)
+    name = toxic({'type': 'timeout', 'attributes': {'timeout': 0}})           # forever
+    with connect(address) as sock:
+        sock.sendall(b'abc')
+        assert outcome(sock, 0.5) == ('open', b'')        # dropped, held
+        toxiproxy('DELETE', '/proxies/w/toxics/' + name)   # as Toxiproxy: then closed
+        assert outcome(sock)[0] == 'eof'
+    name = toxic({'type': 'errors', 'attributes': {'protocol': 'http', 'status': 503}})
+    with connect(address) as sock:
+        sock.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert read_all(sock).startswith(b'HTTP/1.1 503 Service Unavailable\r\n')
+    toxiproxy('DELETE', '/proxies/w/toxics/' + name)
+    toxic({'type': 'slicer', 'attributes': {'average_size': 2, 'delay': 1000}})   # µs
+    assert timed(b'sliced!')[0] == b'sliced!'
+
+
+def test_toxiproxy_api_beside_the_native_one_shares_the_proxies(echo_backend):
+    upstream = '%s:%d' % echo_backend.address
+    cli = CliProxy('--distant', upstream, '--toxiproxy-api', '%s:0' % LOOP)
+    try:
+        line = next(line for line in cli.lines if 'Vaurien Toxiproxy API: ' in line)
+        api_address = vaurien.parse_address(line.split('http://')[1].strip())
+        conn = http.client.HTTPConnection(*api_address, timeout=WAIT)
+        conn.request('GET', '/proxies')
+        listed = json.loads(conn.getresponse().read())
+        assert list(listed) == ['default'] and listed['default']['upstream'] == upstream
+        conn.request('POST', '/proxies', json.dumps({'name': 'extra', 'upstream': upstream,
+                                                     'listen': LOOP + ':0'}))
+        assert conn.getresponse().read() and Client(*cli.control).proxy('extra').status()[
+            'distant'] == upstream
+        conn.request('POST', '/proxies/default/toxics', json.dumps(
+            {'type': 'errors', 'attributes': {'protocol': 'raw', 'message': 'E'}}))
+        conn.getresponse().read()
+        conn.close()
+        assert round_trip(cli.address) == b'E'
+        assert Client(*cli.control).get_faults()[0]['name'] == 'errors_downstream'
+    finally:
+        cli.stop()
+
+
+def test_vaurien_toxiproxy_mode_starts_empty_or_from_a_config(tmp_path, echo_backend):
+    config = write(tmp_path, 'proxies.json', json.dumps([
+        {'name': 'web', 'upstream': '%s:%d' % echo_backend.address, 'listen': LOOP + ':0'}]))
+    process = subprocess.Popen([sys.executable, VAURIEN, 'toxiproxy', '-host', LOOP,
+                                '-port', '0', '-config', str(config)],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith('Vaurien ready: Toxiproxy API http://'):
+                break
+        api_address = vaurien.parse_address(lines[-1].split('http://')[1].strip())
+        proxy_line = next(line for line in lines if line.startswith('Vaurien proxy web: '))
+        local = vaurien.parse_address(proxy_line.split()[3])
+        assert round_trip(local) == b'ping'
+        conn = http.client.HTTPConnection(*api_address, timeout=WAIT)
+        conn.request('GET', '/proxies/web')
+        assert json.loads(conn.getresponse().read())['name'] == 'web'
+        conn.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(WAIT)
+        process.stderr.close()
+    bad = write(tmp_path, 'bad.json', '[{"name": "web"}]')
+    result = run_cli('toxiproxy', '-port', '0', '-config', str(bad))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        'vaurien: error: %s: missing required field: upstream at proxy 1' % bad)
+
+
+def test_the_toxiproxy_python_client_drives_vaurien(toxiproxy, echo_backend):
+    client_module = pytest.importorskip('toxiproxy', reason='pip install toxiproxy-python')
+    server = client_module.Toxiproxy()
+    server.update_api_consumer(*toxiproxy.server.server_address)
+    upstream = '%s:%d' % echo_backend.address
+    proxy = server.create(upstream=upstream, name='py')
+    assert server.running() and json.loads(server.version())['version'] == '2.12.0'
+    address = vaurien.parse_address(proxy.listen)
+    proxy.add_toxic(type='latency', attributes={'latency': 200})
+    started = time.monotonic()
+    assert round_trip(address) == b'ping' and time.monotonic() - started >= 0.2
+    assert list(proxy.toxics()) == ['latency_downstream']
+    proxy.destroy_toxic('latency_downstream')
+    with proxy.down():
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=WAIT).close()
+    assert round_trip(address) == b'ping'
+    with pytest.raises(client_module.exceptions.ProxyExists):
+        server.create(upstream=upstream, name='py')
+    assert [p.name for p in server.populate([{'name': 'py2', 'upstream': upstream,
+                                              'listen': LOOP + ':0'}])] == ['py2']
+    server.reset()
+    server.destroy_all()
+    assert server.proxies() == {}

@@ -4008,7 +4008,7 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
             raise ToxiproxyError(400, str(exc)) from None
         except OSError as exc:
             raise ToxiproxyError(500, 'listen tcp %s: bind: %s' % (
-                listen, _go_error_text(exc))) from None
+                _resolved_listen(listen), _go_error_text(exc))) from None
         if not enabled:
             proxy.disable()
         self.proxies[name] = proxy
@@ -4243,7 +4243,7 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
                 raise ToxiproxyError(400, str(exc)) from None
             except OSError as exc:
                 raise ToxiproxyError(500, 'listen tcp %s: bind: %s' % (
-                    fields['listen'], _go_error_text(exc))) from None
+                    _resolved_listen(fields['listen']), _go_error_text(exc))) from None
             self.server.spelled[proxy] = (fields['listen'], fields['upstream'])
             if fields['enabled']:
                 self.enable(proxy)

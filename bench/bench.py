@@ -160,12 +160,14 @@ class Relay(NamedTuple):
     pid: int = None       # None: direct, or socat (one process per connection)
     control: tuple = None  # Vaurien's control API
     stop: object = None    # Vaurien's Stopper: a workload may stop it before the end
+    toxics: str = None     # toxiproxy-server: the URL of its proxy's toxics
+    kind: str = None       # its column: direct, vaurien, socat...
 
 
 class Measured(NamedTuple):
     """A workload's figure through one relay."""
 
-    value: float
+    value: float         # None: not applicable (faults, through socat)
     note: str = ''
     memory: tuple = None   # (MB resident with the connections held, KB per connection)
     stopped: float = None  # seconds to exit on SIGTERM, connections held (inf: killed)
@@ -527,7 +529,8 @@ def toxiproxy_relay(port, problems):
                                          {'Content-Type': 'application/json'})
         urllib.request.urlopen(request, timeout=START_TIMEOUT).close()
         wait_accepting(listen_port, process)
-        yield Relay((HOST, listen_port), process.pid)
+        yield Relay((HOST, listen_port), process.pid,
+                    toxics='http://%s:%d/proxies/bench/toxics' % (HOST, api_port))
 
 
 @contextlib.contextmanager
@@ -884,6 +887,36 @@ def open_many(stack, address, count):
     return socks, None
 
 
+class NotApplicable(Exception):
+    """A workload that a relay cannot run (faults, through socat): no figure, no problem."""
+
+
+def with_toxics(measure, toxics):
+    """`measure`, with `toxics` ([(type, attributes, stream)], Toxiproxy's) on the relay:
+    on Vaurien as stacked faults through its control API (mapped as its Toxiproxy API
+    maps them), on toxiproxy-server as toxics; direct is measured without them, as the
+    baseline of the ratios; other relays have no faults."""
+    def measured(relay, scale):
+        if relay.control is not None:
+            client = vaurien.Client(*relay.control)
+            for kind, attributes, stream in toxics:
+                handler, _, defaults, _, convert = vaurien.TOXICS[kind]
+                client.add_fault(handler, direction=stream, **convert(dict(defaults,
+                                                                           **attributes)))
+        elif relay.toxics is not None:
+            for kind, attributes, stream in toxics:
+                body = json.dumps({'type': kind, 'stream': stream, 'name': '%s_%s_%d' % (
+                    kind, stream, toxics.index((kind, attributes, stream))),
+                    'attributes': attributes}).encode()
+                urllib.request.urlopen(urllib.request.Request(
+                    relay.toxics, body, {'Content-Type': 'application/json'}),
+                    timeout=START_TIMEOUT).close()
+        elif relay.kind != 'direct':
+            raise NotApplicable()
+        return measure(relay, scale)
+    return measured
+
+
 class Workload(NamedTuple):
     group: str        # its --only name
     label: str
@@ -926,7 +959,20 @@ def workloads(scale):
                  new_connections, 0.35),
         Workload('concurrent', '%d conns held open, each echoing' % scale.concurrent, 'conns',
                  'echo', held_connections, 1.0),
+        Workload('faults', 'echo 64 B round trips, %s, latency 0 each way' % many, 'rt/s',
+                 'echo', with_toxics(concurrent_round_trips, LATENCY_0), 0.35),
+        Workload('faults', 'echo 64 B round trips, %s, 3 toxics each way' % many, 'rt/s',
+                 'echo', with_toxics(concurrent_round_trips, THREE_TOXICS), 0.35),
+        Workload('faults', 'bulk download, 1 stream, %s, latency 0 each way' % size, 'MB/s',
+                 'source', with_toxics(bulk_download, LATENCY_0), 0.80),
     ]
+
+
+#: The fault rows' stacks, as Toxiproxy's toxics (type, attributes, stream).
+LATENCY_0 = [('latency', {'latency': 0}, stream) for stream in ('upstream', 'downstream')]
+THREE_TOXICS = [(kind, attributes, stream) for stream in ('upstream', 'downstream')
+                for kind, attributes in (('latency', {'latency': 0}), ('noop', {}),
+                                         ('bandwidth', {'rate': 0}))]
 
 
 FAILURES = (OSError, Mismatch, RelayError, subprocess.SubprocessError, vaurien.VaurienError)
@@ -950,7 +996,9 @@ def measure_cell(workload, kind, port, scale, problems):
     with tagged(problems, '%s, %s' % (workload.label, kind)):
         try:
             with RELAYS[kind](port, problems) as relay:
-                result = workload.measure(relay, scale)
+                result = workload.measure(relay._replace(kind=kind), scale)
+        except NotApplicable:
+            result = Measured(None)     # n/a in the table
         except FAILURES as exc:
             problems.append(describe(exc))
             result = None
@@ -1143,11 +1191,13 @@ def run_figures(groups, ports, scale, problems):
 # ---------------------------------------------------------------------------
 
 def absolute(cell, unit):
-    return 'error' if cell is None else '%s %s' % (format(round(cell.value), ','), unit)
+    if cell is None or cell.value is None:
+        return 'error' if cell is None else 'n/a'
+    return '%s %s' % (format(round(cell.value), ','), unit)
 
 
 def ratio(cell, direct):
-    if cell is None or direct is None or not direct.value:
+    if cell is None or cell.value is None or direct is None or not direct.value:
         return None
     return cell.value / direct.value
 
@@ -1221,7 +1271,7 @@ def report(rows, skipped, figures, relays, missing, problems, mode, load, elapse
 # ---------------------------------------------------------------------------
 
 GROUPS = ('bulk', 'iperf3', 'roundtrip', 'crowd', 'redis', 'http', 'connect',
-          'concurrent') + tuple(FIGURES)
+          'concurrent', 'faults') + tuple(FIGURES)
 
 
 class ProblemLog(logging.Handler):
