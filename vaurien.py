@@ -1594,11 +1594,12 @@ class Layer:
     either: what they hold goes out in its time, and then the EOF.
     """
 
-    __slots__ = ('connection', 'fault', 'to_backend', 'source', 'side', 'next', 'applied',
-                 'removed', 'queue', 'last_due', 'eof_queued', 'timer')
+    __slots__ = ('connection', 'pump', 'fault', 'to_backend', 'source', 'side', 'next',
+                 'applied', 'removed', 'queue', 'last_due', 'eof_queued', 'timer')
 
     def __init__(self, connection, fault, to_backend, applied=True):
         self.connection = connection
+        self.pump = connection.pump
         self.fault = fault          # None for the first layer: the handler's own
         self.to_backend = to_backend
         self.source = connection.client if to_backend else connection.backend
@@ -1617,10 +1618,6 @@ class Layer:
             self.connection.index)
 
     @property
-    def pump(self):
-        return self.connection.pump
-
-    @property
     def name(self):
         return self.side.name
 
@@ -1630,7 +1627,7 @@ class Layer:
         """Pass `data` on to the next layer, `delay` seconds from now, after what waits
         here; with `pace`, in pieces, as `Side.sendall` does."""
         due = time.monotonic() + delay if delay > 0 else 0.0
-        if not self.pump.in_loop():
+        if _thread.get_ident() != self.pump.ident:
             return self.pump.call_soon(self._send_at, bytes(data), due, pace)
         self._send_at(data, due, pace)
 
@@ -1650,7 +1647,8 @@ class Layer:
     def _send_at(self, data, due, pace=None):
         if not data or self.eof_queued:
             return
-        if not self.queue and (self.removed or pace is None and due <= time.monotonic()):
+        if not self.queue and (self.removed or pace is None and (
+                not due or due <= time.monotonic())):
             return self._pass(data)     # removed: what its handler still sends goes at once
         self._push(due, bytes(data) if isinstance(data, bytearray) else data, pace)
 
@@ -1724,7 +1722,10 @@ class Layer:
                 return conn._run_for(None, self._relay, (item,), _size(item) + ENTRY_COST)
             return self._relay(item)
         data = b'' if item is _EOF else item
-        conn._run_for(self.fault.handler, self._handle, (data,), len(data) + ENTRY_COST)
+        handler = self.fault.handler
+        if handler.blocking or conn.jobs:
+            return conn._run_for(handler, self._handle, (data,), len(data) + ENTRY_COST)
+        self._handle(data)
 
     def _relay(self, item):
         if item is _EOF or item is _RST:

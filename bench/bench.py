@@ -972,7 +972,7 @@ def workloads(scale):
 LATENCY_0 = [('latency', {'latency': 0}, stream) for stream in ('upstream', 'downstream')]
 THREE_TOXICS = [(kind, attributes, stream) for stream in ('upstream', 'downstream')
                 for kind, attributes in (('latency', {'latency': 0}), ('noop', {}),
-                                         ('bandwidth', {'rate': 0}))]
+                                         ('bandwidth', {'rate': 1000000}))]   # 1 GB/s
 
 
 FAILURES = (OSError, Mismatch, RelayError, subprocess.SubprocessError, vaurien.VaurienError)
