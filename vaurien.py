@@ -1087,23 +1087,23 @@ class Behavior:
         return ','.join('%s:%s' % (_number(percent), name) for percent, name in self.entries)
 
 
-#: A fault's direction, as Vaurien and Toxiproxy name it: the traffic it acts on
-#: (True: to the backend, False: to the client).
+#: A fault's direction: the traffic it acts on (True: to the backend, False: to the
+#: client), as Vaurien names it, or Toxiproxy (STREAMS).
 DIRECTIONS = {'to_backend': (True,), 'upstream': (True,), 'to_client': (False,),
               'downstream': (False,), 'both': (True, False)}
+STREAMS = {'upstream': 'to_backend', 'downstream': 'to_client'}
 
 
 class Fault:
     """A fault stacked on a proxy's handler or mix: `handler` with its `settings`, on
     the traffic of `direction`, for a `toxicity` share of the connections.
 
-    The fault's handler is called for the chunks of its direction only
-    (a ``direction`` setting, as delay's, is the fault's); by default, the
-    direction of the handler's setting, or both.  Whether
-    a fault applies to a connection is drawn when the connection opens (and
-    again when the toxicity changes), from the proxy's seed, the connection's
-    index and the fault's name, so that the handlers' own draws are not
-    disturbed.
+    The fault's handler is called for the chunks of its direction only (a
+    ``direction`` setting, as delay's, is the fault's); by default, the
+    direction of the handler's setting, or both.  Whether a fault applies to
+    a connection is drawn when the connection opens (and again when the
+    toxicity changes), from the proxy's seed, the connection's index and the
+    fault's name, so that the handlers' own draws are not disturbed.
     """
 
     def __init__(self, name, handler, settings=None, direction=None, toxicity=1.0):
@@ -1135,9 +1135,8 @@ class Fault:
                 toxicity, (int, float)) or not 0 <= toxicity <= 1):
             raise ConfigError('fault %s: toxicity %s is no number from 0 to 1' % (
                 self.name, shown(toxicity)))
-        direction = {'upstream': 'to_backend', 'downstream': 'to_client'}.get(
-            direction, direction) or (self.settings['direction'] if self.directional
-                                      else self.direction)
+        direction = STREAMS.get(direction, direction) or (
+            self.settings['direction'] if self.directional else self.direction)
         if self.directional:
             settings['direction'] = direction
         try:
@@ -3191,8 +3190,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     def apply_fault_update(self, name, settings, toxicity, origin):
         fault = self.find_fault(name)
         direction = settings.get('direction', fault.direction)
-        if {'upstream': 'to_backend', 'downstream': 'to_client'}.get(
-                direction, direction) != fault.direction:
+        if STREAMS.get(direction, direction) != fault.direction:
             raise ConfigError('fault %s: its direction is %s; to change it, remove the '
                               'fault and add it again' % (name, fault.direction))
         settings.pop('direction', None)
@@ -3844,7 +3842,6 @@ TOXICS = {
         'bytes': max(0, a['bytes'])}),
     'noop': ('normal', 'NoopToxic', {}, 'int64', lambda a: {}),
 }
-_STREAMS = {'upstream': 'to_backend', 'downstream': 'to_client'}
 
 
 class ToxiproxyError(Exception):
@@ -3983,7 +3980,7 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
     def toxics(self, proxy):
         """Its faults as toxics, upstream ones first."""
         toxics = [self.toxic(fault) for fault in list(proxy.fault_stack)]
-        upstream = [_STREAMS.get(toxic['stream'].lower()) == 'to_backend' for toxic in toxics]
+        upstream = [STREAMS.get(toxic['stream'].lower()) == 'to_backend' for toxic in toxics]
         return [toxic for toxic, up in zip(toxics, upstream) if up] + \
             [toxic for toxic, up in zip(toxics, upstream) if not up]
 
@@ -4301,7 +4298,7 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
         fields = _go_fields(request, 'ToxicWrapper', TOXIC_FIELDS, {
             'name': '', 'type': '', 'stream': 'downstream', 'toxicity': 1.0})
         self.check_attributes(request, 'ToxicWrapper.attributes', 'toxics.NoopToxic')
-        direction = _STREAMS.get(fields['stream'].lower())
+        direction = STREAMS.get(fields['stream'].lower())
         if direction is None:
             raise ToxiproxyError(400, 'stream was invalid, can be either upstream or '
                                       'downstream')

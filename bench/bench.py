@@ -29,8 +29,12 @@ client to server; download: server to client), from Python and from iperf3
 50 and on 500 at once; redis-benchmark PING on 1 and 50 connections; HTTP
 requests per second from wrk (2 threads, 50 connections), keep-alive, then
 with ``Connection: close``, a new connection per request; new connections
-per second from Python (connect, one round trip, close); and connections held
-open at once, each checked to echo.
+per second from Python (connect, one round trip, close); connections held
+open at once, each checked to echo; and, in the "faults" rows, the echo over
+50 connections and the bulk download again with a stack of faults on the
+relay (Vaurien's stacked faults, toxiproxy-server's toxics: the same
+Toxiproxy toxics, latency 0 each way, or latency 0, noop and a 1 GB/s
+bandwidth each way), their direct column measured without.
 
 Reading the table: "direct" is the absolute figure of the client against the
 backend itself.  Each relay's column is the relay's figure divided by the
