@@ -5276,6 +5276,9 @@ def test_toxiproxy_proxies_disabled_updated_populated_and_reset(toxiproxy, echo_
         moved['listen'])) == b'ping'
     assert toxiproxy('DELETE', '/proxies/d')[::2] == (204, '')
     assert sorted(json.loads(toxiproxy('GET', '/proxies')[2])) == ['c', 'f']
+    status, headers, text = toxiproxy('GET', '/metrics')
+    assert status == 200 and headers['Content-Type'].startswith('text/plain; version=0.0.4')
+    assert 'vaurien_connections_total{proxy="c"} ' in text
 
 
 def test_toxiproxy_toxics_act_on_the_wire_with_its_units(toxiproxy, echo_backend):

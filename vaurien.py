@@ -3627,13 +3627,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def get_metrics(self, body):
         """Prometheus text: every proxy's counts."""
-        lines = []
-        for metric, kind, help, samples in _metric_samples(list(self.server.proxies.values())):
-            lines += ['# HELP %s %s' % (metric, help), '# TYPE %s %s' % (metric, kind)]
-            lines += ['%s{%s} %s' % (metric, ','.join('%s="%s"' % (key, _label(value))
-                                                       for key, value in labels), value)
-                      for labels, value in samples]
-        raise _Text('\n'.join(lines) + '\n')
+        raise _Text(prometheus_text(list(self.server.proxies.values())))
 
     def get_proxies(self, body):
         return {name: proxy.status() for name, proxy in sorted(list(
@@ -3740,7 +3734,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     def reply_text(self, text):
         body = text.encode()
         self.send_response(200)
-        self.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
+        self.send_header('Content-Type', PROMETHEUS_TYPE)
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         if self.command != 'HEAD':
@@ -3773,6 +3767,20 @@ class _Text(Exception):
 
 def _label(value):
     return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+PROMETHEUS_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
+
+
+def prometheus_text(proxies):
+    """The Prometheus text of /metrics: every proxy's counts."""
+    lines = []
+    for metric, kind, help, samples in _metric_samples(proxies):
+        lines += ['# HELP %s %s' % (metric, help), '# TYPE %s %s' % (metric, kind)]
+        lines += ['%s{%s} %s' % (metric, ','.join('%s="%s"' % (key, _label(value))
+                                                   for key, value in labels), value)
+                  for labels, value in samples]
+    return '\n'.join(lines) + '\n'
 
 
 def _metric_samples(proxies):
@@ -4276,14 +4284,8 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
             'application/json;charset=utf-8'
 
     def metrics(self, body):
-        lines = []
-        for metric, kind, help, samples in _metric_samples(list(self.server.proxies.values())):
-            lines += ['# HELP %s %s' % (metric, help), '# TYPE %s %s' % (metric, kind)]
-            lines += ['%s{%s} %s' % (metric, ','.join('%s="%s"' % (key, _label(value))
-                                                       for key, value in labels), value)
-                      for labels, value in samples]
-        return 200, ('\n'.join(lines) + '\n').encode(), \
-            'text/plain; version=0.0.4; charset=utf-8'
+        return 200, prometheus_text(list(self.server.proxies.values())).encode(), \
+            PROMETHEUS_TYPE
 
     # -- toxics -------------------------------------------------------------------------
 
