@@ -5108,6 +5108,11 @@ def test_fault_counts_events_and_metrics(proxy):
     text = conn.getresponse().read().decode()
     conn.close()
     assert 'vaurien_fault_connections_total{proxy="default",fault="errors"} 1\n' in text
+    with connect(proxy.address):
+        wait_for(lambda: api(proxy.control, 'GET', '/connections')[1]['connections'],
+                 what='the connection to be listed')
+        live = api(proxy.control, 'GET', '/connections')[1]['connections']
+        assert live[0]['faults'] == ['errors']
 
 
 # ---------------------------------------------------------------------------

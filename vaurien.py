@@ -2389,6 +2389,7 @@ class Connection:
         """What the log, the events and GET /connections tell of this connection."""
         return {'proxy': self.proxy.name, 'connection': self.index,
                 'client': format_address(self.address), 'handler': self.handler_name,
+                'faults': [fault.name for fault in self.faults],
                 'to_backend': self.backend.delivered, 'to_client': self.client.delivered,
                 'seconds': round(time.monotonic() - self.opened, 3)}
 
