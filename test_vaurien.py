@@ -5417,3 +5417,43 @@ def test_the_toxiproxy_python_client_drives_vaurien(toxiproxy, echo_backend):
     server.reset()
     server.destroy_all()
     assert server.proxies() == {}
+
+
+NODE_CLIENT = r'''
+const {Toxiproxy} = require("toxiproxy-node-client");
+(async () => {
+  const toxiproxy = new Toxiproxy(process.argv[2]);
+  const proxy = await toxiproxy.createProxy(
+    {name: "node", listen: "127.0.0.1:0", upstream: process.argv[3]});
+  const toxic = await proxy.addToxic({type: "latency", attributes: {latency: 200}});
+  const errors = await proxy.addToxic(
+    {type: "errors", stream: "upstream", attributes: {protocol: "raw", message: "E"},
+     toxicity: 0});
+  const listed = await toxiproxy.get("node");
+  const version = await toxiproxy.getVersion();
+  console.log(JSON.stringify({listen: proxy.listen, toxic: toxic.name, errors: errors.name,
+                              listed: listed.name, version: version}));
+})().catch((error) => { console.error(error); process.exit(1); });
+'''
+
+
+def test_the_toxiproxy_node_client_drives_vaurien(toxiproxy, echo_backend, tmp_path):
+    """toxiproxy-node-client (npm), where node and it are installed (.ci/run puts it
+    in .node/, beside this file)."""
+    node = shutil.which('node')
+    modules = os.environ.get('NODE_PATH') or os.path.join(HERE, '.node', 'node_modules')
+    if not node or not os.path.isdir(os.path.join(modules, 'toxiproxy-node-client')):
+        pytest.skip('node and toxiproxy-node-client are not installed (npm install --prefix '
+                    '.node toxiproxy-node-client)')
+    script = write(tmp_path, 'client.js', NODE_CLIENT)
+    result = subprocess.run(
+        [node, str(script), 'http://%s:%d' % toxiproxy.server.server_address,
+         '%s:%d' % echo_backend.address], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, NODE_PATH=modules))
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer['toxic'] == 'latency_downstream' and answer['errors'] == 'errors_upstream'
+    assert answer['listed'] == 'node' and '2.12.0' in json.dumps(answer['version'])
+    started = time.monotonic()
+    assert round_trip(vaurien.parse_address(answer['listen'])) == b'ping'   # toxicity 0
+    assert time.monotonic() - started >= 0.2
