@@ -5457,3 +5457,113 @@ def test_the_toxiproxy_node_client_drives_vaurien(toxiproxy, echo_backend, tmp_p
     started = time.monotonic()
     assert round_trip(vaurien.parse_address(answer['listen'])) == b'ping'   # toxicity 0
     assert time.monotonic() - started >= 0.2
+
+
+# -- what a review of the faults and the Toxiproxy API found --------------------------
+
+def chunks_then_close(count, size=10, pause=0.02):
+    """A backend that sends `count` chunks of `size` bytes ('0000000000', '1111111111'...),
+    `pause` seconds apart, then waits for the client to leave."""
+    def serve(sock):
+        for number in range(count):
+            sock.sendall(str(number % 10).encode() * size)
+            time.sleep(pause)
+        sock.recv(10)
+    return serve
+
+
+def test_nothing_passes_the_fault_that_closed_the_connection(make_proxy):
+    backend = Backend(chunks_then_close(5))
+    try:
+        proxy = make_proxy(backend.address)
+        with proxy.faults({'handler': 'delay', 'sleep': 0.2, 'direction': 'to_client'},
+                          {'handler': 'limit_data', 'bytes': 10, 'direction': 'to_client'}):
+            with connect(proxy.address) as sock:
+                assert outcome(sock) == ('eof', b'0' * 10)    # not the chunks delayed after
+        with proxy.faults({'handler': 'delay', 'sleep': 0.2, 'direction': 'to_client'},
+                          {'handler': 'timeout', 'timeout': 0.25, 'direction': 'to_client'}):
+            with connect(proxy.address) as sock:
+                assert outcome(sock) == ('eof', b'')          # all swallowed, then closed
+    finally:
+        backend.close()
+
+
+def test_a_removed_fault_passes_on_the_eof_it_held(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('timeout', timeout=0, direction='to_backend')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'ping')
+        sock.shutdown(socket.SHUT_WR)        # held, with the data, by timeout
+        wait_for(lambda: proxy.get_faults()[0]['connections'], what='the fault to apply')
+        proxy.remove_fault('timeout')
+        assert outcome(sock) == ('eof', b'')   # the EOF goes on: the backend ends it too
+    wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+
+
+def test_timers_of_a_fault_end_with_their_connection(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('timeout', timeout='1h', direction='to_client')
+    for _ in range(20):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'x')
+    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    held = [timer for timer in list(proxy.pump.timers)
+            if getattr(timer[2], '__func__', None) is vaurien.Connection._timer]
+    assert held == []      # cancelled: no ended connection is kept for an hour
+
+
+def test_transient_and_flap_count_from_when_the_fault_was_added(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    for _ in range(4):
+        assert round_trip(proxy.address) == b'ping'
+    with proxy.fault('transient', count=2, protocol='raw', message='E'):
+        assert [round_trip(proxy.address) for _ in range(3)] == [b'E', b'E', b'ping']
+
+
+def test_bad_fault_requests_are_400s_and_names_are_drawn_in_the_pump(proxy):
+    address = proxy.control
+    for body in ({'handler': 'delay', 'direction': []}, {'handler': 'delay', 'index': 10**30},
+                 {'handler': 'delay', 'index': -1}):
+        assert api(address, 'PUT', '/faults', json.dumps(body))[0] == 400, body
+    api(address, 'PUT', '/faults', '{"handler": "delay"}')
+    assert api(address, 'PATCH', '/faults/delay', json.dumps(
+        {'settings': {'direction': {}}}))[0] == 400
+    answers = []
+    callers = [threading.Thread(target=lambda: answers.append(api(
+        address, 'PUT', '/faults', '{"handler": "corrupt"}')[0])) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(WAIT)
+    assert answers == [201] * 8 and len(proxy.get_faults()) == 9
+    with proxy.fault('hang'):
+        proxy.remove_fault('hang')           # gone in the block: the exit says nothing
+
+
+def test_toxiproxy_api_reads_every_body_and_never_drops_a_bad_one(toxiproxy, echo_backend):
+    upstream = '%s:%d' % echo_backend.address
+    toxiproxy('POST', '/proxies', {'name': 'p', 'upstream': upstream, 'listen': LOOP + ':0'})
+    smuggled = b'DELETE /proxies/p HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n'
+    with connect(toxiproxy.server.server_address) as sock:   # a browser's, with a request
+        sock.sendall(b'POST /proxies HTTP/1.1\r\nHost: x\r\nUser-Agent: Mozilla/5.0\r\n'
+                     b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled +
+                     b'GET /version HTTP/1.1\r\nHost: x\r\n\r\n')
+        answer = b''
+        while answer.count(b'HTTP/1.1 ') < 2 or not answer.endswith(b'}\n'):
+            answer += sock.recv(65536)
+    assert answer.startswith(b'HTTP/1.1 403 ') and b'HTTP/1.1 200 OK' in answer
+    assert toxiproxy('GET', '/proxies/p')[0] == 200                 # not deleted
+    toxiproxy('POST', '/proxies/p/toxics', {'type': 'noop'})
+    proxy = toxiproxy.server.proxies['p']
+    proxy.add_fault('bandwidth', rate=1000)       # a native fault, named as a toxic type
+    listed = json.loads(toxiproxy('GET', '/proxies/p/toxics')[2])
+    assert [(toxic['name'], toxic['attributes'].get('rate')) for toxic in listed] == [
+        ('noop_downstream', None), ('bandwidth', 1000)]
+    for body, error in [('{"type": "latency", "attributes": {"latency": 1%s}}' % ('0' * 400),
+                         'of type int64'),
+                        ('{"type": "latency", "toxicity": 1e39}', 'of type float32')]:
+        status, _, text = toxiproxy('POST', '/proxies/p/toxics', body)
+        assert status == 400 and error in json.loads(text)['error'], text
+    status, _, text = toxiproxy('POST', '/proxies/p/toxics', 'zz\r\n\r\n',
+                                headers={'Transfer-Encoding': 'chunked'})
+    assert status == 400 and 'bad request body' in text

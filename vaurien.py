@@ -573,7 +573,7 @@ def errors(source, dest, to_backend, name, settings, proxy):
     data = proxy.get_data(source)
     if not to_backend:
         return HOLD_EOF  # whatever the backend says is dropped
-    state = source.connection.state((name, proxy.epoch))   # set again: a fresh start
+    state = source.connection.state((name, source.connection.epoch))   # set again: anew
     data = state.pop('start', b'') + data
     if not data:
         return False
@@ -703,7 +703,7 @@ def slow_close(source, dest, to_backend, name, settings, proxy):
 def _start_timeout(client, backend, name, settings, proxy):
     """Arm the connection's timeout once, whichever handler event comes first."""
     conn = client.connection
-    state = conn.state((name, conn.proxy.epoch))   # set again later: a new clock
+    state = conn.state((name, conn.epoch))   # set again later: a new clock
     if not state and settings['timeout'] > 0:
         state['armed'] = True
         conn.call_later(settings['timeout'], conn.close)
@@ -711,7 +711,8 @@ def _start_timeout(client, backend, name, settings, proxy):
 
 @traits(on_connect=_start_timeout)
 def timeout(source, dest, to_backend, name, settings, proxy):
-    """Swallows data (and EOF) and closes the connection after `timeout` seconds.
+    """Swallows data (and the backend's EOF) and closes the connection after `timeout`
+    seconds, or when the client leaves.
 
     The clock starts when the connection opens (or when this handler first
     sees it, if it was set while the connection was open).
@@ -725,7 +726,7 @@ def timeout(source, dest, to_backend, name, settings, proxy):
     data = proxy.get_data(source)
     if not applies(settings['direction'], to_backend):
         return dest.sendall(data)
-    return HOLD_EOF
+    return False if to_backend and not data else HOLD_EOF
 
 
 @directional
@@ -747,16 +748,16 @@ def limit_data(source, dest, to_backend, name, settings, proxy):
 
 @directional
 def reset_peer(source, dest, to_backend, name, settings, proxy):
-    """Resets both ends (RST) `timeout` seconds after the first data of `direction`,
-    which is dropped, with all that follows; as Toxiproxy's reset_peer.
+    """Resets both ends (RST) `timeout` seconds after the first data (or EOF) of
+    `direction`, which is dropped, with all that follows; as Toxiproxy's reset_peer.
 
     Settings:
       timeout (seconds >= 0, default 0): seconds between the first data and the resets.
       direction (to_backend|to_client|both, default to_backend): the traffic that sets it off.
     """
-    data = proxy.get_data(source)
+    proxy.get_data(source)
     state = source.connection.state((name, 'reset_peer'))
-    if data and not state:
+    if not state:
         state['armed'] = True
         source.connection.call_later(settings['timeout'], lambda: (source.abort(),
                                                                    dest.abort()))
@@ -770,9 +771,9 @@ def _failing(conn, settings):
     first `count` (or `period`) after the handler was set.  Connections opened
     before it was set pass.
     """
-    state = conn.state(('transient', conn.proxy.epoch))
+    state = conn.state(('transient', conn.epoch))
     if 'errors' not in state:
-        epoch_index, epoch_time = conn.proxy.epoch
+        epoch_index, epoch_time = conn.epoch
         if settings['period'] > 0:
             failing = 0 <= conn.opened - epoch_time < settings['period']
         else:
@@ -815,7 +816,7 @@ def transient(source, dest, to_backend, name, settings, proxy):
 
 def _flap_connect(client, backend, name, settings, proxy):
     up, down = settings['up'], settings['down']
-    phase = (time.monotonic() - proxy.epoch[1]) % (up + down)
+    phase = (time.monotonic() - client.connection.epoch[1]) % (up + down)
     if phase < up:
         return None
     if settings['mode'] == 'refuse':
@@ -1121,6 +1122,7 @@ class Fault:
         self.endings = {}       # how those connections ended
         self.toxic = None       # made through Toxiproxy's API: its type, stream, attributes
         self.closes_when_removed = False   # its connections, as Toxiproxy's timeout
+        self.epoch = (0, time.monotonic())  # (accepted, time) when it was set, as Proxy's
         self.configure(settings or {}, direction, toxicity)
 
     def configure(self, settings, direction=None, toxicity=None):
@@ -1128,7 +1130,8 @@ class Fault:
         settings = dict(settings)
         if direction is None and self.directional:
             direction = settings.pop('direction', None)
-        if direction is not None and direction not in DIRECTIONS:
+        if direction is not None and (not isinstance(direction, str) or
+                                      direction not in DIRECTIONS):
             raise ConfigError('fault %s: direction %s is none of %s' % (
                 self.name, shown(direction), ', '.join(DIRECTIONS)))
         if toxicity is not None and (isinstance(toxicity, bool) or not isinstance(
@@ -1587,14 +1590,17 @@ class Layer:
     handler's `source` is the Side the data comes from: what it answers there
     goes straight to that socket.
 
-    A layer whose fault is removed passes what it holds on at once, and
-    whatever reaches it later, without its handler: no byte is lost,
-    repeated or reordered.  A closing connection's layers call no handler
-    either: what they hold goes out in its time, and then the EOF.
+    A layer whose fault is removed passes what it holds on at once (and an
+    EOF its handler held), and whatever reaches it later, without its
+    handler: no byte is lost, repeated or reordered.  A closing connection's
+    layers call no handler either: what they hold goes out in its time, and
+    then the EOF; but the layers of the fault that closed it (limit_data,
+    timeout) let no more data through, as Toxiproxy's chain ends there.
     """
 
     __slots__ = ('connection', 'pump', 'fault', 'to_backend', 'source', 'side', 'next',
-                 'applied', 'removed', 'queue', 'last_due', 'eof_queued', 'timer')
+                 'applied', 'removed', 'sealed', 'held_eof', 'queue', 'last_due',
+                 'eof_queued', 'timer')
 
     def __init__(self, connection, fault, to_backend, applied=True):
         self.connection = connection
@@ -1606,6 +1612,8 @@ class Layer:
         self.next = self.side
         self.applied = applied      # the fault's toxicity drawn for this connection
         self.removed = False
+        self.sealed = False         # its fault closed the connection: nothing more passes
+        self.held_eof = False       # its handler kept an EOF from going on (HOLD_EOF)
         self.queue = collections.deque()   # [due, bytes or _EOF or _RST, (pace, pause)]
         self.last_due = 0.0
         self.eof_queued = False
@@ -1717,6 +1725,8 @@ class Layer:
         the fault not applied, removed or the connection closing, it passes on."""
         conn = self.connection
         if not self.applied or self.removed or conn.closing_at is not None or item is _RST:
+            if self.sealed and item is not _EOF and item is not _RST:
+                return
             if conn.jobs:   # calls in the worker: this one follows them there, in order
                 return conn._run_for(None, self._relay, (item,), _size(item) + ENTRY_COST)
             return self._relay(item)
@@ -1743,18 +1753,26 @@ class Layer:
         finally:
             source.data, conn.calling = saved, calling
         if result is False:
-            conn.close()
-        elif not data and not (isinstance(result, str) and result == HOLD_EOF):
-            self.shutdown()
+            conn.close(fault)
+        elif not data:
+            if isinstance(result, str) and result == HOLD_EOF:
+                self.held_eof = True
+            else:
+                self.shutdown()
 
     def remove(self):
-        """Its fault was removed: pass on at once, in order, what it holds."""
+        """Its fault was removed: pass on at once, in order, what it holds, and the EOF
+        its handler held."""
         self.removed = True
         self.last_due = 0.0
         for entry in self.queue:
             entry[:] = [0.0, entry[1]]     # unpaced too
+        if self.timer is not None:
+            self.pump.cancel(self.timer)
         if self.queue:
             self._flush()
+        if self.held_eof:
+            self._end(_EOF)
 
     def stop(self):
         """The connection ended: drop what it holds."""
@@ -1774,7 +1792,8 @@ class Connection:
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
                  'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held',
-                 'first', 'connect_timer', 'ending', 'chains', 'calling', 'faults')
+                 'first', 'connect_timer', 'ending', 'chains', 'calling', 'applied_faults',
+                 'timers')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -1804,7 +1823,8 @@ class Connection:
         self.ending = None        # (kind, text): how it ended, the first cause seen
         self.chains = None        # with faults: its Layers each way, (to_client, to_backend)
         self.calling = None       # the Fault whose handler is being called
-        self.faults = ()          # the faults that applied to it, when it opened
+        self.applied_faults = ()  # the faults that applied to it
+        self.timers = None        # {key: timer} of call_later, cancelled at its end
 
     # -- what handlers use ------------------------------------------------------
 
@@ -1815,6 +1835,12 @@ class Connection:
             seed = self.proxy.seed
             self._random = random.Random(None if seed is None else '%s:%d' % (seed, self.index))
         return self._random
+
+    @property
+    def epoch(self):
+        """(connections accepted, time) when the handler or fault being called was set:
+        what transient and flap count from."""
+        return self.proxy.epoch if self.calling is None else self.calling.epoch
 
     def state(self, key):
         """A dict a handler keeps for this connection under `key`."""
@@ -1831,18 +1857,32 @@ class Connection:
         """
         due, blocking = time.monotonic() + seconds, not self.pump.in_loop()
         armed = self.calling or self.current()[0]
-        self._in_loop(self.pump.call_at, due, self._timer, function, blocking, armed)
+        self._in_loop(self._arm, due, function, blocking, armed)
+
+    def _arm(self, due, function, blocking, armed):
+        """A timer of call_later, kept to be cancelled with the connection."""
+        if self.released:
+            return
+        if self.timers is None:
+            self.timers = {}
+        key = next(_sequence)
+        self.timers[key] = self.pump.call_at(due, self._timer, key, function, blocking, armed)
 
     @_in_pump
-    def close(self):
+    def close(self, fault=None):
         """Flush what is queued, send EOF both ways, drain, then close.
 
         What was queued is sent first, however slowly the peer reads; then
         the connection ends when both sides sent their EOF, or LINGER seconds
         later.  Killed with bytes still queued, a side is reset, so that a
-        truncation is never mistaken for a whole answer.
+        truncation is never mistaken for a whole answer.  Closed by a fault
+        (`fault`, or the one being called), what has not passed it yet is
+        dropped.
         """
+        fault = fault or self.calling
         if self.closing_at is None:
+            for layer in self._layers_of(fault):
+                layer.sealed = True
             self.ending = self.ending or ('closed', 'closed by the handler')
             now = time.monotonic()
             self.closing_at = max(self.client.last_due, self.backend.last_due, now, *(
@@ -1904,7 +1944,7 @@ class Connection:
         _prepare(self.client.sock, nodelay=False)   # inherited from the listener
         handler, settings = self._in_force()
         starts = [(handler, settings, handler.name, None)] + [
-            (fault.handler, fault.settings, fault.name, fault) for fault in self.faults]
+            (fault.handler, fault.settings, fault.name, fault) for fault in self.applied_faults]
         hooked = [start[0] for start in starts if start[0].on_connect is not None]
         if not hooked:
             self._opened(starts, None)
@@ -1951,10 +1991,12 @@ class Connection:
     def redraw(self, fault):
         """`fault`'s toxicity changed: whether it applies is drawn again."""
         applied = self._draw(fault)
-        for chain in self.chains or ():
-            for layer in chain:
-                if layer.fault is fault:
-                    layer.applied = applied
+        for layer in self._layers_of(fault):
+            layer.applied = applied
+
+    def _layers_of(self, fault):
+        return [layer for chain in self.chains or () for layer in chain
+                if fault is not None and layer.fault is fault]
 
     def remove_fault(self, fault):
         """Take `fault`'s layers out: what they hold goes on at once, in order.
@@ -1963,12 +2005,11 @@ class Connection:
         reaches it on, so that nothing overtakes what that call sends; it is
         taken out at a later change, once no call is in the worker.
         """
+        for layer in self._layers_of(fault):
+            layer.remove()
         for chain in self.chains or ():
-            for layer in chain:
-                if layer.fault is fault:
-                    layer.remove()
             self._link(self._pruned(chain))
-        if fault.closes_when_removed and fault in self.faults:
+        if fault.closes_when_removed and fault in self.applied_faults:
             self.close()
         self.pump.dirty.add(self)
 
@@ -1980,9 +2021,9 @@ class Connection:
 
     def _draw(self, fault):
         applied = fault.applies(self)
-        if applied and fault not in self.faults:
+        if applied and fault not in self.applied_faults:
             fault.touched += 1
-            self.faults += (fault,)
+            self.applied_faults += (fault,)
             if fault.handler.on_close is not None:
                 self._closes_with(fault.handler, fault.name)
         return applied
@@ -2195,15 +2236,25 @@ class Connection:
             return function(*args)
         self.pump.call_soon(function, *args)
 
-    def _timer(self, function, blocking, armed):
+    def _timer(self, key, function, blocking, armed):
+        del self.timers[key]
+        fault = armed if isinstance(armed, Fault) else None
         if self.closing_at is not None or self.released or not (
-                armed.active if isinstance(armed, Fault) else self.current()[0] is armed):
+                fault.active if fault else self.current()[0] is armed):
             return
         if blocking and self.worker is not None:
-            self._run_for(None, self._call, (function,))
+            self._run_for(None, self._call_as, (fault, function))
         else:
-            self._call(function)
+            self._call_as(fault, function)
         self.pump.dirty.add(self)
+
+    def _call_as(self, fault, function):
+        """Call a timer's `function` as `fault`'s (None: the handler's)."""
+        calling, self.calling = self.calling, fault
+        try:
+            self._call(function)
+        finally:
+            self.calling = calling
 
     def _in_force(self):
         handler, settings = self.current()
@@ -2372,6 +2423,8 @@ class Connection:
                 'no_eof', 'closed after %g s without EOF' % LINGER)
         if self.connect_timer is not None:
             self.pump.cancel(self.connect_timer)
+        for timer in (self.timers or {}).values():
+            self.pump.cancel(timer)     # nothing holds an ended connection
         for chain in self.chains or ():
             for layer in chain:
                 layer.stop()
@@ -2389,7 +2442,7 @@ class Connection:
         """What the log, the events and GET /connections tell of this connection."""
         return {'proxy': self.proxy.name, 'connection': self.index,
                 'client': format_address(self.address), 'handler': self.handler_name,
-                'faults': [fault.name for fault in self.faults],
+                'faults': [fault.name for fault in self.applied_faults],
                 'to_backend': self.backend.delivered, 'to_client': self.client.delivered,
                 'seconds': round(time.monotonic() - self.opened, 3)}
 
@@ -2570,7 +2623,8 @@ class _Driving:
         try:
             yield added
         finally:
-            self.remove_fault(added['name'])
+            with contextlib.suppress(FaultNotFound):    # removed in the block: gone anyway
+                self.remove_fault(added['name'])
 
     @contextlib.contextmanager
     def faults(self, *faults):
@@ -2905,7 +2959,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             conn.add_fault(fault)
         handler = conn.current()[0].name
         EVENTS.record('opened', self.name, (self.name, conn.index, client_address, handler,
-                                            [fault.name for fault in conn.faults]))
+                                            [fault.name for fault in conn.applied_faults]))
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
                     format_address(client_address), handler)
@@ -2974,9 +3028,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         seconds = time.monotonic() - conn.opened
         EVENTS.record('closed', self.name, (
             self.name, conn.index, conn.address, conn.handler_name,
-            [fault.name for fault in conn.faults], conn.backend.delivered,
+            [fault.name for fault in conn.applied_faults], conn.backend.delivered,
             conn.client.delivered, kind, how, round(seconds, 3)))
-        for fault in conn.faults:
+        for fault in conn.applied_faults:
             fault.endings[kind] = fault.endings.get(kind, 0) + 1
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s closed: %s, %d B to '
@@ -3164,21 +3218,32 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
     def apply_fault(self, handler, name, direction, toxicity, index, settings, origin):
         """add_fault(), saying where the change came from: `origin` is logged."""
         handler = self.handler(handler)
-        if name is None:
-            taken = {fault.name for fault in self.fault_stack}
-            name = next(candidate for candidate in itertools.chain(
-                [handler.name], ('%s_%d' % (handler.name, number)
-                                 for number in itertools.count(2))) if candidate not in taken)
+        fault = Fault(handler.name if name is None else name, handler, settings, direction,
+                      toxicity)
+        return self.lay_fault(fault, index, origin, named=name is not None)
+
+    def lay_fault(self, fault, index, origin, named=True):
+        """Put `fault` on the stack (on top, or at `index`), for new and live connections;
+        unless `named`, under the first free name of NAME, NAME_2..."""
         if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
             raise ConfigError('a fault index is an integer, not %s' % shown(index))
-        fault = Fault(name, handler, settings, direction, toxicity)
-        self.pump.call(self._lay, fault, index)
-        self._changed('fault %s added' % name, fault.describe(), origin)
+        self.pump.call(self._lay, fault, index, named)
+        self._changed('fault %s added' % fault.name, fault.describe(), origin)
         return fault.describe()
 
-    def _lay(self, fault, index):
-        if any(other.name == fault.name for other in self.fault_stack):
+    def _lay(self, fault, index, named):
+        taken = {other.name for other in self.fault_stack}
+        if not named:
+            base = fault.name
+            fault.name = next(candidate for candidate in itertools.chain(
+                [base], ('%s_%d' % (base, number) for number in itertools.count(2)))
+                if candidate not in taken)
+        elif fault.name in taken:
             raise FaultExists('a fault named %r exists already' % fault.name)
+        if index is not None and not 0 <= index <= len(self.fault_stack):
+            raise ConfigError('fault index %d: the stack holds %d, so 0 to %d' % (
+                index, len(self.fault_stack), len(self.fault_stack)))
+        fault.epoch = (self._accepted, time.monotonic())
         self.fault_stack.insert(len(self.fault_stack) if index is None else index, fault)
         for conn in self._live():
             conn.add_fault(fault)
@@ -3189,22 +3254,25 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return self.apply_fault_update(name, settings, toxicity, 'a Python call')
 
     def apply_fault_update(self, name, settings, toxicity, origin):
-        fault = self.find_fault(name)
-        direction = settings.get('direction', fault.direction)
-        if STREAMS.get(direction, direction) != fault.direction:
-            raise ConfigError('fault %s: its direction is %s; to change it, remove the '
-                              'fault and add it again' % (name, fault.direction))
-        settings.pop('direction', None)
-        self.pump.call(self._reconfigure, fault, settings, toxicity)
+        fault = self.pump.call(self._reconfigure, name, dict(settings), toxicity)
         self._changed('fault %s updated' % name, fault.describe(), origin)
         return fault.describe()
 
-    def _reconfigure(self, fault, settings, toxicity):
+    def _reconfigure(self, name, settings, toxicity):
+        """Looked up and changed in the pump: a fault removed meanwhile is not found."""
+        fault = self.find_fault(name)
+        direction = settings.pop('direction', fault.direction)
+        if not isinstance(direction, str) or STREAMS.get(direction, direction) != \
+                fault.direction:
+            raise ConfigError('fault %s: its direction is %s; to change it, remove the '
+                              'fault and add it again' % (name, fault.direction))
         draws = fault.draws
         fault.configure(settings, toxicity=toxicity)
+        fault.epoch = (self._accepted, time.monotonic())   # set again: counted anew
         if fault.draws != draws:
             for conn in self._live():
                 conn.redraw(fault)
+        return fault
 
     def remove_fault(self, name):
         """Take fault `name` off, for new and live connections: what its layers hold
@@ -3212,21 +3280,25 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         return self.apply_fault_removal(name, 'a Python call')
 
     def apply_fault_removal(self, name, origin):
-        fault = self.find_fault(name)
-        self.pump.call(self._unlay, fault)
+        fault = self.pump.call(self._unlay, name)
         self._changed('fault %s removed' % name, fault.describe(), origin)
         return fault.describe()
 
-    def _unlay(self, fault):
-        if fault in self.fault_stack:
-            self.fault_stack.remove(fault)
-            fault.active = False
-            for conn in self._live():
-                conn.remove_fault(fault)
+    def _unlay(self, name):
+        fault = self.find_fault(name)
+        self.fault_stack.remove(fault)
+        fault.active = False
+        for conn in self._live():
+            conn.remove_fault(fault)
+        return fault
 
     def clear_faults(self, origin='a Python call'):
         """Remove every fault; their last descriptions."""
-        return [self.apply_fault_removal(fault.name, origin) for fault in list(self.fault_stack)]
+        removed = []
+        for fault in list(self.fault_stack):
+            with contextlib.suppress(FaultNotFound):     # removed meanwhile
+                removed.append(self.apply_fault_removal(fault.name, origin))
+        return removed
 
     def get_faults(self):
         """The stack, bottom first: each fault's description (name, handler, settings,
@@ -3449,6 +3521,11 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             self.reply(exc.status, dict(error=str(exc), status=exc.status, **exc.extra))
         except ConfigError as exc:
             self.reply(exc.status, {'error': str(exc), 'status': exc.status})
+        except OSError:
+            raise                     # the caller went away: handle_error's
+        except Exception as exc:      # a bug of ours: logged, answered, and serving goes on
+            log.exception('control API %s %s failed', self.command, self.path)
+            self.reply(500, {'error': 'internal error: %s' % exc, 'status': 500})
 
     def route(self):
         """The methods of the resource the path names, or None; sets `self.target`, the
@@ -3907,8 +3984,9 @@ def _go_fields(request, struct, fields, into):
             continue
         kind = fields[name]
         good = {'string': isinstance(value, str), 'bool': isinstance(value, bool),
-                'float32': isinstance(value, (int, float)) and not isinstance(value, bool)}.get(
-            kind, isinstance(value, int) and not isinstance(value, bool))
+                'float32': isinstance(value, (int, float)) and not isinstance(value, bool)
+                and abs(value) <= 3.4e38}.get(kind, isinstance(value, int) and not isinstance(
+                    value, bool) and -2 ** 63 <= value < 2 ** 63)
         if not good:
             shown_kind = _go_kind(value)
             if shown_kind == 'number' and kind.startswith('int'):   # Go shows the number
@@ -3995,14 +4073,15 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
 
     @staticmethod
     def toxic(fault):
-        """A fault as Toxiproxy's JSON."""
-        toxic = fault.toxic or {
-            'type': fault.handler.name,
-            'stream': 'upstream' if fault.direction == 'to_backend' else 'downstream'}
-        attributes = toxic['attributes'] if toxic['type'] in TOXICS else fault.settings
+        """A fault as Toxiproxy's JSON: a toxic of Toxiproxy's types shows its attributes;
+        any other fault (made here, or by Vaurien's API) its handler and settings."""
+        toxic = fault.toxic or {}
+        attributes = toxic.get('attributes')
         toxicity = fault.toxicity
-        return {'attributes': dict(attributes), 'name': fault.name,
-                'type': toxic['type'], 'stream': toxic['stream'],
+        return {'attributes': dict(fault.settings if attributes is None else attributes),
+                'name': fault.name, 'type': toxic.get('type', fault.handler.name),
+                'stream': toxic.get('stream') or (
+                    'upstream' if fault.direction == 'to_backend' else 'downstream'),
                 'toxicity': int(toxicity) if toxicity == int(toxicity) else toxicity}
 
     def create(self, name, listen, upstream, enabled, origin):
@@ -4137,6 +4216,13 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
     do_POST = do_PATCH = do_DELETE = do_PUT = do_HEAD = do_OPTIONS = do_GET
 
     def serve(self):
+        """Route the request, its body read first, whatever the answer: a body left
+        unread would be taken for the next request of the connection."""
+        try:
+            body = self.read_body()
+        except (ToxiproxyError, ValueError) as exc:
+            self.close_connection = True
+            return self.send_error_json(400, 'bad request body: %s' % exc)
         path = urllib.parse.urlsplit(self.path).path
         for pattern, methods in self.ROUTES:
             match = pattern.fullmatch(path)
@@ -4152,34 +4238,38 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
                              nosniff=True)
         args = [urllib.parse.unquote(part) for part in match.groups()]
         try:
-            body = self.read_body()
             status, answer, *content_type = getattr(self, methods[self.command])(body, *args)
         except ToxiproxyError as exc:
-            error = _go_json({'error': str(exc), 'status': exc.status}) + '\n'
-            return self.send(exc.status, error.encode(), 'text/plain; charset=utf-8',
-                             nosniff=True)
+            return self.send_error_json(exc.status, str(exc))
+        except Exception as exc:      # a bug of ours: logged, answered, and serving goes on
+            log.exception('Toxiproxy API %s %s failed', self.command, self.path)
+            return self.send_error_json(500, 'internal error: %s' % exc)
         if content_type:
             return self.send(status, answer, content_type[0])
         self.send(status, b'' if answer is None else _go_json(answer).encode(),
                   None if answer is None else 'application/json')
 
     def read_body(self):
+        """The body (Content-Length or chunked, up to MAX_BODY); ValueError if it is
+        malformed or too large."""
         if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b';')[0].strip() or b'0', 16)
-                if not size:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b''.join(chunks)
+            chunks, size = [], None
+            while size != 0:
+                size = int(self.rfile.readline(64).split(b';')[0].strip(), 16)
+                if size < 0 or sum(map(len, chunks)) + size > MAX_BODY:
+                    raise ValueError('a chunk of a bad size')
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-                if sum(map(len, chunks)) > MAX_BODY:
-                    raise ToxiproxyError(413, 'request body too large')
+                self.rfile.readline(64)
+            return b''.join(chunks)
         length = self.headers.get('Content-Length', '0').strip() or '0'
-        if not length.isdigit() or int(length) > MAX_BODY:
-            raise ToxiproxyError(400, 'bad request body: bad Content-Length')
+        if not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY:
+            raise ValueError('a bad Content-Length (at most %d bytes)' % MAX_BODY)
         return self.rfile.read(int(length))
+
+    def send_error_json(self, status, message):
+        """An error as Toxiproxy's: its JSON, as text/plain, with a newline."""
+        error = _go_json({'error': message, 'status': status}) + '\n'
+        self.send(status, error.encode(), 'text/plain; charset=utf-8', nosniff=True)
 
     def send(self, status, body, content_type, nosniff=False):
         self.send_response(status)
@@ -4311,20 +4401,21 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
         fault_name = fields['name'] or '%s_%s' % (kind, fields['stream'])
         if any(fault.name == fault_name for fault in list(proxy.fault_stack)):
             raise ToxiproxyError(409, 'toxic already exists')
-        attributes = self.attributes(kind, request, {})
+        attributes = self.attributes(kind in TOXICS, kind, request, {})
         handler, settings = self.settings(kind, attributes)
-        if kind not in TOXICS and 'direction' not in (proxy.handler(handler).schema or {}):
+        handler = proxy.handler(handler)
+        if kind not in TOXICS and 'direction' not in (handler.schema or {}):
             direction = 'both'       # errors, hang...: the whole connection, as in force
         try:
-            proxy.apply_fault(handler, fault_name, direction, fields['toxicity'], None,
-                              settings, self.origin())
+            fault = Fault(fault_name, handler, settings, direction, fields['toxicity'])
+            fault.toxic = {'type': kind, 'stream': fields['stream'],
+                           'attributes': attributes if kind in TOXICS else None}
+            fault.closes_when_removed = kind == 'timeout'    # Toxiproxy's Cleanup closes
+            proxy.lay_fault(fault, None, self.origin())
         except FaultExists:
             raise ToxiproxyError(409, 'toxic already exists') from None
         except ConfigError as exc:
             raise ToxiproxyError(400, str(exc)) from None
-        fault = proxy.find_fault(fault_name)
-        fault.toxic = {'type': kind, 'stream': fields['stream'], 'attributes': attributes}
-        fault.closes_when_removed = kind == 'timeout'    # Toxiproxy's Cleanup closes
         return 200, self.server.toxic(fault)
 
     @staticmethod
@@ -4338,23 +4429,24 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
                                           _go_kind(attributes), field, go_type))
         return attributes
 
-    def attributes(self, kind, request, current):
-        """The toxic's attributes: `current` (or the defaults) with the request's."""
-        struct = TOXICS[kind][1] if kind in TOXICS else 'Toxic'
+    def attributes(self, toxiproxy, kind, request, current):
+        """The toxic's attributes: `current` (or the defaults) with the request's; of
+        Toxiproxy's `kind` if `toxiproxy`, else a Vaurien handler's settings."""
+        struct = TOXICS[kind][1] if toxiproxy else 'Toxic'
         attributes = self.check_attributes(request, '.attributes', 'toxics.' + struct)
-        if kind in TOXICS:
+        if toxiproxy:
             _, struct, defaults, go_type, _ = TOXICS[kind]
             return _go_fields(attributes, struct + '.attributes', dict.fromkeys(
                 defaults, go_type), dict(defaults, **current))
         return dict(current, **(attributes or {}))
 
     @staticmethod
-    def settings(kind, attributes):
+    def settings(kind, attributes, toxiproxy=True):
         """The Vaurien handler and its settings for a toxic of type `kind`."""
-        if kind in TOXICS:
+        if kind in TOXICS and toxiproxy:
             handler, _, _, _, convert = TOXICS[kind]
             return handler, convert(attributes)
-        return kind, attributes
+        return kind, dict(attributes)
 
     def find_toxic(self, proxy, toxic):
         try:
@@ -4370,18 +4462,22 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
         """Attributes merged over the toxic's; the toxicity changed only when given."""
         proxy = self.find(name)
         fault = self.find_toxic(proxy, toxic)
-        shown = self.server.toxic(fault)
+        described = self.server.toxic(fault)
+        toxiproxy = bool(fault.toxic and fault.toxic['attributes'] is not None)
         request = _go_decode(body, 'toxics.ToxicWrapper') or {}
         toxicity = _go_fields(request, 'ToxicWrapper', {'toxicity': 'float32'}, {}).get(
             'toxicity')
-        attributes = self.attributes(shown['type'], request, shown['attributes'])
-        handler, settings = self.settings(shown['type'], attributes)
+        attributes = self.attributes(toxiproxy, described['type'], request,
+                                     described['attributes'])
+        _, settings = self.settings(described['type'], attributes, toxiproxy)
         settings.pop('direction', None)
         try:
             proxy.apply_fault_update(fault.name, settings, toxicity, self.origin())
+        except FaultNotFound:
+            raise ToxiproxyError(404, 'toxic not found') from None
         except ConfigError as exc:
             raise ToxiproxyError(400, str(exc)) from None
-        if fault.toxic:
+        if toxiproxy:
             fault.toxic['attributes'] = attributes
         return 200, self.server.toxic(fault)
 
@@ -4554,8 +4650,10 @@ class Client(_Driving):
             raise VaurienError('%s %s: %d, not a JSON answer: %r' % (
                 method, path, response.status, data[:200])) from None
         if response.status >= 400:
-            raise VaurienError('%s %s: %d %s' % (method, path, response.status,
-                                                answer.get('error', answer)))
+            error = FaultNotFound if response.status == 404 and '/faults/' in path \
+                else VaurienError
+            raise error('%s %s: %d %s' % (method, path, response.status,
+                                         answer.get('error', answer)))
         return answer
 
 
