@@ -5567,3 +5567,24 @@ def test_toxiproxy_api_reads_every_body_and_never_drops_a_bad_one(toxiproxy, ech
     status, _, text = toxiproxy('POST', '/proxies/p/toxics', 'zz\r\n\r\n',
                                 headers={'Transfer-Encoding': 'chunked'})
     assert status == 400 and 'bad request body' in text
+
+
+def test_an_error_answer_and_its_eof_arrive_together(make_proxy, echo_backend):
+    """A pooled client that reads the answer must see the EOF with it, or it sends its
+    next request on a connection that is ending (redis-py without retries then fails
+    with "Connection closed by server" under load)."""
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('errors', protocol='redis')
+    late = 0
+    for _ in range(100):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'*1\r\n$4\r\nPING\r\n')
+            answer = b''
+            while not answer.endswith(b'\r\n'):
+                answer += sock.recv(65536)
+            sock.setblocking(False)
+            try:
+                late += sock.recv(65536) != b''
+            except BlockingIOError:      # the EOF is not there yet
+                late += 1
+    assert answer == b'-ERR Service Unavailable\r\n' and late == 0

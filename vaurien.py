@@ -528,8 +528,8 @@ def error_answer(protocol, settings, rng, request=b''):
 def _errors_greeting(client, backend, name, settings, proxy):
     """Servers that speak first (MySQL, SMTP) get their error as the greeting."""
     if settings['protocol'] in ('mysql', 'smtp'):
-        client.sendall(error_answer(settings['protocol'], settings, client.connection.random))
-        client.close()
+        client.answer_and_close(error_answer(settings['protocol'], settings,
+                                             client.connection.random))
         return False
 
 
@@ -597,8 +597,7 @@ def _answer_error(source, state, data, settings, final):
     if protocol == 'postgresql' and data[4:8] in _PG_ENCRYPTION_REQUESTS:
         source.sendall(b'N')  # no TLS: the client goes on with its StartupMessage
         return None
-    source.sendall(error_answer(protocol, settings, conn.random, data))
-    source.close()
+    source.answer_and_close(error_answer(protocol, settings, conn.random, data))
     return None
 
 
@@ -1516,6 +1515,17 @@ class Side:
 
     def close(self):
         """End the whole connection: flush what is queued, send EOF, then close."""
+        self.connection.close()
+
+    @_in_pump
+    def answer_and_close(self, data):
+        """Send `data` and close, the data and the EOF in one segment where TCP_CORK
+        exists (Linux): a pooled client that reads the answer sees the EOF with it,
+        and never sends its next request on a connection that is ending."""
+        if self.sock is not None and not self.broken and _CORK:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)   # the FIN uncorks
+        self.sendall(data)
         self.connection.close()
 
     def abort(self):
@@ -2448,6 +2458,7 @@ class Connection:
 
 
 _NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: a socket born non-blocking
+_CORK = getattr(socket, 'TCP_CORK', 0)             # Linux: hold segments until uncorked
 
 
 #: How a connection ends, as metrics count it.
