@@ -5588,3 +5588,20 @@ def test_an_error_answer_and_its_eof_arrive_together(make_proxy, echo_backend):
             except BlockingIOError:      # the EOF is not there yet
                 late += 1
     assert answer == b'-ERR Service Unavailable\r\n' and late == 0
+
+
+def test_start_proxy_serves_toxiproxys_api_when_asked(echo_backend):
+    with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                     http_port=0, toxiproxy_api=LOOP + ':0', echo=False) as handle:
+        assert handle.toxiproxy and handle.toxiproxy[1]
+        conn = http.client.HTTPConnection(*handle.toxiproxy, timeout=WAIT)
+        conn.request('POST', '/proxies/default/toxics', json.dumps(
+            {'type': 'latency', 'attributes': {'latency': 200}}))
+        assert conn.getresponse().read()
+        conn.close()
+        started = time.monotonic()
+        assert round_trip(handle.local) == b'ping' and time.monotonic() - started >= 0.2
+        assert handle.client().get_faults()[0]['name'] == 'latency_downstream'
+    with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                     http_port=0, echo=False) as handle:
+        assert handle.toxiproxy is None

@@ -4668,6 +4668,7 @@ class Client(_Driving):
         return answer
 
 
+_TOXIPROXY_LINE = 'Vaurien Toxiproxy API: '   # and its address, before the ready line
 _READY = re.compile(r'Vaurien ready: proxy ([^\s,;]+) -> ([^\s,;]+)'
                     r'(?:, control http://([^\s,;]+))?')
 
@@ -4729,6 +4730,9 @@ class ProxyProcess(int):
         self.distant = ready.group(2)                   #: its backend, as 'host:port'
         #: (host, port) of the control API, or None without one
         self.control = ready.group(3) and parse_address(ready.group(3))
+        #: (host, port) of Toxiproxy's API (toxiproxy_api=...), or None without one
+        self.toxiproxy = next((parse_address(line.split('http://', 1)[1].strip())
+                               for line in lines if line.startswith(_TOXIPROXY_LINE)), None)
         return self
 
     __str__ = int.__repr__     # str(pid) stays the number
@@ -5198,7 +5202,7 @@ def _serve_toxiproxy(options, handlers, proxies):
                              control.lock if control else None, handlers,
                              connect_timeout=options['connect_timeout'],
                              max_connections=options['max_connections']).start()
-    print('Vaurien Toxiproxy API: http://%s' % format_address(server.server_address),
+    print('%shttp://%s' % (_TOXIPROXY_LINE, format_address(server.server_address)),
           file=sys.stderr, flush=True)
     return server
 
