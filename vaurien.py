@@ -29,6 +29,14 @@ How it is built (each role is a class or a function below, in this order):
   handler from it, in accept order, and keeps it.  A handler set through the
   control API overrides the mix, for every connection, live ones included,
   from their next chunk on.
+- Faults (``Fault``): a stack of them on top of the handler or mix, each a
+  handler with its settings, a direction and a toxicity (drawn per
+  connection).  Each way, a connection with faults has a chain of
+  ``Layer``s between the handler in force and the socket: each layer is
+  the `dest` of its fault's handler and holds what that handler delays, so
+  a delay in one layer delays what the next ones see (as Toxiproxy's toxic
+  chain).  Faults come and go on live connections without losing or
+  reordering a byte.
 - The pump (``Pump``, ``Connection``, ``Side``): one selector loop, in one
   thread, serves every connection of every Proxy in the process: it
   accepts, connects to backends without blocking (the connect timeout is a
@@ -52,6 +60,9 @@ How it is built (each role is a class or a function below, in this order):
   behavior, the listener (closed to refuse connections) and the optional
   control API.
 - ``ControlServer``: an ``http.server`` thread serving the JSON control API.
+- ``ToxiproxyServer``: Toxiproxy's HTTP API, as Toxiproxy 2.12 answers it,
+  so that its clients drive Vaurien: its toxics are stacked faults
+  (``TOXICS`` maps their types and units onto handlers).
 - ``Client``, ``start_proxy`` (whose ``ProxyProcess`` is the child's pid,
   and knows where it listens), ``stop_proxy``: drive a proxy from tests.
 - Configuration and command line: the ini file, ``main()``, ``--demo``.
@@ -1756,12 +1767,11 @@ class Layer:
         if conn.released:
             return
         saved, source.data = source.data, data
-        calling, conn.calling = conn.calling, fault
         try:
-            result = conn._call(fault.handler.func, source, self, self.to_backend, fault.name,
-                                fault.settings, conn.proxy)
+            result = conn._call_as(fault, fault.handler.func, source, self, self.to_backend,
+                                   fault.name, fault.settings, conn.proxy)
         finally:
-            source.data, conn.calling = saved, calling
+            source.data = saved
         if result is False:
             conn.close(fault)
         elif not data:
@@ -1967,17 +1977,16 @@ class Connection:
         result = None
         for handler, settings, name, fault in starts:
             if handler.on_connect is not None and result is not False:
-                self.calling = fault
-                result = self._call(handler.on_connect, self.client, self.backend, name,
-                                    settings, self.proxy)
-        self.calling = None
+                result = self._call_as(fault, handler.on_connect, self.client, self.backend,
+                                       name, settings, self.proxy)
         self._in_loop(self._opened, starts, result)
 
     def _opened(self, starts, result):
         if result is False:
             return self.close()
-        if self.closing_at is None and all(self._call(handler.needs_backend, self, settings)
-                                           for handler, settings, _, _ in starts):
+        if self.closing_at is None and all(self._call_as(
+                fault, handler.needs_backend, self, settings)
+                for handler, settings, _, fault in starts):
             self.connect_backend()
 
     # -- faults: layers between the handler and each socket ---------------------------
@@ -2258,11 +2267,12 @@ class Connection:
             self._call_as(fault, function)
         self.pump.dirty.add(self)
 
-    def _call_as(self, fault, function):
-        """Call a timer's `function` as `fault`'s (None: the handler's)."""
+    def _call_as(self, fault, function, *args):
+        """`_call` a hook or timer of `fault` (None: of the handler): what it arms, and
+        the epoch it counts from, are the fault's."""
         calling, self.calling = self.calling, fault
         try:
-            self._call(function)
+            return self._call(function, *args)
         finally:
             self.calling = calling
 
