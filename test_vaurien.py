@@ -5491,16 +5491,37 @@ def test_nothing_passes_the_fault_that_closed_the_connection(make_proxy):
         backend.close()
 
 
-def test_a_removed_fault_passes_on_the_eof_it_held(make_proxy, echo_backend):
-    proxy = make_proxy(echo_backend.address)
-    proxy.add_fault('timeout', timeout=0, direction='to_backend')
-    with connect(proxy.address) as sock:
-        sock.sendall(b'ping')
-        sock.shutdown(socket.SHUT_WR)        # held, with the data, by timeout
-        wait_for(lambda: proxy.get_faults()[0]['connections'], what='the fault to apply')
-        proxy.remove_fault('timeout')
-        assert outcome(sock) == ('eof', b'')   # the EOF goes on: the backend ends it too
-    wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+def test_a_removed_fault_passes_on_the_eof_it_held(make_proxy):
+    def answer_and_close(sock):
+        sock.sendall(sock.recv(10))
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(10)
+    backend = Backend(answer_and_close)
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('hang', direction='to_client')     # drops the answer, holds its EOF
+        with connect(proxy.address) as sock:
+            sock.sendall(b'ping')
+            wait_for(lambda: proxy._live() and proxy._live()[0].backend.eof_read,
+                     what="the backend's EOF to reach the fault")
+            assert outcome(sock, 0.2) == ('open', b'')
+            proxy.remove_fault('hang')
+            assert outcome(sock) == ('eof', b'')            # the EOF it held goes on
+    finally:
+        backend.close()
+
+
+def test_a_timeout_ends_when_the_client_leaves(make_proxy):
+    idle = Backend(lambda sock: sock.recv(10) and sock.recv(10))    # never answers
+    try:
+        proxy = make_proxy(idle.address)
+        proxy.add_fault('timeout', timeout=0, direction='to_backend')   # for ever
+        for _ in range(3):
+            with connect(proxy.address) as sock:
+                sock.sendall(b'x')
+        wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    finally:
+        idle.close()
 
 
 def test_timers_of_a_fault_end_with_their_connection(make_proxy, echo_backend):
