@@ -3412,6 +3412,21 @@ def test_the_control_api_gives_each_request_a_total_deadline(proxy, monkeypatch)
         assert closed and time.monotonic() - started < 5
 
 
+def test_each_request_of_a_keep_alive_connection_has_its_deadline(proxy, monkeypatch):
+    monkeypatch.setattr(vaurien.ControlHandler, 'timeout', 1)
+    with socket.create_connection(proxy.control, timeout=WAIT) as sock:
+        for _ in range(3):                  # answered, one after the other, 0.5 s apart
+            sock.sendall(b'GET /proxy HTTP/1.1\r\nHost: a\r\n\r\n')
+            answer = b''
+            while not answer.endswith(b'}\n'):
+                answer += sock.recv(65536)
+            assert answer.startswith(b'HTTP/1.1 200 ')
+            time.sleep(0.5)
+        started = time.monotonic()
+        sock.sendall(b'GET /proxy HTTP/1.1\r\n')          # then one never finished
+        assert outcome(sock)[0] in ('eof', 'rst') and time.monotonic() - started < 5
+
+
 def test_keep_alive_requests_are_all_answered_on_one_connection(proxy):
     conn = http.client.HTTPConnection(*proxy.control, timeout=WAIT)
     try:

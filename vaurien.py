@@ -3460,6 +3460,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     server_version = 'Vaurien/' + __version__
     timeout = 10   # seconds: a half-sent request does not hold a thread forever
     disable_nagle_algorithm = True   # headers and body go in two writes
+    reading = None   # since when the request being read has been read
+    done = False     # the connection ended: its watch ends too
 
     #: path: {method: the name of the method answering it, given the request body}
     ROUTES = {
@@ -3497,18 +3499,34 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         """One request, whose head and body must arrive within `timeout` seconds in all
-        (the socket's timeout is per read: a caller trickling bytes would hold a thread)."""
-        self.requests = number = getattr(self, 'requests', 0) + 1
-        self.reading = True
-        pump = self.server.proxy.pump
-        pump.call_soon(pump.call_later, self.timeout, self.expire, number)
+        (the socket's timeout is per read: a caller trickling bytes would hold a thread).
+
+        One pump timer per connection watches it (`expire`): a request only
+        notes when its reading started, and never wakes the pump up.
+        """
+        self.reading = time.monotonic()
+        if not getattr(self, 'watched', False):
+            self.watched = True
+            pump = self.server.proxy.pump
+            pump.call_soon(pump.call_later, self.timeout, self.expire)
         super().handle_one_request()
 
-    def expire(self, number):
-        """The pump's call: the request `number` is still being read: cut it off."""
-        if self.reading and self.requests == number:
+    def expire(self):
+        """The pump's call: a request read for `timeout` seconds is cut off; else look
+        again when the one being read would be late (or in `timeout`, between two)."""
+        if self.done:
+            return
+        now, since = time.monotonic(), self.reading
+        if since is not None and now >= since + self.timeout:
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.server.proxy.pump.call_at((now if since is None else since) + self.timeout,
+                                       self.expire)
+
+    def finish(self):
+        self.done = True
+        super().finish()
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a bad request line, 414, 431, 501, 505) in JSON."""
@@ -3531,7 +3549,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                                allowed=sorted(set(methods) | ({'POST', 'PATCH'}
                                                               if 'PUT' in methods else set())))
             body = self.read_body() if method == 'PUT' else self.no_body()
-            self.reading = False
+            self.reading = None
             try:
                 answer = getattr(self, methods[method])(body)
             except _Text as text:
