@@ -5530,7 +5530,7 @@ def test_a_timeout_ends_when_the_client_leaves(make_proxy):
     idle = Backend(lambda sock: sock.recv(10) and sock.recv(10))    # never answers
     try:
         proxy = make_proxy(idle.address)
-        proxy.add_fault('timeout', timeout=0, direction='to_backend')   # for ever
+        proxy.add_fault('timeout', timeout=0, direction='to_backend', client_eof='close')
         for _ in range(3):
             with connect(proxy.address) as sock:
                 sock.sendall(b'x')
@@ -5645,3 +5645,103 @@ def test_start_proxy_serves_toxiproxys_api_when_asked(echo_backend):
     with start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
                      http_port=0, echo=False) as handle:
         assert handle.toxiproxy is None
+
+
+# -- what a second review found ------------------------------------------------------
+
+def reply_at_eof(sock):
+    """A backend that answers with all it got once it sees the client's EOF."""
+    sock.sendall(read_all(sock))
+    sock.shutdown(socket.SHUT_WR)
+
+
+def holding(source, dest, to_backend, name, settings, proxy):
+    """A user's fault (blocking) that sleeps, relays data and holds the EOF."""
+    data = proxy.get_data(source)
+    time.sleep(0.3)
+    if data:
+        return dest.sendall(data)
+    return vaurien.HOLD_EOF
+
+
+def test_an_eof_held_by_a_blocking_fault_goes_on_when_it_is_removed_or_drawn_out(make_proxy):
+    backend = Backend(reply_at_eof)
+    try:
+        proxy = make_proxy(backend.address, handlers={'holding': holding}, seed=1)
+        for change in ('remove', 'toxicity 0'):
+            proxy.add_fault('holding', direction='to_backend')
+            with connect(proxy.address) as sock:
+                sock.sendall(b'hello')
+                wait_for(lambda: proxy._live() and proxy._live()[0].backend.delivered,
+                         what='hello to pass')
+                sock.shutdown(socket.SHUT_WR)
+                wait_for(lambda: proxy._live()[0].jobs, what='the EOF to be in the fault')
+                if change == 'remove':
+                    proxy.remove_fault('holding')      # while its call holds the EOF
+                else:
+                    proxy.update_fault('holding', toxicity=0)
+                assert outcome(sock) == ('eof', b'hello'), change
+            proxy.clear_faults()
+    finally:
+        backend.close()
+
+
+def test_the_fault_that_closes_ends_the_connection_at_once(make_proxy):
+    backend = Backend(lambda sock: sock.sendall(b'x' * 20000) or sock.recv(10))
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('bandwidth', rate=1000, direction='to_client')   # 20 s of data
+        proxy.add_fault('limit_data', bytes=10, direction='to_client')
+        with connect(proxy.address) as sock:
+            started = time.monotonic()
+            assert outcome(sock) == ('eof', b'x' * 10)
+            assert time.monotonic() - started < 5     # not after the paced data is dropped
+    finally:
+        backend.close()
+
+
+def test_an_error_answer_goes_at_once_while_faults_hold_data(make_proxy):
+    backend = Backend(lambda sock: sock.recv(10) and sock.sendall(b'x' * 30000) or
+                      sock.recv(10))
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('bandwidth', rate=10000, direction='to_client')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'go')
+            read_exactly(sock, 1000)                  # the paced answer is flowing
+            proxy.add_fault('errors', protocol='raw', message='E', direction='to_backend')
+            started = time.monotonic()
+            sock.sendall(b'again')
+            answer = b''
+            while b'E' not in answer:
+                answer += sock.recv(65536)
+            assert time.monotonic() - started < 0.15     # not corked for 200 ms
+    finally:
+        backend.close()
+
+
+def test_toxiproxy_api_deadlines_and_chunked_bodies(toxiproxy, monkeypatch):
+    monkeypatch.setattr(vaurien.ToxiproxyHandler, 'timeout', 1)
+    with socket.create_connection(toxiproxy.server.server_address, timeout=WAIT) as sock:
+        sock.sendall(b'POST /proxies HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{')
+        started, closed = time.monotonic(), False
+        while not closed and time.monotonic() - started < 8:
+            time.sleep(0.3)                   # a byte now and then: each read is quick
+            try:
+                sock.sendall(b' ')
+                sock.settimeout(0.01)
+                closed = sock.recv(1) == b''
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+        assert closed and time.monotonic() - started < 5
+    body = json.dumps({'name': 'c', 'upstream': '%s:1' % LOOP, 'listen': LOOP + ':0'}).encode()
+    with socket.create_connection(toxiproxy.server.server_address, timeout=WAIT) as sock:
+        sock.sendall(b'POST /proxies HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n'
+                     b'%x;' % len(body) + b'e' * 80 + b'\r\n' + body + b'\r\n0\r\n'
+                     b'X-Trailer: yes\r\n\r\nGET /version HTTP/1.1\r\nHost: a\r\n\r\n')
+        answer = b''
+        while b'"version"' not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b'HTTP/1.1 201 ') and b'HTTP/1.1 200 OK' in answer

@@ -721,22 +721,27 @@ def _start_timeout(client, backend, name, settings, proxy):
 
 @traits(on_connect=_start_timeout)
 def timeout(source, dest, to_backend, name, settings, proxy):
-    """Swallows data (and the backend's EOF) and closes the connection after `timeout`
-    seconds, or when the client leaves.
+    """Swallows data (and EOF) and closes the connection after `timeout` seconds.
 
     The clock starts when the connection opens (or when this handler first
-    sees it, if it was set while the connection was open).
+    sees it, if it was set while the connection was open).  The client's
+    EOF is held (a client that half-closed still waits, as it would for a
+    server that hangs), or closes the connection at once with client_eof
+    close (as Toxiproxy's timeout toxic does).
 
     Settings:
       timeout (seconds >= 0, default 1): seconds until the close; 0 never closes.
       direction (to_backend|to_client|both, default both): the traffic swallowed.
+      client_eof (hold|close, default hold): what the client's EOF does.
     """
     client, backend = (source, dest) if to_backend else (dest, source)
     _start_timeout(client, backend, name, settings, proxy)
     data = proxy.get_data(source)
     if not applies(settings['direction'], to_backend):
         return dest.sendall(data)
-    return False if to_backend and not data else HOLD_EOF
+    if to_backend and not data and settings['client_eof'] == 'close':
+        return False
+    return HOLD_EOF
 
 
 @directional
@@ -1409,6 +1414,7 @@ class _Worker:
         self.jobs = collections.deque()
         self.condition = threading.Condition()
         self.running = False
+        self.calling = None     # the Fault whose hook or handler it is calling
 
     def submit(self, function, *args):
         with self.condition:
@@ -1533,11 +1539,15 @@ class Side:
         """Send `data` and close, the data and the EOF in one segment where TCP_CORK
         exists (Linux): a pooled client that reads the answer sees the EOF with it,
         and never sends its next request on a connection that is ending."""
-        if self.sock is not None and not self.broken and _CORK:
+        corked = self.sock is not None and not self.broken and _CORK
+        if corked:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)   # the FIN uncorks
         self.sendall(data)
         self.connection.close()
+        if corked and not self.eof_sent:     # the EOF waits (faults, a slow reader):
+            with contextlib.suppress(OSError):   # the answer goes now, not in 200 ms
+                self.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
 
     def abort(self):
         """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
@@ -1776,9 +1786,35 @@ class Layer:
             conn.close(fault)
         elif not data:
             if isinstance(result, str) and result == HOLD_EOF:
-                self.held_eof = True
+                conn._in_loop(self._hold_eof)
             else:
                 self.shutdown()
+
+    def _hold_eof(self):
+        """In the pump (a worker's call may end after its fault was removed): keep the EOF,
+        or pass it on if the layer passes everything on by now."""
+        self.held_eof = True
+        if self.removed or not self.applied or self.connection.closing_at is not None:
+            self.release_eof()
+
+    def release_eof(self):
+        """Pass on the EOF its handler held, if it held one."""
+        if self.held_eof:
+            self.held_eof = False
+            self._end(_EOF)
+
+    def drop_data(self):
+        """Drop the data it holds (a fault after it closed the connection); an EOF or a
+        reset it holds stays."""
+        dropped = [entry for entry in self.queue if _size(entry[1])]
+        self.side.staged -= sum(_size(entry[1]) + ENTRY_COST for entry in dropped)
+        self.queue = collections.deque(entry for entry in self.queue if not _size(entry[1]))
+        self.last_due = self.queue[-1][0] if self.queue else 0.0
+        if self.timer is not None:
+            self.pump.cancel(self.timer)
+            self.timer = None
+        if self.queue:
+            self._arm(self.queue[0][0])
 
     def remove(self):
         """Its fault was removed: pass on at once, in order, what it holds, and the EOF
@@ -1791,8 +1827,7 @@ class Layer:
             self.pump.cancel(self.timer)
         if self.queue:
             self._flush()
-        if self.held_eof:
-            self._end(_EOF)
+        self.release_eof()
 
     def stop(self):
         """The connection ended: drop what it holds."""
@@ -1842,7 +1877,7 @@ class Connection:
         self.first = None         # (from the client?, first bytes): what protocol it speaks
         self.ending = None        # (kind, text): how it ended, the first cause seen
         self.chains = None        # with faults: its Layers each way, (to_client, to_backend)
-        self.calling = None       # the Fault whose handler is being called
+        self.calling = None       # the Fault whose hook or handler the pump is calling
         self.applied_faults = ()  # the faults that applied to it
         self.timers = None        # {key: timer} of call_later, cancelled at its end
 
@@ -1860,7 +1895,15 @@ class Connection:
     def epoch(self):
         """(connections accepted, time) when the handler or fault being called was set:
         what transient and flap count from."""
-        return self.proxy.epoch if self.calling is None else self.calling.epoch
+        fault = self.caller()
+        return self.proxy.epoch if fault is None else fault.epoch
+
+    def caller(self):
+        """The Fault whose hook or handler this thread is calling (None: the handler's):
+        the pump and the connection's worker each have theirs."""
+        if self.worker is not None and not self.pump.in_loop():
+            return self.worker.calling
+        return self.calling
 
     def state(self, key):
         """A dict a handler keeps for this connection under `key`."""
@@ -1876,7 +1919,7 @@ class Connection:
         blocking handler.
         """
         due, blocking = time.monotonic() + seconds, not self.pump.in_loop()
-        armed = self.calling or self.current()[0]
+        armed = self.caller() or self.current()[0]
         self._in_loop(self._arm, due, function, blocking, armed)
 
     def _arm(self, due, function, blocking, armed):
@@ -1888,7 +1931,6 @@ class Connection:
         key = next(_sequence)
         self.timers[key] = self.pump.call_at(due, self._timer, key, function, blocking, armed)
 
-    @_in_pump
     def close(self, fault=None):
         """Flush what is queued, send EOF both ways, drain, then close.
 
@@ -1899,10 +1941,14 @@ class Connection:
         (`fault`, or the one being called), what has not passed it yet is
         dropped.
         """
-        fault = fault or self.calling
+        fault = fault or self.caller()
+        if not self.pump.in_loop():
+            return self.pump.call_soon(self._close, fault)
+        self._close(fault)
+
+    def _close(self, fault):
         if self.closing_at is None:
-            for layer in self._layers_of(fault):
-                layer.sealed = True
+            self._seal(fault)
             self.ending = self.ending or ('closed', 'closed by the handler')
             now = time.monotonic()
             self.closing_at = max(self.client.last_due, self.backend.last_due, now, *(
@@ -1910,7 +1956,19 @@ class Connection:
             self.drain_until = now + MAX_DRAIN
             for side in self.sides:
                 side.inlet.shutdown()   # after what the fault layers hold
+            for layer in self._layers_of(None, every=True):
+                layer.release_eof()     # an EOF a fault held goes on too
         self.pump.dirty.add(self)
+
+    def _seal(self, fault):
+        """`fault` closes the connection: its layers let no more data through, and the
+        layers before them drop the data they hold (it would be dropped there, later)."""
+        for chain in self.chains or ():
+            for index, layer in enumerate(chain):
+                if fault is not None and layer.fault is fault:
+                    layer.sealed = True
+                    for before in chain[:index]:
+                        before.drop_data()
 
     @_in_pump
     def abort(self, side):
@@ -2012,10 +2070,13 @@ class Connection:
         applied = self._draw(fault)
         for layer in self._layers_of(fault):
             layer.applied = applied
+            if not applied:
+                layer.release_eof()     # passing from now on: the EOF it held too
 
-    def _layers_of(self, fault):
+    def _layers_of(self, fault, every=False):
+        """The layers of `fault`, both ways (`every`: all the layers)."""
         return [layer for chain in self.chains or () for layer in chain
-                if fault is not None and layer.fault is fault]
+                if every or fault is not None and layer.fault is fault]
 
     def remove_fault(self, fault):
         """Take `fault`'s layers out: what they hold goes on at once, in order.
@@ -2262,19 +2323,25 @@ class Connection:
                 fault.active if fault else self.current()[0] is armed):
             return
         if blocking and self.worker is not None:
-            self._run_for(None, self._call_as, (fault, function))
+            self._run_for(None, self._fire, (fault, function))
         else:
             self._call_as(fault, function)
         self.pump.dirty.add(self)
 
+    def _fire(self, fault, function):
+        """A timer's call in the worker: the connection may have ended while it waited."""
+        if self.closing_at is None and not self.released:
+            self._call_as(fault, function)
+
     def _call_as(self, fault, function, *args):
         """`_call` a hook or timer of `fault` (None: of the handler): what it arms, and
         the epoch it counts from, are the fault's."""
-        calling, self.calling = self.calling, fault
+        holder = self if self.worker is None or self.pump.in_loop() else self.worker
+        calling, holder.calling = holder.calling, fault
         try:
             return self._call(function, *args)
         finally:
-            self.calling = calling
+            holder.calling = calling
 
     def _in_force(self):
         handler, settings = self.current()
@@ -3447,12 +3514,47 @@ class ControlServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         """A caller that went away is no error of ours; anything else is logged."""
         if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
-            log.debug('control API caller %s went away', format_address(client_address))
+            log.debug('API caller %s went away', format_address(client_address))
         else:
-            log.exception('control API request from %s failed', format_address(client_address))
+            log.exception('API request from %s failed', format_address(client_address))
 
 
-class ControlHandler(http.server.BaseHTTPRequestHandler):
+class _Deadline:
+    """A BaseHTTPRequestHandler mixin: each request, head and body, must arrive within
+    `timeout` seconds in all (the socket's timeout is per read: a caller trickling
+    bytes would hold a thread).  Set `reading` to None once the body is read."""
+
+    reading = None   # since when the request being read has been read
+    done = False     # the connection ended: its watch ends too
+
+    def handle_one_request(self):
+        """One request; one pump timer per connection watches it (`expire`): a request
+        only notes when its reading started, and never wakes the pump up."""
+        self.reading = time.monotonic()
+        if not self.done and not getattr(self, 'watched', False):
+            self.watched = True
+            pump = shared_pump()
+            pump.call_soon(pump.call_later, self.timeout, self.expire)
+        super().handle_one_request()
+
+    def expire(self):
+        """The pump's call: a request read for `timeout` seconds is cut off; else look
+        again when the one being read would be late (or in `timeout`, between two)."""
+        if self.done:
+            return
+        now, since = time.monotonic(), self.reading
+        if since is not None and now >= since + self.timeout:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        shared_pump().call_at((now if since is None else since) + self.timeout, self.expire)
+
+    def finish(self):
+        self.done = True
+        super().finish()
+
+
+class ControlHandler(_Deadline, http.server.BaseHTTPRequestHandler):
     """Routes: /handler, /handlers, /behavior, /proxy (the default proxy's), /proxies
     and /proxies/NAME[/handler|/handlers|/behavior]; JSON in and out."""
 
@@ -3460,8 +3562,6 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
     server_version = 'Vaurien/' + __version__
     timeout = 10   # seconds: a half-sent request does not hold a thread forever
     disable_nagle_algorithm = True   # headers and body go in two writes
-    reading = None   # since when the request being read has been read
-    done = False     # the connection ended: its watch ends too
 
     #: path: {method: the name of the method answering it, given the request body}
     ROUTES = {
@@ -3496,37 +3596,6 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def do_OPTIONS(self):
         self.serve('OPTIONS')
-
-    def handle_one_request(self):
-        """One request, whose head and body must arrive within `timeout` seconds in all
-        (the socket's timeout is per read: a caller trickling bytes would hold a thread).
-
-        One pump timer per connection watches it (`expire`): a request only
-        notes when its reading started, and never wakes the pump up.
-        """
-        self.reading = time.monotonic()
-        if not getattr(self, 'watched', False):
-            self.watched = True
-            pump = self.server.proxy.pump
-            pump.call_soon(pump.call_later, self.timeout, self.expire)
-        super().handle_one_request()
-
-    def expire(self):
-        """The pump's call: a request read for `timeout` seconds is cut off; else look
-        again when the one being read would be late (or in `timeout`, between two)."""
-        if self.done:
-            return
-        now, since = time.monotonic(), self.reading
-        if since is not None and now >= since + self.timeout:
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.server.proxy.pump.call_at((now if since is None else since) + self.timeout,
-                                       self.expire)
-
-    def finish(self):
-        self.done = True
-        super().finish()
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a bad request line, 414, 431, 501, 505) in JSON."""
@@ -3956,7 +4025,7 @@ TOXICS = {
     'slow_close': ('slow_close', 'SlowCloseToxic', {'delay': 0}, 'int64', lambda a: {
         'delay': max(0, a['delay']) / 1000}),
     'timeout': ('timeout', 'TimeoutToxic', {'timeout': 0}, 'int64', lambda a: {
-        'timeout': max(0, a['timeout']) / 1000}),
+        'timeout': max(0, a['timeout']) / 1000, 'client_eof': 'close'}),
     'reset_peer': ('reset_peer', 'ResetToxic', {'timeout': 0}, 'int64', lambda a: {
         'timeout': max(0, a['timeout']) / 1000}),
     'slicer': ('slicer', 'SlicerToxic', {'average_size': 0, 'size_variation': 0, 'delay': 0},
@@ -4053,6 +4122,7 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    handle_error = ControlServer.handle_error
 
     def __init__(self, address=('localhost', 8474), proxies=None, lock=None, handlers=None,
                  **options):
@@ -4226,7 +4296,7 @@ def _go_error_text(exc):
     return text[:1].lower() + text[1:]
 
 
-class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
+class ToxiproxyHandler(_Deadline, http.server.BaseHTTPRequestHandler):
     """The routes of Toxiproxy's API, with its JSON, its errors and their words."""
 
     protocol_version = 'HTTP/1.1'
@@ -4262,6 +4332,7 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
         except (ToxiproxyError, ValueError) as exc:
             self.close_connection = True
             return self.send_error_json(400, 'bad request body: %s' % exc)
+        self.reading = None
         path = urllib.parse.urlsplit(self.path).path
         for pattern, methods in self.ROUTES:
             match = pattern.fullmatch(path)
@@ -4294,16 +4365,25 @@ class ToxiproxyHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
             chunks, size = [], None
             while size != 0:
-                size = int(self.rfile.readline(64).split(b';')[0].strip(), 16)
+                size = int(self.chunk_line().split(b';')[0].strip(), 16)
                 if size < 0 or sum(map(len, chunks)) + size > MAX_BODY:
                     raise ValueError('a chunk of a bad size')
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline(64)
+                if size:
+                    self.chunk_line()
+            while self.chunk_line().strip():     # the trailer, up to its blank line
+                pass
             return b''.join(chunks)
         length = self.headers.get('Content-Length', '0').strip() or '0'
         if not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY:
             raise ValueError('a bad Content-Length (at most %d bytes)' % MAX_BODY)
         return self.rfile.read(int(length))
+
+    def chunk_line(self):
+        line = self.rfile.readline(MAX_FIRST_LINE + 1)
+        if not line.endswith(b'\n'):
+            raise ValueError('a chunked body cut short, or a line of it too long')
+        return line
 
     def send_error_json(self, status, message):
         """An error as Toxiproxy's: its JSON, as text/plain, with a newline."""
