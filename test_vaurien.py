@@ -5745,3 +5745,15 @@ def test_toxiproxy_api_deadlines_and_chunked_bodies(toxiproxy, monkeypatch):
         while b'"version"' not in answer:
             answer += sock.recv(65536)
     assert answer.startswith(b'HTTP/1.1 201 ') and b'HTTP/1.1 200 OK' in answer
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_pump(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('timeout', timeout='1h', direction='to_client')   # a timer each
+    before = len(proxy.pump.timers)
+    for _ in range(700):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'x')
+    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    proxy.pump.call(proxy.pump.call_later, 0, lambda: None)     # the heap is looked at
+    assert len(proxy.pump.timers) < before + 600   # not one hour-long entry per connection

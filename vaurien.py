@@ -1215,6 +1215,7 @@ class Pump:
     def __init__(self):
         self.selector = selectors.DefaultSelector()
         self.timers = []                  # heap of [due, sequence, function, args]
+        self.cancelled = 0                # timers cancelled since the heap was compacted
         self.ready = collections.deque()  # (function, args) handed over by any thread
         self.dirty = set()                # connections to settle at the end of the round
         self.starving = False             # out of descriptors: logged once per episode
@@ -1270,15 +1271,24 @@ class Pump:
         """
         timer = [due, next(_sequence), function, args]
         heapq.heappush(self.timers, timer)
+        if self.cancelled > 512 and 2 * self.cancelled > len(self.timers):
+            self._compact()
         return timer
 
     def call_later(self, seconds, function, *args):
         return self.call_at(time.monotonic() + seconds, function, *args)
 
-    @staticmethod
-    def cancel(timer):
+    def cancel(self, timer):
         """Make `timer` do nothing (and hold nothing) when it falls due."""
         timer[2], timer[3] = _ignore, ()
+        self.cancelled += 1
+
+    def _compact(self):
+        """Drop the cancelled timers from the heap (in place: `_run_timers` may be
+        popping from it), so that long timers of ended connections do not pile up."""
+        self.timers[:] = [timer for timer in self.timers if timer[2] is not _ignore]
+        heapq.heapify(self.timers)
+        self.cancelled = 0
 
     def starved(self, exc, what):
         """Out of descriptors: one error line for each episode (it ends after a second
