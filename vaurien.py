@@ -1462,7 +1462,23 @@ def _in_pump(method):
     return handed_over
 
 
-class Side:
+class _Dest:
+    """What a handler's `dest` (a Side, or a fault's Layer) does beyond sendall()."""
+
+    __slots__ = ()
+
+    def shutdown(self, how=socket.SHUT_WR, delay=0.0):
+        """Send EOF (half-close) after what is queued; SHUT_RDWR closes the connection."""
+        if how != socket.SHUT_WR:
+            return self.close()
+        self._end(_EOF, delay)
+
+    def close(self):
+        """End the whole connection: flush what is queued, send EOF, then close."""
+        self.connection.close()
+
+
+class Side(_Dest):
     """One end of a relayed connection, as handlers see it (`source`, `dest`).
 
     Writes never block: `sendall` sends what the socket takes now and queues
@@ -1533,16 +1549,6 @@ class Side:
                 return
             data = memoryview(data)[sent:]
         self._send_at(data, time.monotonic() + delay if delay > 0 else 0.0, pace)
-
-    def shutdown(self, how=socket.SHUT_WR, delay=0.0):
-        """Send EOF (half-close) after what is queued; SHUT_RDWR closes the connection."""
-        if how != socket.SHUT_WR:
-            return self.close()
-        self._end(_EOF, delay)
-
-    def close(self):
-        """End the whole connection: flush what is queued, send EOF, then close."""
-        self.connection.close()
 
     @_in_pump
     def answer_and_close(self, data):
@@ -1617,7 +1623,7 @@ def _size(item):
     return len(item) if isinstance(item, (bytes, memoryview)) else 0
 
 
-class Layer:
+class Layer(_Dest):
     """One direction of a connection, past one layer of its fault stack.
 
     A connection with faults has, each way, a chain of layers between the
@@ -1678,15 +1684,6 @@ class Layer:
         if _thread.get_ident() != self.pump.ident:
             return self.pump.call_soon(self._send_at, bytes(data), due, pace)
         self._send_at(data, due, pace)
-
-    def shutdown(self, how=socket.SHUT_WR, delay=0.0):
-        """Pass the EOF on after what waits here; SHUT_RDWR closes the connection."""
-        if how != socket.SHUT_WR:
-            return self.close()
-        self._end(_EOF, delay)
-
-    def close(self):
-        self.connection.close()
 
     def abort(self):
         """Reset the socket this chain ends at, and end the connection."""
