@@ -42,12 +42,12 @@ WAIT = 10.0   # seconds: the deadline of every wait that should end much sooner
 # ---------------------------------------------------------------------------
 
 class Backend:
-    """A TCP server (on an ephemeral port unless given one) running `serve(sock)` in a
-    thread per connection."""
+    """A TCP server (on an ephemeral port unless given one, or on `listener`) running
+    `serve(sock)` in a thread per connection."""
 
-    def __init__(self, serve, address=(LOOP, 0)):
+    def __init__(self, serve, address=(LOOP, 0), listener=None):
         self.serve = serve
-        self.listener = socket.create_server(tuple(address), backlog=1024)
+        self.listener = listener or socket.create_server(tuple(address), backlog=1024)
         self.address = self.listener.getsockname()
         self.accepted = 0
         self.live = {}     # socket: thread
@@ -2137,6 +2137,37 @@ def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_p
         for filler in fillers:
             filler.close()
         silent.close()
+
+
+def test_a_connect_in_progress_relays_what_waited_once_it_is_done(make_proxy):
+    """A backend whose backlog is full drops the SYN: the connect stays in progress
+    (loopback connects are otherwise done at once), the client's bytes wait; when the
+    backend accepts again, the SYN sent again connects, and they go."""
+    listener = socket.socket()
+    listener.bind((LOOP, 0))
+    listener.listen(0)
+    fillers, backend = [], None
+    try:
+        for _ in range(8):      # fill the backlog: later SYNs get no answer
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        proxy = make_proxy(listener.getsockname(), connect_timeout=WAIT)
+        with connect(proxy.address) as sock:
+            sock.sendall(b'sent while the backend is connecting')
+            wait_for(lambda: proxy.connection_count == 1, what='the connection')
+            conn, = proxy._live()
+            assert conn.backend.connecting and conn.connect_timer is not None
+            backend = Backend(echo, listener=listener)
+            assert read_exactly(sock, 36) == b'sent while the backend is connecting'
+            assert not conn.backend.connecting and conn.connect_timer is None
+    finally:
+        for filler in fillers:
+            filler.close()
+        if backend is not None:
+            backend.close()
+        listener.close()
 
 
 def test_control_api_warns_when_it_listens_beyond_loopback(echo_backend, caplog):

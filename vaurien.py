@@ -1491,10 +1491,11 @@ class Side(_Dest):
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'delivered', 'staged', 'inlet')
+                 'events', 'on_event', 'delivered', 'staged', 'inlet', 'pump')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
+        self.pump = connection.pump
         self.name = name          # 'client' or 'backend'
         self.sock = sock          # None until the backend is connecting
         self.peer = None
@@ -1517,10 +1518,6 @@ class Side(_Dest):
     def __repr__(self):
         return '<Side %s of connection #%d>' % (self.name, self.connection.index)
 
-    @property
-    def pump(self):
-        return self.connection.pump
-
     def sendall(self, data, delay=0.0, pace=None):
         """Send `data` to this side, `delay` seconds from now, after what is queued.
 
@@ -1530,8 +1527,8 @@ class Side(_Dest):
         seconds before the piece after it.  Pieces are cut as they go, so
         pacing costs no memory per piece.
         """
-        if _thread.get_ident() != self.connection.pump.ident:
-            return self.connection.pump.call_soon(
+        if _thread.get_ident() != self.pump.ident:
+            return self.pump.call_soon(
                 self._send_at, bytes(data), time.monotonic() + delay if delay > 0 else 0.0,
                 pace)
         if not data or self.eof_queued or self.broken:
@@ -1590,8 +1587,10 @@ class Side(_Dest):
         if (self.sock is None and not self.connecting) or self.broken:
             self.eof_sent = True
         elif marker is _EOF and delay <= 0 and not self.queue and not self.connecting:
-            with contextlib.suppress(OSError):
+            try:
                 self.sock.shutdown(socket.SHUT_WR)
+            except OSError:   # the peer is gone: its reset is read next
+                pass
             self.eof_sent = True
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
@@ -1615,7 +1614,7 @@ class Side(_Dest):
         if self.queue is _NO_QUEUE:
             self.queue = collections.deque()
         self.queue.append([due, data] if pace is None else [due, data, pace, 0, 0.0])
-        self.connection.pump.dirty.add(self.connection)
+        self.pump.dirty.add(self.connection)
 
 
 def _size(item):
@@ -2003,9 +2002,10 @@ class Connection:
         backend = self.backend
         if backend.sock is None and not backend.connecting and not backend.broken:
             backend.connecting = True
-            self.connect_timer = self.pump.call_later(self.proxy.connect_timeout,
-                                                      self._connect_expired)
             self.proxy.resolve_distant(self._connect_first)
+            if backend.connecting:   # not done at once, as a local backend's connect is
+                self.connect_timer = self.pump.call_later(self.proxy.connect_timeout,
+                                                          self._connect_expired)
 
     def current(self):
         """The handler in force and its settings: the one set, else the one drawn."""
@@ -2049,7 +2049,7 @@ class Connection:
     def _opened(self, starts, result):
         if result is False:
             return self.close()
-        if self.closing_at is None and all(self._call_as(
+        if self.closing_at is None and all(handler.backend is True or self._call_as(
                 fault, handler.needs_backend, self, settings)
                 for handler, settings, _, fault in starts):
             self.connect_backend()
@@ -2153,14 +2153,22 @@ class Connection:
             sock.close()
             return self._connect_next(OSError(code, os.strerror(code)))
         backend.sock = sock
+        if code == 0 or _established(sock):   # a local backend: no round to wait for
+            self._backend_up(backend)
         self.pump.dirty.add(self)
 
     def _connected(self, side):
+        """The selector's call: the backend's connect is done, or failed."""
         code = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             return self._connect_next(OSError(code, os.strerror(code)))
+        self._backend_up(side)
+
+    def _backend_up(self, side):
         side.connecting, self.targets = False, None
-        self.pump.cancel(self.connect_timer)
+        if self.connect_timer is not None:
+            self.pump.cancel(self.connect_timer)
+            self.connect_timer = None
         if self.proxy.outage is not None:
             self.proxy.backend_answers()
         self._flush(side)
@@ -2251,9 +2259,12 @@ class Connection:
         when a handler is switched from blocking to non-blocking.
         """
         handler = self.current()[0]
-        if handler.func is normal and not self.jobs and data:   # the fast way
+        if handler.func is normal and not self.jobs:   # the fast way
             self.handler_name = 'normal'
-            side.peer.inlet.sendall(data)
+            if data:
+                side.peer.inlet.sendall(data)
+            else:
+                side.peer.inlet.shutdown()
         elif handler.blocking or self.jobs:
             self._run_for(handler, self._handle, (side, data), len(data) + ENTRY_COST)
         else:
@@ -2596,8 +2607,19 @@ def _prepare(sock, nodelay):
     if sock.gettimeout() != 0:
         sock.setblocking(False)
     if nodelay:
-        with contextlib.suppress(OSError):
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:   # Nagle on only costs some latency
+            pass
+
+
+def _established(sock):
+    """Whether a connect still "in progress" is done: on loopback it is, as a rule."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def _reset(sock):
@@ -2898,6 +2920,12 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         except OSError as exc:
             raise listen_error(exc, self.server_address,
                                "local='HOST:0' or --local HOST:0") from None
+
+    def get_request(self):
+        """socketserver's call: accept a connection.  Not with socket.accept(), whose
+        conversions of the family and type to enums cost more than the accept."""
+        fd, address = self.socket._accept()
+        return socket.socket(self.address_family, self.socket_type, 0, fd), address
 
     def server_activate(self):
         """Listen without blocking, with Nagle off: accepted sockets inherit TCP_NODELAY."""
@@ -3568,7 +3596,8 @@ class ControlHandler(_Deadline, http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'Vaurien/' + __version__
     timeout = 10   # seconds: a half-sent request does not hold a thread forever
-    disable_nagle_algorithm = True   # headers and body go in two writes
+    wbufsize = -1  # buffered: an answer's head and body leave in one send, at its end
+    disable_nagle_algorithm = True   # a long answer's last piece must not wait
 
     #: path: {method: the name of the method answering it, given the request body}
     ROUTES = {
@@ -4309,6 +4338,7 @@ class ToxiproxyHandler(_Deadline, http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'Vaurien/' + __version__
     timeout = 25
+    wbufsize = -1  # as ControlHandler's
     disable_nagle_algorithm = True
 
     ROUTES = [

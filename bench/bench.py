@@ -14,7 +14,10 @@ The backends are in this file: an echo, a sink and a source server, driven by
 one selector in a child process, so that they never share the load
 generator's interpreter.  Each workload runs against the backend directly,
 then through each relay in turn: Vaurien as a ``python3 vaurien.py``
-subprocess (its memory and CPU are its own), and socat, haproxy and
+subprocess (its memory and CPU are its own); bench/minimal_relay.py, the
+least a Python relay with one selector loop does (no handler, no fault, no
+count): its column is the ceiling of a Python relay on the machine, and a
+target above it is out of Python's reach there; and socat, haproxy and
 toxiproxy-server when they are installed.  Clients and servers written in C
 add rows when installed, each against its own server behind the same relays,
 started for the run on an ephemeral port and stopped at its end:
@@ -91,6 +94,7 @@ from typing import NamedTuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAURIEN = os.path.abspath(os.environ.get('VAURIEN_BENCH_MODULE')
                           or os.path.join(ROOT, 'vaurien.py'))
+MINIMAL_RELAY = os.path.join(ROOT, 'bench', 'minimal_relay.py')
 
 
 def load_vaurien(path):
@@ -483,6 +487,16 @@ def stop_process(process, grace):
 
 
 @contextlib.contextmanager
+def minimal_relay(port, problems):
+    """bench/minimal_relay.py: one selector loop and nothing else, the ceiling of a
+    Python relay on this machine."""
+    listen_port = free_port()
+    with external('minimal_relay', [sys.executable, MINIMAL_RELAY, str(listen_port), HOST,
+                                    str(port)], listen_port, problems) as process:
+        yield Relay((HOST, listen_port), process.pid)
+
+
+@contextlib.contextmanager
 def socat_relay(port, problems):
     """socat, forking a process per connection; a listen queue of 1024 as
     Vaurien's, where socat's 5 would drop the SYNs of a burst of connects."""
@@ -589,7 +603,8 @@ def wait_accepting(port, process):
             time.sleep(0.01)
 
 
-RELAYS = {'direct': direct_relay, 'vaurien': vaurien_relay, 'socat': socat_relay,
+RELAYS = {'direct': direct_relay, 'vaurien': vaurien_relay, 'minimal': minimal_relay,
+          'socat': socat_relay,
           'haproxy': haproxy_relay, 'toxiproxy': toxiproxy_relay}
 
 
@@ -1359,7 +1374,7 @@ def main(argv=None):
     load = os.getloadavg()[0]
     groups = set(args.only or GROUPS)
     scale = fit_fd_limit(QUICK if args.quick else FULL)
-    relays = ['direct', 'vaurien'] + [kind for kind, tool in RELAY_TOOLS.items()
+    relays = ['direct', 'vaurien', 'minimal'] + [kind for kind, tool in RELAY_TOOLS.items()
                                       if shutil.which(tool)]
     tools = list(RELAY_TOOLS.values()) + [tool for workload in workloads(scale)
                                           for tool in workload.tools]
