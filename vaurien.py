@@ -1516,7 +1516,8 @@ class Side(_Dest):
         self.inlet = self         # where what is sent here enters: the first Layer, if any
 
     def __repr__(self):
-        return '<Side %s of connection #%d>' % (self.name, self.connection.index)
+        return '<Side %s of connection #%s>' % (
+            self.name, '?' if self.connection is None else self.connection.index)
 
     def sendall(self, data, delay=0.0, pace=None):
         """Send `data` to this side, `delay` seconds from now, after what is queued.
@@ -1953,6 +1954,8 @@ class Connection:
         self._close(fault)
 
     def _close(self, fault):
+        if self.released:    # a late call (a name resolved after the end, say)
+            return
         if self.closing_at is None:
             self._seal(fault)
             self.ending = self.ending or ('closed', 'closed by the handler')
@@ -2542,6 +2545,16 @@ class Connection:
             self.pump.restock()
             self.proxy.forget(self)
         self.proxy.ended(self)
+        if self.worker is None:   # no handler call can come in any more
+            self._unlink()
+
+    def _unlink(self):
+        """Break the cycles between the ended connection, its sides and its layers: it
+        is freed at once, not by the cyclic garbage collector, which took a quarter of
+        the pump's CPU on short connections."""
+        for side in self.sides:
+            side.connection = side.peer = side.inlet = side.on_event = None
+        self.chains = None
 
     def summary(self):
         """What the log, the events and GET /connections tell of this connection."""
