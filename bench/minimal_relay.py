@@ -68,7 +68,7 @@ class End:
 
     def read(self):
         try:
-            data = self.sock.recv(262144)
+            data = self.sock.recv(65536)
         except BlockingIOError:
             return
         peer = self.peer
