@@ -8,6 +8,7 @@ socket and process is cleaned up by the fixtures.
 import contextlib
 import gc
 import hashlib
+import importlib.util
 import http.client
 import http.server
 import inspect
@@ -1040,6 +1041,37 @@ def test_start_proxy_is_ready_on_return_and_stop_proxy_stops_it(echo_backend):
         connect(proxied).close()
     with pytest.raises(ValueError):
         stop_proxy(pid)
+
+
+def test_start_proxys_child_runs_this_file_from_its_cached_bytecode(tmp_path, monkeypatch,
+                                                                     echo_backend):
+    """As ``python3 vaurien.py`` would, but a script is compiled anew at each start
+    (half of the start time): a copy of vaurien.py, started, leaves its bytecode."""
+    shutil.copy(VAURIEN, tmp_path / 'vaurien.py')
+    (tmp_path / 'near.py').write_text(NEAR_HANDLER)     # found beside it, as a script's
+    (tmp_path / 'near.ini').write_text('[handler:reverse]\ncallable = near.reverse\n')
+    monkeypatch.setattr(sys, 'dont_write_bytecode', True)   # the bytecode is the child's
+    copy = load_module_from(tmp_path / 'vaurien.py', 'vaurien_copy')
+    monkeypatch.delenv('PYTHONDONTWRITEBYTECODE', raising=False)
+    with copy.start_proxy(distant='%s:%d' % echo_backend.address, local=LOOP + ':0',
+                          config=str(tmp_path / 'near.ini'), behavior='100:reverse',
+                          http_host=LOOP, http_port=0, echo=False) as handle:
+        assert round_trip(handle.local) == b'gnip'
+    assert list((tmp_path / '__pycache__').glob('vaurien.*.pyc'))
+
+
+NEAR_HANDLER = """
+def reverse(source, dest, to_backend, name, settings, proxy):
+    data = proxy.get_data(source)
+    dest.sendall(data[::-1] if to_backend else data)
+"""
+
+
+def load_module_from(path, name):
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_start_proxy_failure_raises_with_the_error_output():

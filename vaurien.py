@@ -4831,6 +4831,17 @@ _READY = re.compile(r'Vaurien ready: proxy ([^\s,;]+) -> ([^\s,;]+)'
                     r'(?:, control http://([^\s,;]+))?')
 
 
+#: How start_proxy's child runs this file: as ``python3 vaurien.py`` does, but from
+#: its cached bytecode, where a script is compiled anew each time (half of a start).
+_RUN_AS_SCRIPT = '''import importlib.util, os, sys
+path = sys.argv[1]
+sys.argv, sys.path[0] = sys.argv[1:], os.path.dirname(path)
+spec = importlib.util.spec_from_file_location('__main__', path)
+sys.modules['__main__'] = module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+'''
+
+
 def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
                 config=None, seed=None, http=True, http_host=None, http_port=None,
                 http_token=None, log_level=None, log_output=None, timeout=10.0, echo=True,
@@ -4851,7 +4862,7 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     """
     if host is not None or port is not None:
         distant = '%s:%s' % (host or 'localhost', port or 80)
-    args = [sys.executable, os.path.abspath(__file__), '--exit-on-eof']
+    args = [sys.executable, '-c', _RUN_AS_SCRIPT, os.path.abspath(__file__), '--exit-on-eof']
     flags = dict(options, local=local, distant=distant, behavior=behavior, config=config,
                  seed=seed, http_host=http_host, http_port=http_port, http_token=http_token,
                  log_level=log_level, log_output=log_output)
