@@ -2796,7 +2796,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
     allow_reuse_address = True
     block_on_close = False
-    request_queue_size = 1024   # socketserver's 5 drops SYNs of a burst of connects
+    request_queue_size = socket.SOMAXCONN   # as Go's listeners (Toxiproxy's): socketserver's
+                                            # 5 drops the SYNs of a burst of connects
 
     def __init__(self, local, distant, behavior='100:normal',
                  handlers=None, seed=None, http=False, http_host='localhost', http_port=8080,
