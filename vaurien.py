@@ -1475,7 +1475,8 @@ class _Dest:
 
     def close(self):
         """End the whole connection: flush what is queued, send EOF, then close."""
-        self.connection.close()
+        if self.connection is not None:   # else a Side kept beyond its connection's end
+            self.connection.close()
 
 
 class Side(_Dest):
@@ -1553,6 +1554,8 @@ class Side(_Dest):
         """Send `data` and close, the data and the EOF in one segment where TCP_CORK
         exists (Linux): a pooled client that reads the answer sees the EOF with it,
         and never sends its next request on a connection that is ending."""
+        if self.connection is None:    # kept beyond the connection's end
+            return
         corked = self.sock is not None and not self.broken and _CORK
         if corked:
             with contextlib.suppress(OSError):
@@ -1565,7 +1568,8 @@ class Side(_Dest):
 
     def abort(self):
         """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
-        self.connection.abort(self)
+        if self.connection is not None:
+            self.connection.abort(self)
 
     def _send_at(self, data, due, pace=None):
         if not data or self.eof_queued or self.broken:
@@ -2044,7 +2048,7 @@ class Connection:
     def _on_connect(self, starts):
         result = None
         for handler, settings, name, fault in starts:
-            if handler.on_connect is not None and result is not False:
+            if handler.on_connect is not None and result is not False and not self.released:
                 result = self._call_as(fault, handler.on_connect, self.client, self.backend,
                                        name, settings, self.proxy)
         self._in_loop(self._opened, starts, result)
@@ -2201,6 +2205,8 @@ class Connection:
         watches: the connection is settled only after other events (what
         queues, closes or drops marks it itself).
         """
+        if self.released:    # an event of the round in which the connection ended
+            return
         try:
             if side.connecting:
                 self._connected(side)
@@ -2551,7 +2557,8 @@ class Connection:
     def _unlink(self):
         """Break the cycles between the ended connection, its sides and its layers: it
         is freed at once, not by the cyclic garbage collector, which took a quarter of
-        the pump's CPU on short connections."""
+        the pump's CPU on short connections.  A side a handler kept is left a husk:
+        its `connection` is None, and its calls do nothing."""
         for side in self.sides:
             side.connection = side.peer = side.inlet = side.on_event = None
         self.chains = None
@@ -2796,8 +2803,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
     allow_reuse_address = True
     block_on_close = False
-    request_queue_size = socket.SOMAXCONN   # as Go's listeners (Toxiproxy's): socketserver's
-                                            # 5 drops the SYNs of a burst of connects
+    request_queue_size = 65535   # the kernel caps it (somaxconn: 4096 on recent Linux), as
+                                 # for Go's listeners; socketserver's 5 drops SYNs of a burst
 
     def __init__(self, local, distant, behavior='100:normal',
                  handlers=None, seed=None, http=False, http_host='localhost', http_port=8080,
@@ -3603,14 +3610,26 @@ class _Deadline:
         super().finish()
 
 
-class ControlHandler(_Deadline, http.server.BaseHTTPRequestHandler):
+class _OneSend:
+    """A BaseHTTPRequestHandler mixin: an answer's head and body leave in one send (the
+    output is buffered, and http.server flushes it after each request); an interim
+    "100 Continue" leaves at once, for the client that waits for it to send its body."""
+
+    wbufsize = -1
+
+    def handle_expect_100(self):
+        answered = super().handle_expect_100()
+        self.wfile.flush()
+        return answered
+
+
+class ControlHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
     """Routes: /handler, /handlers, /behavior, /proxy (the default proxy's), /proxies
     and /proxies/NAME[/handler|/handlers|/behavior]; JSON in and out."""
 
     protocol_version = 'HTTP/1.1'
     server_version = 'Vaurien/' + __version__
     timeout = 10   # seconds: a half-sent request does not hold a thread forever
-    wbufsize = -1  # buffered: an answer's head and body leave in one send, at its end
     disable_nagle_algorithm = True   # a long answer's last piece must not wait
 
     #: path: {method: the name of the method answering it, given the request body}
@@ -4346,13 +4365,12 @@ def _go_error_text(exc):
     return text[:1].lower() + text[1:]
 
 
-class ToxiproxyHandler(_Deadline, http.server.BaseHTTPRequestHandler):
+class ToxiproxyHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
     """The routes of Toxiproxy's API, with its JSON, its errors and their words."""
 
     protocol_version = 'HTTP/1.1'
     server_version = 'Vaurien/' + __version__
     timeout = 25
-    wbufsize = -1  # as ControlHandler's
     disable_nagle_algorithm = True
 
     ROUTES = [
@@ -4836,7 +4854,9 @@ _READY = re.compile(r'Vaurien ready: proxy ([^\s,;]+) -> ([^\s,;]+)'
 #: its cached bytecode, where a script is compiled anew each time (half of a start).
 _RUN_AS_SCRIPT = '''import importlib.util, os, sys
 path = sys.argv[1]
-sys.argv, sys.path[0] = sys.argv[1:], os.path.dirname(path)
+sys.argv = sys.argv[1:]
+if not getattr(sys.flags, 'safe_path', False):   # else -P: the script's folder is not added
+    sys.path[0] = os.path.dirname(os.path.realpath(path))
 spec = importlib.util.spec_from_file_location('__main__', path)
 sys.modules['__main__'] = module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
