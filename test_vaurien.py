@@ -1330,6 +1330,27 @@ def test_bandwidth_is_smooth_and_close_to_the_rate(make_proxy, backends):
     assert time.monotonic() - started >= 0.85
 
 
+@pytest.mark.parametrize('how', ['handler', 'fault'])
+def test_bandwidth_holds_small_chunks_that_come_one_at_a_time_to_the_rate(make_proxy,
+                                                                          echo_backend, how):
+    """Each chunk's pause holds the next one, also when it comes after the queue emptied:
+    64 B every 5 ms (12,800 B/s) through 1,000 B/s."""
+    proxy = make_proxy(echo_backend.address)
+    if how == 'handler':
+        proxy.set_handler('bandwidth', rate=1000, direction='to_backend')
+    else:
+        proxy.add_fault('bandwidth', rate=1000, direction='to_backend')
+    with connect(proxy.address) as sock:
+        sock.settimeout(0.005)
+        started, got = time.monotonic(), 0
+        while time.monotonic() - started < 1:
+            sock.sendall(b'x' * 64)
+            with contextlib.suppress(socket.timeout):
+                got += len(sock.recv(65536))
+            # never ahead of the rate by more than a tenth of a second, and a chunk
+            assert got <= 1000 * (time.monotonic() - started) + 100 + 64
+
+
 def test_slicer_splits_and_keeps_every_byte_in_order(make_proxy, backends):
     payload = bytes(range(256)) * 4
     backend = backends(reply_backend, payload)

@@ -1743,8 +1743,10 @@ class Layer(_Dest):
                     entry[0] = now + entry[3]
             if whole:
                 queue.popleft()
-                if len(entry) > 2 and queue:   # the pause after the last piece holds the next
-                    queue[0][0] = max(queue[0][0], now + entry[3])
+                if len(entry) > 2:   # the pause after the last piece holds what follows
+                    self.last_due = max(self.last_due, now + entry[3])
+                    if queue:
+                        queue[0][0] = max(queue[0][0], now + entry[3])
             self.side.staged -= _size(item) + (ENTRY_COST if whole else 0)
             self._pass(item)
         if queue:
@@ -2432,8 +2434,10 @@ class Connection:
                 continue
             queue.popleft()
             side.queued -= ENTRY_COST
-            if paced and queue:   # the pause after the last piece holds what follows
-                queue[0][0] = max(queue[0][0], now + entry[4])
+            if paced:   # the pause after the last piece holds what follows, queued or not
+                side.last_due = max(side.last_due, now + entry[4])
+                if queue:
+                    queue[0][0] = max(queue[0][0], now + entry[4])
         if not queue and self.closing_at is not None:   # flushed: now linger
             self.closing_at = max(self.closing_at, now + LINGER)
 
