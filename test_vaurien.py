@@ -2206,16 +2206,7 @@ def test_max_connections_refuses_beyond_with_a_log_line(make_proxy, echo_backend
 
 def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_proxy,
                                                                          echo_backend):
-    silent = socket.socket()
-    silent.bind((LOOP, 0))
-    silent.listen(0)
-    fillers = []
-    try:
-        for _ in range(8):      # fill the backlog: later SYNs get no answer
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(silent.getsockname())
-            fillers.append(filler)
+    with full_backlog() as silent:
         proxy = make_proxy(silent.getsockname(), connect_timeout=0.5)
         other = make_proxy(echo_backend.address)
         with connect(proxy.address) as sock:
@@ -2226,41 +2217,47 @@ def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_p
             assert time.monotonic() - started < 0.4
             assert outcome(sock)[0] in ('eof', 'rst')
             assert 0.4 <= time.monotonic() - started < 5
+
+
+@contextlib.contextmanager
+def full_backlog():
+    """A listener that never accepts, its backlog full: later SYNs get no answer."""
+    listener = socket.socket()
+    listener.bind((LOOP, 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        yield listener
     finally:
         for filler in fillers:
             filler.close()
-        silent.close()
+        listener.close()
 
 
 def test_a_connect_in_progress_relays_what_waited_once_it_is_done(make_proxy):
     """A backend whose backlog is full drops the SYN: the connect stays in progress
     (loopback connects are otherwise done at once), the client's bytes wait; when the
     backend accepts again, the SYN sent again connects, and they go."""
-    listener = socket.socket()
-    listener.bind((LOOP, 0))
-    listener.listen(0)
-    fillers, backend = [], None
-    try:
-        for _ in range(8):      # fill the backlog: later SYNs get no answer
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(listener.getsockname())
-            fillers.append(filler)
+    backend = None
+    with full_backlog() as listener:
         proxy = make_proxy(listener.getsockname(), connect_timeout=WAIT)
-        with connect(proxy.address) as sock:
-            sock.sendall(b'sent while the backend is connecting')
-            wait_for(lambda: proxy.connection_count == 1, what='the connection')
-            conn, = proxy._live()
-            assert conn.backend.connecting and conn.connect_timer is not None
-            backend = Backend(echo, listener=listener)
-            assert read_exactly(sock, 36) == b'sent while the backend is connecting'
-            assert not conn.backend.connecting and conn.connect_timer is None
-    finally:
-        for filler in fillers:
-            filler.close()
-        if backend is not None:
-            backend.close()
-        listener.close()
+        try:
+            with connect(proxy.address) as sock:
+                sock.sendall(b'sent while the backend is connecting')
+                wait_for(lambda: proxy.connection_count == 1, what='the connection')
+                conn, = proxy._live()
+                assert conn.backend.connecting and conn.connect_timer is not None
+                backend = Backend(echo, listener=listener)
+                assert read_exactly(sock, 36) == b'sent while the backend is connecting'
+                assert not conn.backend.connecting and conn.connect_timer is None
+        finally:
+            if backend is not None:
+                backend.close()
 
 
 def test_control_api_warns_when_it_listens_beyond_loopback(echo_backend, caplog):
