@@ -5627,6 +5627,22 @@ def test_nothing_passes_the_fault_that_closed_the_connection(make_proxy):
         backend.close()
 
 
+def test_a_fault_closing_while_a_layer_before_it_passes_pieces_ends_the_connection(make_proxy):
+    """slicer passes one-byte pieces with no pause, in one go; limit_data, after it,
+    closes at the third, and slicer's layer drops the rest (it was counted twice: the
+    connection waited forever for bytes below zero)."""
+    backend = Backend(lambda sock: sock.sendall(b'abcdefgh') or sock.recv(10))
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('slicer', size=1, delay=0, direction='to_client')
+        proxy.add_fault('limit_data', bytes=3, direction='to_client')
+        with connect(proxy.address) as sock:
+            assert outcome(sock) == ('eof', b'abc')
+        wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    finally:
+        backend.close()
+
+
 def test_a_removed_fault_passes_on_the_eof_it_held(make_proxy):
     def answer_and_close(sock):
         sock.sendall(sock.recv(10))

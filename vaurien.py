@@ -351,6 +351,7 @@ def directional(func):
         if applies(settings['direction'], to_backend):
             return func(source, dest, to_backend, name, settings, proxy)
         return normal(source, dest, to_backend, name, settings, proxy)
+    handler.undirected = func   # what a fault calls: its layers are in its direction only
     return handler
 
 
@@ -925,6 +926,7 @@ class Handler:
         if not callable(func):
             raise ConfigError('%r is not callable' % (func,))
         self.name, self.func = name, func
+        self.undirected = getattr(func, 'undirected', func)
         try:
             self.schema = parse_settings_doc(func.__doc__)
         except ValueError as exc:
@@ -1571,6 +1573,12 @@ class Side(_Dest):
         if self.connection is not None:
             self.connection.abort(self)
 
+    def take(self, item):
+        """What the last fault layer passes on: bytes, or the end (_EOF or _RST)."""
+        if item is _EOF or item is _RST:
+            return self._end(item)
+        self.sendall(item)
+
     def _send_at(self, data, due, pace=None):
         if not data or self.eof_queued or self.broken:
             return
@@ -1580,6 +1588,9 @@ class Side(_Dest):
             data = bytes(data)
         self._push(due, data, pace)
         self.queued += len(data) + ENTRY_COST
+        if pace is not None and len(self.queue) == 1 and self.queue[0][0] <= time.monotonic() \
+                and not self.connecting:   # its first piece goes now, not a round later
+            self.connection._flush(self)
 
     @_in_pump
     def _end(self, marker, delay=0.0):
@@ -1687,7 +1698,9 @@ class Layer(_Dest):
         due = time.monotonic() + delay if delay > 0 else 0.0
         if _thread.get_ident() != self.pump.ident:
             return self.pump.call_soon(self._send_at, bytes(data), due, pace)
-        self._send_at(data, due, pace)
+        if due or pace is not None or self.queue or self.eof_queued or not data:
+            return self._send_at(data, due, pace)
+        self.next.take(data)     # the steady state, said quickly
 
     def abort(self):
         """Reset the socket this chain ends at, and end the connection."""
@@ -1696,10 +1709,17 @@ class Layer(_Dest):
     def _send_at(self, data, due, pace=None):
         if not data or self.eof_queued:
             return
-        if not self.queue and (self.removed or pace is None and (
-                not due or due <= time.monotonic())):
-            return self._pass(data)     # removed: what its handler still sends goes at once
-        self._push(due, bytes(data) if isinstance(data, bytearray) else data, pace)
+        if not self.queue:
+            if self.removed or pace is None and (not due or due <= time.monotonic()):
+                return self.next.take(data)   # removed: what its handler still sends goes now
+            now = time.monotonic()
+            if pace is not None and due <= now and self.last_due <= now:
+                data, rest, pause = self._cut(data, pace)    # its first piece goes now
+                self.last_due = now + pause
+                if rest:
+                    self._push(self.last_due, rest, pace)
+                return self.next.take(data)
+        self._push(due, data, pace)
 
     @_in_pump
     def _end(self, marker, delay=0.0):
@@ -1708,39 +1728,54 @@ class Layer(_Dest):
                 if self.queue and self.queue[-1][1] is _EOF:
                     self.queue[-1][1] = _RST
                 else:
-                    self._pass(_RST)
+                    self.next.take(_RST)
             return
         self.eof_queued = True
         if (delay <= 0 or self.removed) and not self.queue:
-            return self._pass(marker)
+            return self.next.take(marker)
         self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
 
     def _push(self, due, item, pace=None):
         due = max(due, self.last_due)
         self.last_due = due
+        if isinstance(item, bytearray):   # the handler may change it while it waits
+            item = bytes(item)
         self.queue.append([due, item] if pace is None else [due, item, pace, 0.0])
         self.side.staged += _size(item) + ENTRY_COST
         if len(self.queue) == 1:
             self._arm(due)
 
+    @staticmethod
+    def _cut(item, pace):
+        """(the next piece of `item`, the rest or None, the pause after the piece), by
+        ``pace(len(item))``: (size, pause)."""
+        size, pause = pace(len(item))
+        size = max(1, int(size))
+        if size < len(item):
+            return item[:size], item[size:], pause
+        return item, None, pause
+
     def _arm(self, due):
         if self.timer is not None:
             self.pump.cancel(self.timer)
-        self.timer = self.pump.call_at(due, self._flush)
+        self.timer = self.pump.call_at(due, self._due)
+
+    def _due(self):
+        """The timer's call: what falls due may end the connection (an EOF sent)."""
+        self.timer = None
+        self._flush()
+        self.pump.dirty.add(self.connection)
 
     def _flush(self):
-        """The pump's call: pass on what is due, in order; wait for the rest."""
-        self.timer = None
+        """Pass on what is due, in order; wait for the rest."""
         queue, now = self.queue, time.monotonic()
         while queue and queue[0][0] <= now:
             entry = queue[0]
             item, whole = entry[1], True
             if len(entry) > 2:    # paced: a piece now, the rest after the pause
-                size, entry[3] = entry[2](len(item))
-                size = max(1, int(size))
-                if size < len(item):
-                    item, entry[1], whole = item[:size], item[size:], False
-                    entry[0] = now + entry[3]
+                item, rest, entry[3] = self._cut(item, entry[2])
+                if rest:
+                    entry[0], entry[1], whole = now + entry[3], rest, False
             if whole:
                 queue.popleft()
                 if len(entry) > 2:   # the pause after the last piece holds what follows
@@ -1748,19 +1783,9 @@ class Layer(_Dest):
                     if queue:
                         queue[0][0] = max(queue[0][0], now + entry[3])
             self.side.staged -= _size(item) + (ENTRY_COST if whole else 0)
-            self._pass(item)
+            self.next.take(item)
         if queue:
             self._arm(queue[0][0])
-        self.pump.dirty.add(self.connection)
-
-    def _pass(self, item):
-        """Hand `item` (bytes, _EOF or _RST) to the next layer, or to the socket."""
-        target = self.next
-        if target is self.side:
-            if item is _EOF or item is _RST:
-                return target._end(item)
-            return target.sendall(item)
-        target.take(item)
 
     # -- what the layer before it hands over -------------------------------------------
 
@@ -1791,7 +1816,7 @@ class Layer(_Dest):
             return
         saved, source.data = source.data, data
         try:
-            result = conn._call_as(fault, fault.handler.func, source, self, self.to_backend,
+            result = conn._call_as(fault, fault.handler.undirected, source, self, self.to_backend,
                                    fault.name, fault.settings, conn.proxy)
         finally:
             source.data = saved
@@ -1819,15 +1844,17 @@ class Layer(_Dest):
     def drop_data(self):
         """Drop the data it holds (a fault after it closed the connection); an EOF or a
         reset it holds stays."""
-        dropped = [entry for entry in self.queue if _size(entry[1])]
-        self.side.staged -= sum(_size(entry[1]) + ENTRY_COST for entry in dropped)
-        self.queue = collections.deque(entry for entry in self.queue if not _size(entry[1]))
-        self.last_due = self.queue[-1][0] if self.queue else 0.0
+        kept = [entry for entry in self.queue if not _size(entry[1])]
+        self.side.staged -= sum(_size(entry[1]) + ENTRY_COST for entry in self.queue
+                                if _size(entry[1]))
+        self.queue.clear()    # in place: this layer's _flush may be passing what it holds
+        self.queue.extend(kept)
+        self.last_due = kept[-1][0] if kept else 0.0
         if self.timer is not None:
             self.pump.cancel(self.timer)
             self.timer = None
-        if self.queue:
-            self._arm(self.queue[0][0])
+        if kept:
+            self._arm(kept[0][0])
 
     def remove(self):
         """Its fault was removed: pass on at once, in order, what it holds, and the EOF
@@ -1838,6 +1865,7 @@ class Layer(_Dest):
             entry[:] = [0.0, entry[1]]     # unpaced too
         if self.timer is not None:
             self.pump.cancel(self.timer)
+            self.timer = None
         if self.queue:
             self._flush()
         self.release_eof()
@@ -1846,6 +1874,7 @@ class Layer(_Dest):
         """The connection ended: drop what it holds."""
         if self.timer is not None:
             self.pump.cancel(self.timer)
+            self.timer = None
         self.queue.clear()
 
 
@@ -2287,8 +2316,8 @@ class Connection:
         handler, settings = self._in_force()
         side.data, dest = data, side.peer.inlet
         started = time.perf_counter()
-        result = self._call(handler.func, side, dest, side is self.client,
-                            handler.name, settings, self.proxy)
+        result = self._call_as(None, handler.func, side, dest, side is self.client,
+                               handler.name, settings, self.proxy)
         if time.perf_counter() - started > SLOW_CALL and not handler.warned:
             self._warn_slow(handler, time.perf_counter() - started)
         side.data = None
@@ -2363,12 +2392,21 @@ class Connection:
             self._call_as(fault, function)
 
     def _call_as(self, fault, function, *args):
-        """`_call` a hook or timer of `fault` (None: of the handler): what it arms, and
-        the epoch it counts from, are the fault's."""
+        """Call a handler, hook or timer of `fault` (None: of the handler in force): what
+        it arms, and the epoch it counts from, are the fault's.
+
+        Its failure resets this connection's client only: a reset, not an
+        EOF, so that a truncated answer never passes for a whole one.
+        """
         holder = self if self.worker is None or self.pump.in_loop() else self.worker
         calling, holder.calling = holder.calling, fault
         try:
-            return self._call(function, *args)
+            return function(*args)
+        except Exception:
+            log.exception('handler %s failed on connection #%d; resetting it',
+                          self.handler_name, self.index)
+            self.abort(self.client)
+            return False
         finally:
             holder.calling = calling
 
@@ -2384,19 +2422,6 @@ class Connection:
         if self.closers is None:
             self.closers = set()
         self.closers.add((handler, name))
-
-    def _call(self, function, *args):
-        """Call a handler (or hook); its failure resets this connection's client only.
-
-        A reset, not an EOF: a truncated answer must not pass for a whole one.
-        """
-        try:
-            return function(*args)
-        except Exception:
-            log.exception('handler %s failed on connection #%d; resetting it',
-                          self.handler_name, self.index)
-        self.abort(self.client)
-        return False
 
     def _flush(self, side):
         now = time.monotonic()
@@ -2550,7 +2575,8 @@ class Connection:
             for side in self.sides:
                 self._drop(side, reset=bool(side.queue))   # bytes left: never a clean EOF
             for handler, name in self.closers or ():
-                self._run_for(handler, self._call, (handler.on_close, self, name, self.proxy))
+                self._run_for(handler, self._call_as,
+                              (None, handler.on_close, self, name, self.proxy))
         finally:
             self.pump.restock()
             self.proxy.forget(self)
