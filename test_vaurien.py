@@ -6,6 +6,7 @@ socket and process is cleaned up by the fixtures.
 """
 
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -5639,6 +5640,92 @@ def test_a_fault_closing_while_a_layer_before_it_passes_pieces_ends_the_connecti
         with connect(proxy.address) as sock:
             assert outcome(sock) == ('eof', b'abc')
         wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    finally:
+        backend.close()
+
+
+def test_a_users_wrapper_of_a_directional_handler_is_called_as_a_fault(make_proxy, echo_backend):
+    """A fault calls a @directional handler without its direction filter, but a user's
+    own wrapper around it (made with functools.wraps) is still called."""
+    calls = []
+
+    def counted(func):
+        @functools.wraps(func)
+        def wrapper(source, dest, to_backend, name, settings, proxy):
+            calls.append(to_backend)
+            return func(source, dest, to_backend, name, settings, proxy)
+        return wrapper
+
+    @counted
+    @vaurien.directional
+    def shout(source, dest, to_backend, name, settings, proxy):
+        """Upper-cases the traffic of its direction.
+
+        Settings:
+          direction (to_backend|to_client|both, default to_client): the traffic changed.
+        """
+        dest.sendall(proxy.get_data(source).upper())
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault(shout, direction='to_client')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'hello')
+        assert read_exactly(sock, 5) == b'HELLO'
+    assert calls == [False]
+
+
+@pytest.mark.parametrize('fault', ['normal', 'bandwidth'])
+def test_a_client_gone_while_a_fault_sends_keeps_what_waits_for_the_backend(make_proxy, fault):
+    """The client is gone when a fault's call sends it an answer: that is no close by the
+    fault, and the request a delay holds for the backend still goes, then the reset."""
+    received = []
+
+    def serve(sock):
+        sock.sendall(b'a' * 100)
+        time.sleep(0.2)
+        sock.sendall(b'b' * 100)     # meets the client's reset
+        received.append(outcome(sock))
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('delay', sleep=0.5, direction='to_backend')
+        proxy.add_fault(fault, direction='both')
+        sock = connect(proxy.address)
+        sock.sendall(b'REQ')
+        sock.close()
+        wait_for(lambda: received, what='the backend to see the end')
+        assert received == [('rst', b'REQ')]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize('how', ['handler', 'fault'])
+def test_the_pause_after_a_paced_piece_holds_an_unpaced_send_after_it(make_proxy, how):
+    """The pause after the last piece of a paced send holds what the handler sends next,
+    paced or not, and the EOF."""
+    @vaurien.traits(blocking=False)
+    def trailed(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data and not to_backend:
+            dest.sendall(data, pace=lambda available: (available, 0.5))
+            dest.sendall(b'|T')
+        elif data:
+            dest.sendall(data)
+        else:
+            dest.shutdown()
+    backend = Backend(lambda sock: sock.recv(10) and sock.sendall(b'DATA'))
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.register('trailed', trailed)
+        if how == 'handler':
+            proxy.set_handler('trailed')
+        else:
+            proxy.add_fault('trailed', direction='to_client')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'go')
+            assert read_exactly(sock, 4) == b'DATA'
+            started = time.monotonic()
+            assert outcome(sock) == ('eof', b'|T')
+            assert time.monotonic() - started >= 0.4
     finally:
         backend.close()
 

@@ -103,6 +103,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 import _thread
 
 __version__ = '3.1.0'
@@ -351,8 +352,13 @@ def directional(func):
         if applies(settings['direction'], to_backend):
             return func(source, dest, to_backend, name, settings, proxy)
         return normal(source, dest, to_backend, name, settings, proxy)
-    handler.undirected = func   # what a fault calls: its layers are in its direction only
+    _UNDIRECTED[handler] = func   # what a fault calls: its layers are in its direction only
     return handler
+
+
+#: directional()'s wrappers, each to the handler it wraps (not an attribute of the
+#: wrapper, which a user's functools.wraps around it would copy).
+_UNDIRECTED = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------
@@ -926,7 +932,7 @@ class Handler:
         if not callable(func):
             raise ConfigError('%r is not callable' % (func,))
         self.name, self.func = name, func
-        self.undirected = getattr(func, 'undirected', func)
+        self.undirected = _UNDIRECTED.get(func, func)
         try:
             self.schema = parse_settings_doc(func.__doc__)
         except ValueError as exc:
@@ -1504,7 +1510,8 @@ class Side(_Dest):
         self.peer = None
         self.queue = _NO_QUEUE    # then a deque of [due, bytes, _EOF or _RST], due in order
         self.queued = 0           # bytes in the queue
-        self.last_due = 0.0
+        self.last_due = 0.0       # what is sent next waits for it: the due time of the last
+                                  # entry queued, or the end of a pace's pause (0: none)
         self.data = None          # the chunk the handler is being called for
         self.eof_read = False     # this socket sent us its EOF
         self.eof_queued = False   # its write half is (to be) shut down, or reset
@@ -1537,8 +1544,8 @@ class Side(_Dest):
                 pace)
         if not data or self.eof_queued or self.broken:
             return
-        if delay <= 0 and pace is None and not self.queue and not self.connecting \
-                and self.sock is not None:
+        if delay <= 0 and pace is None and not self.queue and not self.last_due \
+                and not self.connecting and self.sock is not None:
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -1602,7 +1609,8 @@ class Side(_Dest):
         self.eof_queued = True
         if (self.sock is None and not self.connecting) or self.broken:
             self.eof_sent = True
-        elif marker is _EOF and delay <= 0 and not self.queue and not self.connecting:
+        elif marker is _EOF and delay <= 0 and not self.queue and not self.last_due \
+                and not self.connecting:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:   # the peer is gone: its reset is read next
@@ -1677,7 +1685,7 @@ class Layer(_Dest):
         self.sealed = False         # its fault closed the connection: nothing more passes
         self.held_eof = False       # its handler kept an EOF from going on (HOLD_EOF)
         self.queue = collections.deque()   # [due, bytes or _EOF or _RST, (pace, pause)]
-        self.last_due = 0.0
+        self.last_due = 0.0         # what is sent next waits for it, as a Side's
         self.eof_queued = False
         self.timer = None
 
@@ -1698,7 +1706,8 @@ class Layer(_Dest):
         due = time.monotonic() + delay if delay > 0 else 0.0
         if _thread.get_ident() != self.pump.ident:
             return self.pump.call_soon(self._send_at, bytes(data), due, pace)
-        if due or pace is not None or self.queue or self.eof_queued or not data:
+        if due or pace is not None or self.queue or self.last_due or self.eof_queued \
+                or not data:
             return self._send_at(data, due, pace)
         self.next.take(data)     # the steady state, said quickly
 
@@ -1710,11 +1719,14 @@ class Layer(_Dest):
         if not data or self.eof_queued:
             return
         if not self.queue:
-            if self.removed or pace is None and (not due or due <= time.monotonic()):
-                return self.next.take(data)   # removed: what its handler still sends goes now
+            if self.removed:    # what its handler still sends goes at once
+                return self.next.take(data)
             now = time.monotonic()
-            if pace is not None and due <= now and self.last_due <= now:
-                data, rest, pause = self._cut(data, pace)    # its first piece goes now
+            if due <= now and self.last_due <= now:    # nothing to wait for: on now
+                if pace is None:
+                    self.last_due = 0.0     # sendall's quick way is open again
+                    return self.next.take(data)
+                data, rest, pause = self._cut(data, pace)    # a first piece, at least
                 self.last_due = now + pause
                 if rest:
                     self._push(self.last_due, rest, pace)
@@ -1731,8 +1743,9 @@ class Layer(_Dest):
                     self.next.take(_RST)
             return
         self.eof_queued = True
-        if (delay <= 0 or self.removed) and not self.queue:
-            return self.next.take(marker)
+        if not self.queue and (self.removed or delay <= 0 and (
+                marker is _RST or self.last_due <= time.monotonic())):
+            return self.next.take(marker)    # an EOF waits for a pause, a reset does not
         self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
 
     def _push(self, due, item, pace=None):
@@ -2032,7 +2045,7 @@ class Connection:
 
     def _reset_after(self, side):
         side.inlet._end(_RST)
-        self.close()
+        self._in_loop(self._close, None)   # not closed by the fault being called, if any
 
     @_in_pump
     def connect_backend(self):
@@ -2463,8 +2476,11 @@ class Connection:
                 side.last_due = max(side.last_due, now + entry[4])
                 if queue:
                     queue[0][0] = max(queue[0][0], now + entry[4])
-        if not queue and self.closing_at is not None:   # flushed: now linger
-            self.closing_at = max(self.closing_at, now + LINGER)
+        if not queue:
+            if side.last_due <= now:     # no pause holds what follows: sendall's quick way
+                side.last_due = 0.0
+            if self.closing_at is not None:   # flushed: now linger
+                self.closing_at = max(self.closing_at, now + LINGER)
 
     # -- settling: what the pump does with a connection touched in a round -------------
 
