@@ -5644,6 +5644,33 @@ def test_a_fault_closing_while_a_layer_before_it_passes_pieces_ends_the_connecti
         backend.close()
 
 
+class Suffixed:
+    """Appends its suffix to each chunk: a handler that is a callable object, neither
+    hashable (as a dataclass's instances) nor weakly referable (__slots__).
+
+    Settings: none.
+    """
+    __slots__ = ('suffix',)
+    __hash__ = None
+
+    def __init__(self, suffix):
+        self.suffix = suffix
+
+    def __call__(self, source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        dest.sendall(data + self.suffix if data else data)
+
+
+def test_a_callable_object_is_a_handler_and_a_fault(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.register('suffixed', Suffixed(b'!'))
+    proxy.set_handler('suffixed')
+    proxy.add_fault(Suffixed(b'?'), direction='to_client')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'hi')            # the handler's ! each way, then the fault's ?
+        assert read_exactly(sock, 5) == b'hi!!?'
+
+
 def test_a_users_wrapper_of_a_directional_handler_is_called_as_a_fault(make_proxy, echo_backend):
     """A fault calls a @directional handler without its direction filter, but a user's
     own wrapper around it (made with functools.wraps) is still called."""

@@ -103,7 +103,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import weakref
 import _thread
 
 __version__ = '3.1.0'
@@ -352,13 +351,10 @@ def directional(func):
         if applies(settings['direction'], to_backend):
             return func(source, dest, to_backend, name, settings, proxy)
         return normal(source, dest, to_backend, name, settings, proxy)
-    _UNDIRECTED[handler] = func   # what a fault calls: its layers are in its direction only
+    # What a fault calls (its layers are in its direction only), for this very wrapper:
+    # a user's functools.wraps around it copies the attribute, and must be called.
+    handler.vaurien_undirected = (handler, func)
     return handler
-
-
-#: directional()'s wrappers, each to the handler it wraps (not an attribute of the
-#: wrapper, which a user's functools.wraps around it would copy).
-_UNDIRECTED = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------
@@ -932,7 +928,8 @@ class Handler:
         if not callable(func):
             raise ConfigError('%r is not callable' % (func,))
         self.name, self.func = name, func
-        self.undirected = _UNDIRECTED.get(func, func)
+        wrapper, inner = getattr(func, 'vaurien_undirected', (None, None))
+        self.undirected = inner if wrapper is func else func
         try:
             self.schema = parse_settings_doc(func.__doc__)
         except ValueError as exc:
