@@ -5644,6 +5644,36 @@ def test_a_fault_closing_while_a_layer_before_it_passes_pieces_ends_the_connecti
         backend.close()
 
 
+@pytest.mark.parametrize('faults', [False, True])
+def test_a_reset_waits_for_no_pause(make_proxy, faults):
+    """slicer paces the request with a 1 s pause after its last piece; the client's reset
+    reaches the backend at once, not after the pause: on the backend's side itself,
+    and in a fault layer, where limit_data's close had queued an EOF behind the pause."""
+    seen = []
+
+    def serve(sock):
+        sock.sendall(sock.recv(10).upper())
+        started = time.monotonic()
+        seen.append(outcome(sock) + (time.monotonic() - started,))
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.set_handler('slicer', size=10, delay=1.0, direction='to_backend')
+        if faults:
+            proxy.add_fault('limit_data', bytes=2, direction='to_client')
+        sock = connect(proxy.address)
+        sock.sendall(b'ab')
+        assert read_exactly(sock, 2) == b'AB'
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        sock.close()     # a reset
+        wait_for(lambda: seen, what='the backend to see the end')
+        (how, data, seconds), = seen
+        assert (how, data) == ('rst', b'')
+        assert seconds < 0.8
+    finally:
+        backend.close()
+
+
 class Suffixed:
     """Appends its suffix to each chunk: a handler that is a callable object, neither
     hashable (as a dataclass's instances) nor weakly referable (__slots__).

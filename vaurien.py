@@ -1606,6 +1606,8 @@ class Side(_Dest):
         self.eof_queued = True
         if (self.sock is None and not self.connecting) or self.broken:
             self.eof_sent = True
+        elif marker is _RST and delay <= 0 and not self.queue and not self.connecting:
+            self.connection._drop(self, reset=True)    # no byte before it: no pause holds it
         elif marker is _EOF and delay <= 0 and not self.queue and not self.last_due \
                 and not self.connecting:
             try:
@@ -1618,9 +1620,14 @@ class Side(_Dest):
 
     def _reset_instead(self):
         """A reset after the EOF was queued or sent: it replaces the EOF still queued,
-        or resets a stream already ended (its peer may still be writing)."""
-        if self.queue and self.queue[-1][1] is _EOF:
-            self.queue[-1][1] = _RST
+        after the bytes before it, or resets now (no pause or delay holds a reset that
+        has no byte before it; a stream already ended: its peer may still be writing)."""
+        queue = self.queue
+        if queue and queue[-1][1] is _EOF:
+            if len(queue) > 1 or self.connecting:
+                queue[-1][1] = _RST
+            else:
+                self.connection._drop(self, reset=True)
         elif self.eof_sent and not self.broken:
             self.connection._drop(self, reset=True)
 
@@ -1734,10 +1741,14 @@ class Layer(_Dest):
     def _end(self, marker, delay=0.0):
         if self.eof_queued:      # a reset after the EOF replaces it, or follows it
             if marker is _RST:
-                if self.queue and self.queue[-1][1] is _EOF:
+                if len(self.queue) > 1:     # after the data before the EOF
                     self.queue[-1][1] = _RST
-                else:
-                    self.next.take(_RST)
+                    return
+                if self.queue:     # only the EOF, which a pause or delay holds: not a reset
+                    self.queue.clear()
+                    self.side.staged -= ENTRY_COST
+                    self._disarm()
+                self.next.take(_RST)
             return
         self.eof_queued = True
         if not self.queue and (self.removed or delay <= 0 and (
@@ -1766,9 +1777,13 @@ class Layer(_Dest):
         return item, None, pause
 
     def _arm(self, due):
+        self._disarm()
+        self.timer = self.pump.call_at(due, self._due)
+
+    def _disarm(self):
         if self.timer is not None:
             self.pump.cancel(self.timer)
-        self.timer = self.pump.call_at(due, self._due)
+            self.timer = None
 
     def _due(self):
         """The timer's call: what falls due may end the connection (an EOF sent)."""
@@ -1860,9 +1875,7 @@ class Layer(_Dest):
         self.queue.clear()    # in place: this layer's _flush may be passing what it holds
         self.queue.extend(kept)
         self.last_due = kept[-1][0] if kept else 0.0
-        if self.timer is not None:
-            self.pump.cancel(self.timer)
-            self.timer = None
+        self._disarm()
         if kept:
             self._arm(kept[0][0])
 
@@ -1873,18 +1886,14 @@ class Layer(_Dest):
         self.last_due = 0.0
         for entry in self.queue:
             entry[:] = [0.0, entry[1]]     # unpaced too
-        if self.timer is not None:
-            self.pump.cancel(self.timer)
-            self.timer = None
+        self._disarm()
         if self.queue:
             self._flush()
         self.release_eof()
 
     def stop(self):
         """The connection ended: drop what it holds."""
-        if self.timer is not None:
-            self.pump.cancel(self.timer)
-            self.timer = None
+        self._disarm()
         self.queue.clear()
 
 
