@@ -1744,7 +1744,7 @@ class Layer(_Dest):
                 if len(self.queue) > 1:     # after the data before the EOF
                     self.queue[-1][1] = _RST
                     return
-                if self.queue:     # only the EOF, which a pause or delay holds: not a reset
+                if self.queue:     # only the EOF: no pause or delay holds a reset
                     self.queue.clear()
                     self.side.staged -= ENTRY_COST
                     self._disarm()
