@@ -4354,7 +4354,11 @@ def run_readme_demo(block, runner):
         def curl(line):
             return subprocess.run(line.split() + ['-m', '10'], capture_output=True, text=True,
                                   timeout=30).stdout
-        statuses = {curl(howto[0]).split(' ')[1] for _ in range(20)}
+        statuses = set()
+        for _ in range(200):     # each draw is a 503 with 30%: 20 in a row fail 1 run in 1,250
+            statuses.add(curl(howto[0]).split(' ')[1])
+            if {'200', '503'} <= statuses:
+                break
         assert {'200', '503'} <= statuses
         wait_for(lambda: 'opened: errors' in ''.join(rest), what='the handler each met')
         curl(howto[1])                                   # every request fails
