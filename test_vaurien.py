@@ -171,6 +171,20 @@ def echo_backend():
 
 
 @pytest.fixture
+def dead_port():
+    """A loopback port where connecting is refused, and that no bind(0) of the run takes
+    (a port closed would come back to one in 14,000): bound, not listening.  Its
+    `.free()` lets the test bind it itself."""
+    class Reserved(int):
+        def free(self):
+            holder.close()
+    holder = socket.socket()
+    holder.bind((LOOP, 0))
+    yield Reserved(holder.getsockname()[1])
+    holder.close()
+
+
+@pytest.fixture
 def make_proxy():
     """Start in-process proxies on ephemeral ports; stop them all afterwards."""
     proxies = []
@@ -328,11 +342,9 @@ def test_a_backend_that_writes_while_reading_does_not_deadlock_the_pump():
         backend.close()
 
 
-def test_unreachable_backend_closes_the_client_promptly_and_is_logged(make_proxy, caplog):
-    spare = socket.create_server((LOOP, 0))
-    dead = spare.getsockname()
-    spare.close()     # nothing listens there now
-    proxy = make_proxy(dead)
+def test_unreachable_backend_closes_the_client_promptly_and_is_logged(make_proxy, caplog,
+                                                                       dead_port):
+    proxy = make_proxy((LOOP, dead_port))
     with caplog.at_level(logging.WARNING, logger='vaurien'):
         for _ in range(3):
             with connect(proxy.address) as sock:
@@ -342,15 +354,15 @@ def test_unreachable_backend_closes_the_client_promptly_and_is_logged(make_proxy
     assert 'unreachable' in caplog.text and 'refused' in caplog.text.lower()
 
 
-def test_an_outage_of_the_backend_is_one_line_and_its_end_another(make_proxy, caplog):
-    spare = socket.create_server((LOOP, 0))
-    dead = spare.getsockname()
-    spare.close()
+def test_an_outage_of_the_backend_is_one_line_and_its_end_another(make_proxy, caplog,
+                                                                   dead_port):
+    dead = (LOOP, dead_port)
     proxy = make_proxy(dead)
     with caplog.at_level(logging.INFO, logger='vaurien'):
         for _ in range(30):
             with connect(proxy.address) as sock:
                 assert outcome(sock)[0] in ('eof', 'rst')
+        dead_port.free()
         backend = Backend(echo, dead)         # the backend comes back, on its port
         try:
             assert round_trip(proxy.address) == b'ping'
@@ -415,14 +427,14 @@ def test_delay_holds_data_to_the_backend_not_the_replies(make_proxy):
     backend = timestamped_backend()
     try:
         proxy = make_proxy(backend.address)
-        proxy.set_handler('delay', sleep=0.3)
+        proxy.set_handler('delay', sleep=1.0)     # long: a stall does not pass for it
         with connect(proxy.address) as sock:
             sent = time.monotonic()
             sock.sendall(b'ping')
             assert read_exactly(sock, 4) == b'pong'
             arrived = backend.arrivals[0][0]
-            assert arrived - sent >= 0.29
-            assert time.monotonic() - arrived < 0.25   # the reply was not delayed
+            assert arrived - sent >= 0.99
+            assert time.monotonic() - arrived < 0.9    # the reply was not delayed
     finally:
         backend.close()
 
@@ -1006,12 +1018,9 @@ def test_signals_stop_the_proxy_with_status_0_within_a_second(cli_proxy, echo_ba
         connect(proc.address).close()
 
 
-def test_log_output_to_a_file(tmp_path, cli_proxy):
-    spare = socket.create_server((LOOP, 0))
-    dead = '%s:%d' % spare.getsockname()
-    spare.close()
+def test_log_output_to_a_file(tmp_path, cli_proxy, dead_port):
     logfile = tmp_path / 'v.log'
-    proc = cli_proxy('--distant', dead, '--log-output', str(logfile), '--log-level', 'debug')
+    proc = cli_proxy('--distant', '%s:%d' % (LOOP, dead_port), '--log-output', str(logfile), '--log-level', 'debug')
     with connect(proc.address) as sock:
         outcome(sock)
     wait_for(lambda: logfile.exists() and 'unreachable' in logfile.read_text(),
@@ -1160,13 +1169,13 @@ def backends():
 def test_delay_jitter_and_direction(make_proxy, backends):
     backend = backends(timestamped_backend)
     proxy = make_proxy(backend.address)
-    proxy.set_handler('delay', sleep=0.3, direction='to_client')
+    proxy.set_handler('delay', sleep=1.0, direction='to_client')
     with connect(proxy.address) as sock:
         sent = time.monotonic()
         sock.sendall(b'ping')
         assert read_exactly(sock, 4) == b'pong'
-        assert backend.arrivals[0][0] - sent < 0.25          # requests go at once
-        assert time.monotonic() - backend.arrivals[0][0] >= 0.29   # replies wait
+        assert backend.arrivals[0][0] - sent < 0.9           # requests go at once
+        assert time.monotonic() - backend.arrivals[0][0] >= 0.99   # replies wait
     proxy.set_handler('delay', sleep=0.2, jitter=0.1, direction='both')
     with connect(proxy.address) as sock:
         for _ in range(3):
@@ -1373,14 +1382,14 @@ def test_slicer_splits_and_keeps_every_byte_in_order(make_proxy, backends):
 def test_slow_close_holds_the_eof(make_proxy, backends):
     backend = backends(reply_backend, b'bye')
     proxy = make_proxy(backend.address)
-    proxy.set_handler('slow_close', delay=0.5)
+    proxy.set_handler('slow_close', delay=1.5)
     with connect(proxy.address) as sock:
         sock.sendall(b'hi')
         started = time.monotonic()
         assert read_exactly(sock, 3) == b'bye'
-        assert time.monotonic() - started < 0.45
+        assert time.monotonic() - started < 1.2
         assert read_all(sock) == b''
-        assert time.monotonic() - started >= 0.5
+        assert time.monotonic() - started >= 1.5
 
 
 def test_timeout_swallows_and_closes_after_the_timeout(make_proxy, backends):
@@ -1439,9 +1448,12 @@ def test_flap_alternates_service_and_outage(make_proxy, echo_backend):
 
     def at(moment):
         time.sleep(max(0.0, started + moment - time.monotonic()))
-        with connect(proxy.address) as sock:
-            sock.sendall(b'x')
-            return outcome(sock, deadline=0.5)
+        try:
+            with connect(proxy.address) as sock:
+                sock.sendall(b'x')
+                return outcome(sock, deadline=0.5)
+        except ConnectionResetError:     # so soon that connect() or sendall() saw it
+            return 'rst', b''
     assert at(0.0)[1] == b'x'
     assert at(1.3)[0] == 'rst'
     assert at(2.3)[1] == b'x'
@@ -1449,8 +1461,8 @@ def test_flap_alternates_service_and_outage(make_proxy, echo_backend):
 
 def test_flap_refuse_closes_the_listener_during_the_outage(make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address)
-    proxy.set_handler('flap', up=0.2, down=1.5, mode='refuse')
-    time.sleep(max(0.0, proxy.epoch[1] + 0.3 - time.monotonic()))
+    proxy.set_handler('flap', up=1.0, down=1.5, mode='refuse')   # up long enough to find
+    time.sleep(max(0.0, proxy.epoch[1] + 1.1 - time.monotonic()))
     try:
         with connect(proxy.address) as sock:    # finds the outage: reset
             assert outcome(sock)[0] == 'rst'
@@ -2208,16 +2220,16 @@ def test_max_connections_refuses_beyond_with_a_log_line(make_proxy, echo_backend
 def test_connect_timeout_closes_the_client_when_the_backend_never_answers(make_proxy,
                                                                          echo_backend):
     with full_backlog() as silent:
-        proxy = make_proxy(silent.getsockname(), connect_timeout=0.5)
+        proxy = make_proxy(silent.getsockname(), connect_timeout=2.0)
         other = make_proxy(echo_backend.address)
+        started = time.monotonic()     # before the proxy accepts and arms the timeout
         with connect(proxy.address) as sock:
-            started = time.monotonic()
             sock.sendall(b'waiting for a backend')
             # the connect is a timer in the pump: other connections go on meanwhile
             assert round_trip(other.address) == b'ping'
-            assert time.monotonic() - started < 0.4
+            assert time.monotonic() - started < 1.5
             assert outcome(sock)[0] in ('eof', 'rst')
-            assert 0.4 <= time.monotonic() - started < 5
+            assert 1.99 <= time.monotonic() - started < 6
 
 
 @contextlib.contextmanager
@@ -3140,12 +3152,10 @@ def test_stop_cancels_a_pending_flap_refusal(echo_backend):
 
 
 def test_transient_fails_without_a_backend_and_spares_live_connections(make_proxy,
-                                                                      echo_backend):
+                                                                      echo_backend,
+                                                                      dead_port):
     live = None
-    spare = socket.create_server((LOOP, 0))
-    dead = spare.getsockname()
-    spare.close()
-    proxy = make_proxy(dead)
+    proxy = make_proxy((LOOP, dead_port))
     proxy.set_handler('transient', count=1, protocol='http')
     with connect(proxy.address) as sock:      # the backend is down: still a clean 503
         sock.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
@@ -4031,11 +4041,8 @@ def test_client_never_drives_another_proxy_when_its_own_is_gone(echo_backend):
         handle.stop()
 
 
-def test_the_childs_log_reaches_the_parents_stderr(capfd):
-    spare = socket.create_server((LOOP, 0))
-    dead = '%s:%d' % spare.getsockname()
-    spare.close()
-    with start_proxy(distant=dead, local=LOOP + ':0', http_host=LOOP, http_port=0) as handle:
+def test_the_childs_log_reaches_the_parents_stderr(capfd, dead_port):
+    with start_proxy(distant='%s:%d' % (LOOP, dead_port), local=LOOP + ':0', http_host=LOOP, http_port=0) as handle:
         with connect(handle.local) as sock:
             assert outcome(sock)[0] in ('eof', 'rst')
         wait_for(lambda: 'unreachable' in handle.output, what='the log line')
@@ -4389,6 +4396,7 @@ def run_readme_custom_handler(block, runner, tmp_path, ini=None):
     (tmp_path / 'custom_handler.py').write_text(block + '\n')
     backend = vaurien.DemoBackend()            # 8080: an HTTP backend on a free port
     runner.ports['8080'] = str(backend.server_address[1])
+    runner.ports['8000'] = str(free_port())    # drawn after it: not the port it took
     (tmp_path / 'custom.ini').write_text(runner.map(ini))
     try:
         with running(['vaurien', '--config', str(tmp_path / 'custom.ini')], runner.env):
@@ -5421,8 +5429,10 @@ def test_toxiproxy_proxies_disabled_updated_populated_and_reset(toxiproxy, echo_
         {'name': 'g', 'upstream': upstream, 'listen': taken}])
     assert status == 500 and [p['name'] for p in json.loads(body)['proxies']] == ['f']
     moved = json.loads(toxiproxy('POST', '/proxies/d', {'listen': LOOP + ':0'})[2])
-    assert moved['listen'] != taken and round_trip(vaurien.parse_address(
-        moved['listen'])) == b'ping'
+    assert round_trip(vaurien.parse_address(moved['listen'])) == b'ping'
+    if moved['listen'] != taken:     # bind(0) may give the port just freed: 1 in 14,000
+        with pytest.raises(ConnectionRefusedError):
+            connect(vaurien.parse_address(taken))
     assert toxiproxy('DELETE', '/proxies/d')[::2] == (204, '')
     assert sorted(json.loads(toxiproxy('GET', '/proxies')[2])) == ['c', 'f']
     status, headers, text = toxiproxy('GET', '/metrics')
@@ -5782,11 +5792,11 @@ def test_the_pause_after_a_paced_piece_holds_an_unpaced_send_after_it(make_proxy
         else:
             proxy.add_fault('trailed', direction='to_client')
         with connect(proxy.address) as sock:
+            started = time.monotonic()      # before the DATA piece went, and its pause began
             sock.sendall(b'go')
             assert read_exactly(sock, 4) == b'DATA'
-            started = time.monotonic()
             assert outcome(sock) == ('eof', b'|T')
-            assert time.monotonic() - started >= 0.4
+            assert time.monotonic() - started >= 0.49
     finally:
         backend.close()
 
@@ -5988,8 +5998,10 @@ def test_the_fault_that_closes_ends_the_connection_at_once(make_proxy):
 def test_an_error_answer_goes_at_once_while_faults_hold_data(make_proxy):
     backend = Backend(lambda sock: sock.recv(10) and sock.sendall(b'x' * 30000) or
                       sock.recv(10))
-    try:
-        proxy = make_proxy(backend.address)
+    proxy = make_proxy(backend.address)
+
+    def time_to_answer():
+        proxy.clear_faults()
         proxy.add_fault('bandwidth', rate=10000, direction='to_client')
         with connect(proxy.address) as sock:
             sock.sendall(b'go')
@@ -6000,7 +6012,9 @@ def test_an_error_answer_goes_at_once_while_faults_hold_data(make_proxy):
             answer = b''
             while b'E' not in answer:
                 answer += sock.recv(65536)
-            assert time.monotonic() - started < 0.15     # not corked for 200 ms
+            return time.monotonic() - started
+    try:      # not corked for 200 ms (a corked answer always is; a stall rarely repeats)
+        assert any(time_to_answer() < 0.15 for _ in range(3))
     finally:
         backend.close()
 
