@@ -2139,6 +2139,38 @@ def test_a_client_that_stops_reading_does_not_grow_the_proxy(cli_proxy):
         backend.close()
 
 
+@pytest.mark.parametrize('faults', [['delay'], ['delay', 'slow']])
+def test_data_a_fault_holds_stops_the_reading_too(make_proxy, faults):
+    """Over 1 MiB staged in fault layers stops the reading, as a queue does: a
+    delay does not let a fast backend fill the proxy's memory meanwhile."""
+    progress = {'sent': 0}
+
+    def firehose(sock):
+        chunk = b'z' * 65536
+        with contextlib.suppress(OSError):
+            while progress['sent'] < 500_000_000:
+                sock.sendall(chunk)
+                progress['sent'] += len(chunk)
+
+    def slow(source, dest, to_backend, name, settings, proxy):   # blocking: a worker's
+        time.sleep(0.01)
+        dest.sendall(proxy.get_data(source))
+    backend = Backend(firehose)
+    try:
+        proxy = make_proxy(backend.address, handlers={'slow': slow})
+        for name in faults:
+            proxy.add_fault(name, direction='to_client', **({'sleep': 0.5} if name == 'delay'
+                                                            else {}))
+        with connect(proxy.address) as sock:
+            sock.sendall(b'go')
+            wait_for(lambda: progress['sent'] > 1_000_000, what='the backend to start')
+            time.sleep(1.5)
+            assert progress['sent'] < 40_000_000     # held back: 1 MiB and the buffers
+            assert read_exactly(sock, 5_000_000) == b'z' * 5_000_000
+    finally:
+        backend.close()
+
+
 def test_a_blocking_handler_holds_its_connection_only(make_proxy, echo_backend):
     def sleeper(source, dest, to_backend, name, settings, proxy):
         data = proxy.get_data(source)

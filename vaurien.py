@@ -1762,7 +1762,10 @@ class Layer(_Dest):
         if isinstance(item, bytearray):   # the handler may change it while it waits
             item = bytes(item)
         self.queue.append([due, item] if pace is None else [due, item, pace, 0.0])
-        self.side.staged += _size(item) + ENTRY_COST
+        side = self.side
+        side.staged += _size(item) + ENTRY_COST
+        if side.staged + side.queued >= HIGH_WATER:   # the reading must stop: settle
+            self.pump.dirty.add(self.connection)
         if len(self.queue) == 1:
             self._arm(due)
 
