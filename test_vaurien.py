@@ -3516,6 +3516,51 @@ def test_a_reply_cut_by_disable_or_stop_is_reset_never_a_clean_eof(make_proxy, h
         backend.close()
 
 
+@pytest.mark.parametrize('held_for', ['client', 'backend'])
+def test_bytes_a_blocking_handler_holds_are_reset_when_stop_cuts_them(make_proxy, held_for):
+    """The worker's calls hold bytes as a queue does: stop() meanwhile resets the side
+    they were for, as with a delay, never a clean EOF."""
+    received, holding = [], threading.Event()
+
+    def serve(sock):
+        with contextlib.suppress(OSError):
+            while True:
+                data = sock.recv(100)
+                received.append(data or 'eof')
+                if data == b'question':
+                    sock.sendall(b'held answer')
+                if not data:
+                    return
+        received.append('rst')
+    backend = Backend(serve)
+
+    def sleepy(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data.startswith(b'held'):
+            holding.set()
+            time.sleep(1.0)
+        dest.sendall(data)
+    try:
+        proxy = make_proxy(backend.address, handlers={'sleepy': sleepy})
+        proxy.set_handler('sleepy')
+        with connect(proxy.address) as sock:
+            if held_for == 'client':
+                sock.sendall(b'question')
+            else:
+                sock.sendall(b'sent;')
+                wait_for(lambda: received == [b'sent;'], what='the first bytes')
+                sock.sendall(b'held')
+            assert holding.wait(WAIT)
+            proxy.stop()
+            if held_for == 'client':
+                assert outcome(sock)[0] == 'rst'
+            else:
+                wait_for(lambda: received[-1] in ('eof', 'rst'), what='the end')
+                assert received == [b'sent;', 'rst']
+    finally:
+        backend.close()
+
+
 def raw_api(address, request):
     with socket.create_connection(address, timeout=WAIT) as sock:
         sock.sendall(request)

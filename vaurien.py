@@ -1497,7 +1497,7 @@ class Side(_Dest):
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'delivered', 'staged', 'inlet', 'pump')
+                 'events', 'on_event', 'delivered', 'staged', 'held', 'inlet', 'pump')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1520,6 +1520,7 @@ class Side(_Dest):
         self.on_event = functools.partial(connection.on_event, self)
         self.delivered = 0        # bytes sent to this socket
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
+        self.held = 0             # ... and in calls handed to the worker
         self.inlet = self         # where what is sent here enters: the first Layer, if any
 
     def __repr__(self):
@@ -1648,6 +1649,13 @@ class Side(_Dest):
 def _size(item):
     """The bytes of a queued item (0 for _EOF and _RST)."""
     return len(item) if isinstance(item, (bytes, memoryview)) else 0
+
+
+def _held_size(item):
+    """What a chunk handed to the worker counts against HIGH_WATER: its bytes and an
+    entry's cost; an end (b'', _EOF or _RST) nothing, for it holds no byte to lose."""
+    size = _size(item)
+    return size + ENTRY_COST if size else 0
 
 
 class Layer(_Dest):
@@ -1825,12 +1833,12 @@ class Layer(_Dest):
             if self.sealed and item is not _EOF and item is not _RST:
                 return
             if conn.jobs:   # calls in the worker: this one follows them there, in order
-                return conn._run_for(None, self._relay, (item,), _size(item) + ENTRY_COST)
+                return conn._run_for(None, self._relay, (item,), self.side, _held_size(item))
             return self._relay(item)
         data = b'' if item is _EOF else item
         handler = self.fault.handler
         if handler.blocking or conn.jobs:
-            return conn._run_for(handler, self._handle, (data,), len(data) + ENTRY_COST)
+            return conn._run_for(handler, self._handle, (data,), self.side, _held_size(data))
         self._handle(data)
 
     def _relay(self, item):
@@ -1937,7 +1945,6 @@ class Connection:
         self.connect_timer = None
         self.worker = None        # the _Worker of blocking handlers, once needed
         self.jobs = 0             # calls handed to the worker whose effects are not all in
-        self.held = 0             # bytes of those calls
         self.first = None         # (from the client?, first bytes): what protocol it speaks
         self.ending = None        # (kind, text): how it ended, the first cause seen
         self.chains = None        # with faults: its Layers each way, (to_client, to_backend)
@@ -2328,7 +2335,7 @@ class Connection:
             else:
                 side.peer.inlet.shutdown()
         elif handler.blocking or self.jobs:
-            self._run_for(handler, self._handle, (side, data), len(data) + ENTRY_COST)
+            self._run_for(handler, self._handle, (side, data), side.peer, _held_size(data))
         else:
             self._handle(side, data)
 
@@ -2355,28 +2362,30 @@ class Connection:
                         'use sendall(data, delay=...) to delay data, or mark a handler that '
                         'must block with @traits(blocking=True)', handler.name, seconds * 1000)
 
-    def _run_for(self, handler, function, args, size=0):
+    def _run_for(self, handler, function, args, dest=None, size=0):
         """Call `function(*args)` now, or in the worker when `handler` may block.
 
-        `handler` None means the worker, whatever the handler.  `size` is the
-        bytes the call holds: they count against HIGH_WATER until it is done.
+        `handler` None means the worker, whatever the handler.  `size` is what
+        the call holds for the Side `dest`: it counts against HIGH_WATER until
+        the call is done, and an end from outside meanwhile resets `dest`.
         """
         if handler is not None and not (handler.blocking or self.jobs):
             return function(*args)
         if self.worker is None:
             self.worker = _Worker()
         self.jobs += 1
-        self.held += size
+        if dest is not None:
+            dest.held += size
         self.pump.dirty.add(self)    # what it holds may stop the reading
         try:
-            self.worker.submit(self._job, function, args, size)
+            self.worker.submit(self._job, function, args, dest, size)
         except RuntimeError as exc:
-            self._job_done(size)
+            self._job_done(dest, size)
             log.error('connection #%d: no thread for its handler (%s); closing it',
                       self.index, exc)
             self.close()
 
-    def _job(self, function, args, size):
+    def _job(self, function, args, dest, size):
         """A worker's call; its effects reach the pump before the news that it is done."""
         try:
             function(*args)
@@ -2384,11 +2393,12 @@ class Connection:
             log.exception('connection #%d failed in its handler thread', self.index)
             self.close()
         finally:
-            self.pump.call_soon(self._job_done, size)
+            self.pump.call_soon(self._job_done, dest, size)
 
-    def _job_done(self, size):
+    def _job_done(self, dest, size):
         self.jobs -= 1
-        self.held -= size
+        if dest is not None:
+            dest.held -= size
         self.pump.dirty.add(self)
 
     def _in_loop(self, function, *args):
@@ -2514,7 +2524,7 @@ class Connection:
                 events = selectors.EVENT_WRITE
             else:
                 if not side.eof_read and (self.closing_at is not None or side.peer.queued
-                                          + side.peer.staged + self.held < HIGH_WATER):
+                                          + side.peer.staged + side.peer.held < HIGH_WATER):
                     events = selectors.EVENT_READ
                 if side.queue and side.queue[0][0] <= now:
                     events |= selectors.EVENT_WRITE
@@ -2597,8 +2607,8 @@ class Connection:
             for layer in chain:
                 layer.stop()
         try:
-            for side in self.sides:
-                self._drop(side, reset=bool(side.queue))   # bytes left: never a clean EOF
+            for side in self.sides:   # bytes left for it: a reset, never a clean EOF
+                self._drop(side, reset=bool(side.queue or side.held))
             for handler, name in self.closers or ():
                 self._run_for(handler, self._call_as,
                               (None, handler.on_close, self, name, self.proxy))
