@@ -6138,8 +6138,10 @@ def test_cancelled_timers_do_not_pile_up_in_the_pump(make_proxy, echo_backend):
 def test_an_ended_connection_is_freed_without_the_cyclic_gc(make_proxy, echo_backend):
     """It no longer holds its sides in a cycle: freed as it ends, it leaves the cyclic
     collector nothing to do (it took a quarter of the pump's CPU on short connections),
-    faults or not."""
-    proxy = make_proxy(echo_backend.address)
+    faults or not, a blocking handler or not (then once its worker is done)."""
+    def relay(source, dest, to_backend, name, settings, proxy):
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, handlers={'relay': relay})
 
     def left():   # a cycle would keep the connection, and its sides and layers, alive
         return [obj for obj in gc.get_objects()
@@ -6147,7 +6149,8 @@ def test_an_ended_connection_is_freed_without_the_cyclic_gc(make_proxy, echo_bac
     gc.collect()
     gc.disable()
     try:
-        for faults in ((), ('delay',)):
+        for handler, faults in (('normal', ()), ('normal', ('delay',)), ('relay', ())):
+            proxy.set_handler(handler)
             for name in faults:
                 proxy.add_fault(name, sleep=0)
             for _ in range(20):

@@ -2399,7 +2399,11 @@ class Connection:
         self.jobs -= 1
         if dest is not None:
             dest.held -= size
-        self.pump.dirty.add(self)
+        if self.released:
+            if not self.jobs:
+                self._unlink()
+        else:
+            self.pump.dirty.add(self)
 
     def _in_loop(self, function, *args):
         if self.pump.in_loop():
@@ -2616,7 +2620,7 @@ class Connection:
             self.pump.restock()
             self.proxy.forget(self)
         self.proxy.ended(self)
-        if self.worker is None:   # no handler call can come in any more
+        if not self.jobs:   # else when the worker is done: no call can come in any more
             self._unlink()
 
     def _unlink(self):
