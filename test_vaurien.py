@@ -2171,6 +2171,27 @@ def test_data_a_fault_holds_stops_the_reading_too(make_proxy, faults):
         backend.close()
 
 
+@pytest.mark.parametrize('blocking', [True, False])
+def test_a_buffer_a_handler_reuses_at_once_is_sent_as_it_was(make_proxy, echo_backend,
+                                                             blocking):
+    """sendall() and answer_and_close() take what the buffer holds when called, from
+    the pump or from a blocking handler's worker."""
+    @vaurien.traits(blocking=blocking)
+    def answer(source, dest, to_backend, name, settings, proxy):
+        proxy.get_data(source)
+        buffer = bytearray(b'first;')
+        source.sendall(buffer)
+        buffer[:] = b'XXXXXX'
+        buffer[:] = b'second'
+        source.answer_and_close(buffer)
+        buffer[:] = b'XXXXXX'
+    proxy = make_proxy(echo_backend.address, handlers={'answer': answer})
+    proxy.set_handler('answer')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'go')
+        assert outcome(sock) == ('eof', b'first;second')
+
+
 def test_a_blocking_handler_holds_its_connection_only(make_proxy, echo_backend):
     def sleeper(source, dest, to_backend, name, settings, proxy):
         data = proxy.get_data(source)

@@ -1457,12 +1457,15 @@ class _Worker:
 
 def _in_pump(method):
     """Make a method of a Connection or Side run in the pump: called from another
-    thread (a blocking handler's worker), it is handed over there, in order."""
+    thread (a blocking handler's worker), it is handed over there, in order, with a
+    copy of the buffers it is given (the caller may reuse them at once)."""
     @functools.wraps(method)
     def handed_over(self, *args):
         pump = self.pump
         if _thread.get_ident() != pump.ident:
-            return pump.call_soon(method, self, *args)
+            return pump.call_soon(method, self, *(
+                bytes(arg) if isinstance(arg, (bytearray, memoryview)) else arg
+                for arg in args))
         return method(self, *args)
     return handed_over
 
