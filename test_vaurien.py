@@ -562,14 +562,21 @@ def custom_registry(**funcs):
     return handlers
 
 
-def test_a_handler_that_raises_resets_its_connection_only(make_proxy, echo_backend, caplog):
+@pytest.mark.parametrize('called_as', ['handler', 'fault'])
+def test_a_handler_that_raises_resets_its_connection_only(make_proxy, echo_backend, caplog,
+                                                          called_as):
     proxy = make_proxy(echo_backend.address, handlers=custom_registry(raising=raising))
     with caplog.at_level(logging.ERROR, logger='vaurien'):
-        proxy.set_handler('raising')
+        if called_as == 'fault':
+            proxy.add_fault('raising', name='buggy')
+        else:
+            proxy.set_handler('raising')
         with connect(proxy.address) as sock:
             sock.sendall(b'x')
             assert outcome(sock)[0] == 'rst'   # never a clean EOF: it is no whole answer
-    assert 'handler raising failed' in caplog.text and 'RuntimeError: handler bug' in caplog.text
+    assert 'handler %s failed' % ('buggy' if called_as == 'fault' else 'raising') \
+        in caplog.text and 'RuntimeError: handler bug' in caplog.text
+    proxy.clear_faults()
     proxy.set_handler('normal')
     assert round_trip(proxy.address) == b'ping'
 
@@ -1723,19 +1730,30 @@ def test_switching_between_blocking_and_loop_handlers_keeps_every_number_in_orde
         ('sleepy', {}), ('delay', {'sleep': 0.001, 'direction': 'to_client'})])
 
 
-def test_a_handler_that_holds_the_pump_up_is_logged_once(make_proxy, echo_backend, caplog):
-    @vaurien.traits(blocking=False)
+@pytest.mark.parametrize('called_as', ['handler', 'fault', 'on_connect'])
+def test_a_handler_that_holds_the_pump_up_is_logged_once(make_proxy, echo_backend, caplog,
+                                                         called_as):
+    def hook(client, backend, name, settings, proxy):
+        if called_as == 'on_connect':
+            time.sleep(0.06)
+
+    @vaurien.traits(blocking=False, on_connect=hook)
     def hasty(source, dest, to_backend, name, settings, proxy):
-        time.sleep(0.06)      # wrongly promised not to block
+        if called_as != 'on_connect':
+            time.sleep(0.06)      # wrongly promised not to block
         dest.sendall(proxy.get_data(source))
-    handlers = vaurien.default_handlers()
-    handlers['hasty'] = vaurien.Handler('hasty', hasty)
-    proxy = make_proxy(echo_backend.address, handlers=handlers, behavior='100:hasty')
+    proxy = make_proxy(echo_backend.address, handlers={'hasty': hasty})
+    if called_as == 'fault':
+        proxy.add_fault('hasty', name='slow_fault')
+    else:
+        proxy.set_handler('hasty')
     with caplog.at_level(logging.WARNING, logger='vaurien'):
         for _ in range(2):
             assert round_trip(proxy.address) == b'ping'
-    warnings = [r.message for r in caplog.records if 'hasty' in r.message]
+    warnings = [r.message for r in caplog.records if 'took' in r.message]
     assert len(warnings) == 1 and 'delay=' in warnings[0]
+    assert ('handler slow_fault took' if called_as == 'fault' else 'handler hasty took') \
+        in warnings[0]
 
 
 def test_a_backend_name_is_resolved_off_the_pump_and_each_address_tried(make_proxy,

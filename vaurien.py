@@ -2347,23 +2347,24 @@ class Connection:
             return
         handler, settings = self._in_force()
         side.data, dest = data, side.peer.inlet
-        started = time.perf_counter()
         result = self._call_as(None, handler.func, side, dest, side is self.client,
                                handler.name, settings, self.proxy)
-        if time.perf_counter() - started > SLOW_CALL and not handler.warned:
-            self._warn_slow(handler, time.perf_counter() - started)
         side.data = None
         if result is False:
             self.close()
         elif not data and not (isinstance(result, str) and result == HOLD_EOF):
             dest.shutdown()
 
-    def _warn_slow(self, handler, seconds):
-        if self.pump.in_loop():
+    def _warn_slow(self, fault, seconds):
+        """Once per handler: a call of `fault`'s (None: of the handler in force) held
+        the pump up."""
+        handler = fault.handler if fault else self.current()[0]
+        if not handler.warned:
             handler.warned = True
             log.warning('handler %s took %.0f ms in the pump, holding every connection up: '
                         'use sendall(data, delay=...) to delay data, or mark a handler that '
-                        'must block with @traits(blocking=True)', handler.name, seconds * 1000)
+                        'must block with @traits(blocking=True)',
+                        fault.name if fault else handler.name, seconds * 1000)
 
     def _run_for(self, handler, function, args, dest=None, size=0):
         """Call `function(*args)` now, or in the worker when `handler` may block.
@@ -2439,15 +2440,18 @@ class Connection:
         """
         holder = self if self.worker is None or self.pump.in_loop() else self.worker
         calling, holder.calling = holder.calling, fault
+        started = time.perf_counter()
         try:
             return function(*args)
         except Exception:
             log.exception('handler %s failed on connection #%d; resetting it',
-                          self.handler_name, self.index)
+                          fault.name if fault else self.handler_name, self.index)
             self.abort(self.client)
             return False
         finally:
             holder.calling = calling
+            if holder is self and time.perf_counter() - started > SLOW_CALL:
+                self._warn_slow(fault, time.perf_counter() - started)
 
     def _in_force(self):
         handler, settings = self.current()
