@@ -2210,6 +2210,20 @@ def test_a_buffer_a_handler_reuses_at_once_is_sent_as_it_was(make_proxy, echo_ba
         assert outcome(sock) == ('eof', b'first;second')
 
 
+def test_the_threads_of_blocking_handlers_end_and_leave_no_trace(make_proxy, echo_backend):
+    """threading counts them while they run, and no more once they are done, even those
+    whose handler asked for its thread (logging does)."""
+    def chatty(source, dest, to_backend, name, settings, proxy):
+        logging.getLogger('test.chatty').info('in %s', threading.current_thread().name)
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, handlers={'chatty': chatty})
+    proxy.set_handler('chatty')
+    before = threading.active_count()
+    for _ in range(20):
+        assert round_trip(proxy.address) == b'ping'
+    wait_for(lambda: threading.active_count() == before, what='the workers to end')
+
+
 def test_a_blocking_handler_holds_its_connection_only(make_proxy, echo_backend):
     def sleeper(source, dest, to_backend, name, settings, proxy):
         data = proxy.get_data(source)

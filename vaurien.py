@@ -1436,8 +1436,10 @@ class _Worker:
             self.jobs.append((function, args))
             if self.running:
                 return self.condition.notify()
+            # threading's: a bare _thread stays in threading.enumerate() for good, as a
+            # dummy, once its handler logs or calls current_thread()
             try:
-                _thread.start_new_thread(self._run, ())
+                threading.Thread(target=self._run, name='vaurien-worker', daemon=True).start()
             except RuntimeError:     # no thread to be had: the job is not taken
                 self.jobs.pop()
                 raise
