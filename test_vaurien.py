@@ -4765,6 +4765,14 @@ def test_a_minute_or_more_without_a_unit_is_called_out(caplog):
         "Python, the string '500ms')"]
 
 
+def test_a_minute_without_a_unit_in_an_ini_file_is_called_out_once(tmp_path, cli_proxy):
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:9\nbehavior = 20:delay\n'
+                '[handler:delay]\nsleep = 500\n' % LOOP)
+    proc = cli_proxy('--config', ini)
+    warnings = [line for line in proc.lines if 'for milliseconds' in line]
+    assert len(warnings) == 1 and 'sleep = 500 is 500 seconds' in warnings[0]
+
+
 def test_a_vendored_copy_without_handlers_says_what_to_copy(tmp_path):
     shutil.copy(VAURIEN, str(tmp_path / 'vaurien.py'))
     (tmp_path / 'v.ini').write_text(BUNDLED_INI)

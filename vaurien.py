@@ -3320,7 +3320,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             raise ConfigError('a handler is registered under a name (a string), not %s'
                               % shown(name))
         if isinstance(function, Handler):   # a copy: the original keeps its settings
-            function = Handler(name, function.func, function.settings)
+            original, function = function, Handler(name, function.func)
+            function.settings, function.origin = dict(original.settings), original.origin
         handler = function if isinstance(function, Handler) else Handler(name, function)
         if settings:
             handler.settings = handler.validate(settings)
