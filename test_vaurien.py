@@ -1539,6 +1539,7 @@ def test_list_handlers_and_the_api_tell_the_same_facts(proxy):
     details = api(proxy.control, 'GET', '/handlers')[1]['details']
     for name, detail in details.items():
         assert '%s: %s' % (name, detail['summary']) in listing
+        assert detail['summary'].endswith('.')       # a whole sentence, if wrapped
         for key, setting in detail['settings'].items():
             assert '    %s (%s, default %s): %s' % (key, setting['type'], setting['default'],
                                                     setting['help']) in listing

@@ -331,9 +331,8 @@ def _number(value):
 
 
 def summary_of(func):
-    """The first line of a function's docstring."""
-    doc = inspect.cleandoc(func.__doc__ or '')
-    return doc.splitlines()[0] if doc else ''
+    """The first paragraph of a function's docstring, on one line."""
+    return ' '.join(inspect.cleandoc(func.__doc__ or '').split('\n\n')[0].split())
 
 
 def applies(direction, to_backend):
