@@ -3952,6 +3952,7 @@ def test_corrupting_every_byte_of_megabytes_holds_nobody_up(make_proxy, echo_bac
     ('limit_data', 'bytes', '9007199254740993', 9007199254740993),
     ('limit_data', 'bytes', '1.5kB', 1500),
     ('flap', 'up', '100ms', 0.1), ('slicer', 'delay', '10ms', 0.01),
+    ('delay', 'direction', 'To_Client', 'to_client'), ('errors', 'protocol', 'HTTP', 'http'),
 ])
 def test_settings_take_units_as_people_write_them(name, key, written, typed):
     handler = vaurien.default_handlers()[name]
@@ -4764,6 +4765,13 @@ def test_a_minute_or_more_without_a_unit_is_called_out(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == 'vaurien'] == [
         "handler delay: sleep = 500 is 500 seconds; for milliseconds, write 500ms (in "
         "Python, the string '500ms')"]
+
+
+def test_a_log_level_in_capitals_is_taken(cli_proxy):
+    proc = cli_proxy('--distant', '%s:9' % LOOP, '--log-level', 'DEBUG')
+    with connect(proc.address) as sock:
+        outcome(sock)
+    wait_for(lambda: 'DEBUG' in ''.join(proc.rest), what='a debug line')
 
 
 def test_a_minute_without_a_unit_in_an_ini_file_is_called_out_once(tmp_path, cli_proxy):

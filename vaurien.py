@@ -228,8 +228,11 @@ class Setting:
             return value
         if not isinstance(value, str):
             raise ValueError('expected a string' if self.type == 'str' else wanted)
-        if self.choices and value not in self.choices:
-            raise ValueError('expected one of ' + ', '.join(self.choices))
+        if self.choices:     # in any case: DEBUG, To_Backend
+            by_case = {choice.lower(): choice for choice in self.choices}
+            if value.strip().lower() not in by_case:
+                raise ValueError('expected one of ' + ', '.join(self.choices))
+            value = by_case[value.strip().lower()]
         if self.type == 'address':
             try:
                 parse_address(value)
