@@ -992,8 +992,8 @@ def test_version_help_and_list_handlers():
     helptext = run_cli('--help').stdout
     for flag in ('--local', '--distant', '--behavior', '--config', '--seed', '--http ',
                  '--http-host', '--http-port', '--log-level', '--log-output',
-                 '--list-handlers', '--version', '--demo'):
-        assert flag in helptext
+                 '--list-handlers', '--version', '--demo', 'vaurien toxiproxy [-host'):
+        assert flag in ' '.join(helptext.split())
     listing = run_cli('--list-handlers').stdout
     assert 'delay: Delays each chunk' in listing
     assert 'sleep (seconds >= 0, default 1.0): seconds each chunk is held.' in listing
@@ -4041,6 +4041,12 @@ def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
     status, answer = api(proxy.control, 'PUT', '/handler', '{"name": "delai"}')
     assert status == 400 and 'did you mean delay?' in answer['error']
     assert 'normal' in answer['known']
+    with pytest.raises(vaurien.VaurienError, match="Toxiproxy's latency is delay here"):
+        proxy.add_fault('latency')
+    for spec in ('20:delay(sleep=0.2)', '20:delay:sleep=0.2'):
+        result = run_cli('--distant', '%s:9' % LOOP, '--behavior', spec)
+        assert result.returncode == 2 and "a handler's settings go in its [handler:NAME] " \
+            "section of the config file, or through the API" in result.stderr
 
 
 @pytest.mark.parametrize('path,body,named', [
@@ -5104,6 +5110,16 @@ def test_named_proxies_without_a_default_refuse_its_options(tmp_path, echo_backe
         assert result.returncode == 2 and message in result.stderr, result.stderr
     result = run_cli('--demo', '--proxy', 'default=%s:0,%s' % (LOOP, backend))
     assert result.returncode == 2 and '"default" names the proxy of' in result.stderr
+
+
+def test_the_demo_refuses_a_backend_it_would_not_use(tmp_path):
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:9\n' % LOOP)
+    for args, where in ((['--distant', LOOP + ':9'], 'not to --distant'),
+                        (['--config', ini], 'not to distant in %s' % ini)):
+        result = run_cli('--demo', *args)
+        assert result.returncode == 2 and result.stderr.count('\n') == 1
+        assert 'vaurien: error: --demo proxies to its own backend, %s' % where \
+            in result.stderr
 
 
 def test_updating_a_proxy_onto_itself_changes_nothing(proxy, echo_backend):

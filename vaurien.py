@@ -1052,10 +1052,18 @@ def default_handlers():
 
 
 def unknown_handler(name, known):
-    """'unknown handler 'error' (did you mean errors? known: ...)': the message, one line."""
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    return 'unknown handler %r (%sknown: %s)' % (
-        name, 'did you mean %s? ' % close[0] if close else '', ', '.join(sorted(known)))
+    """'unknown handler 'error' (did you mean errors? known: ...)': the message, one line,
+    with a hint for a Toxiproxy toxic's name, or for settings written into the name."""
+    text = str(name)
+    close = difflib.get_close_matches(text, list(known), n=1)
+    if TOXICS.get(text, ('',))[0] in known:
+        hint = "Toxiproxy's %s is %s here; " % (text, TOXICS[text][0])
+    elif any(sign in text for sign in '(:= '):
+        hint = ("a handler's settings go in its [handler:NAME] section of the config file, "
+                'or through the API; ')
+    else:
+        hint = 'did you mean %s? ' % close[0] if close else ''
+    return 'unknown handler %r (%sknown: %s)' % (name, hint, ', '.join(sorted(known)))
 
 
 class Behavior:
@@ -5275,7 +5283,9 @@ def build_parser():
         prog='vaurien', description='Vaurien, the Chaos TCP proxy: relays --local to '
         '--distant and delays, breaks, hangs, cuts or corrupts the traffic on demand.',
         epilog='Options given here override those of --config.  '
-        'Example: vaurien --local localhost:8000 --distant google.com:80 --behavior 20:delay')
+        'Example: vaurien --local localhost:8000 --distant google.com:80 --behavior 20:delay.  '
+        'In place of toxiproxy-server: vaurien toxiproxy [-host HOST] [-port PORT] '
+        '[-config FILE.json] (vaurien toxiproxy -help).')
     add = parser.add_argument
     for name, setting in OPTIONS.items():
         flag = '--' + name.replace('_', '-')
@@ -5312,6 +5322,11 @@ def resolve(args):
         if value is not None:
             options[name] = _convert_option(name, value, '--' + name.replace('_', '-'))
     if args.demo:       # free ports, unless told: a demo never collides with anything
+        if args.distant is not None or 'distant' in from_file:
+            raise ConfigError('--demo proxies to its own backend, not to %s: leave out '
+                              '--demo to proxy to yours' % (
+                                  '--distant' if args.distant is not None
+                                  else 'distant in %s' % args.config))
         for name, value in (('behavior', DEMO_BEHAVIOR), ('local', '127.0.0.1:0'),
                             ('http_port', 0)):
             if getattr(args, name) is None and name not in from_file:
