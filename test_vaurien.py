@@ -1121,6 +1121,14 @@ def test_start_proxy_failure_raises_with_the_error_output():
         start_proxy(port=9, local=LOOP + ':0', http_port=0, behavior='90:delay,90:hang')
 
 
+def test_start_proxy_refuses_an_option_it_does_not_know_as_a_call_does():
+    with pytest.raises(TypeError, match=r"unknown option 'behaviour' \(did you mean "
+                                        r"behavior\?\)"):
+        start_proxy(port=9, local=LOOP + ':0', http_port=0, behaviour='20:delay')
+    with pytest.raises(TypeError, match="unknown option 'exit_on_eof'"):   # start_proxy's
+        start_proxy(port=9, local=LOOP + ':0', http_port=0, exit_on_eof=True)
+
+
 def test_stop_proxy_unknown_pid():
     with pytest.raises(ValueError):
         stop_proxy(1)

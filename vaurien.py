@@ -4970,6 +4970,12 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     this process dies, however it dies.  A proxy that fails to start raises
     VaurienError with its error output.
     """
+    known = vars(build_parser().parse_args([]))     # every option's name
+    for key in options:
+        if key not in known or key in ('list_handlers', 'exit_on_eof'):
+            close = difflib.get_close_matches(key, list(known), n=1)
+            raise TypeError('start_proxy() got an unknown option %r%s' % (
+                key, ' (did you mean %s?)' % close[0] if close else ''))
     if host is not None or port is not None:
         distant = '%s:%s' % (host or 'localhost', port or 80)
     args = [sys.executable, '-c', _RUN_AS_SCRIPT, os.path.abspath(__file__), '--exit-on-eof']
