@@ -4183,12 +4183,15 @@ def test_client_never_drives_another_proxy_when_its_own_is_gone(echo_backend):
         handle.child.wait(WAIT)
         with pytest.raises(vaurien.VaurienError, match='exited with status -9'):
             Client()
+        with pytest.raises(vaurien.VaurienError, match='pid %d exited with status -9' % handle):
+            handle.client()
     finally:
         handle.stop()
 
 
 def test_the_childs_log_reaches_the_parents_stderr(capfd, dead_port):
-    with start_proxy(distant='%s:%d' % (LOOP, dead_port), local=LOOP + ':0', http_host=LOOP, http_port=0) as handle:
+    with start_proxy(distant='%s:%d' % (LOOP, dead_port), local=LOOP + ':0',
+                     http_host=LOOP, http_port=0) as handle:
         with connect(handle.local) as sock:
             assert outcome(sock)[0] in ('eof', 'rst')
         wait_for(lambda: 'unreachable' in handle.output, what='the log line')

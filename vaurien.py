@@ -5047,6 +5047,9 @@ class ProxyProcess(int):
                                % self)
         if self not in _children:
             raise VaurienError('the proxy pid %d was stopped' % self)
+        if not self.running:
+            raise VaurienError('the proxy pid %d exited with status %s: %s' % (
+                self, self.child.poll(), self.output.strip()[-500:] or 'no output'))
         return Client(*self.control, timeout=timeout, token=self.token)
 
     def stop(self):
