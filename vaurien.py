@@ -223,9 +223,9 @@ class Setting:
         if self.type == 'bool':
             if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
                 return value.lower() in _TRUE
-            if not isinstance(value, bool):
+            if value not in (True, False) or isinstance(value, float):   # 1 and 0 too
                 raise ValueError(wanted)
-            return value
+            return bool(value)
         if not isinstance(value, str):
             raise ValueError('expected a string' if self.type == 'str' else wanted)
         if self.choices:     # in any case: DEBUG, To_Backend
@@ -3768,9 +3768,8 @@ class ControlHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
             self.check_caller()
             methods = self.route()
             if methods is None:
-                raise ApiError(404, 'no such resource %r (try /handler, /handlers, /behavior, '
-                                    '/proxy, /proxies, /stats, /events, /connections, '
-                                    '/metrics)' % self.path)
+                raise ApiError(404, 'no such resource %r (try %s, /proxies)' % (
+                    self.path, ', '.join(self.ROUTES)))
             if method not in methods:
                 raise ApiError(405, '%s does not take %s' % (self.path, self.command),
                                allowed=sorted(set(methods) | ({'POST', 'PATCH'}
@@ -3928,15 +3927,14 @@ class ControlHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
     def get_proxy(self, body):
         return self.target.status()
 
-    @staticmethod
-    def enabled(request):
-        """The request's "enabled", as a bool (true, "yes", "off"...)."""
-        enabled = request.get('enabled')
-        if isinstance(enabled, str) and enabled.lower() in _TRUE + _FALSE:
-            enabled = enabled.lower() in _TRUE
-        if not isinstance(enabled, bool):
-            raise ApiError(400, 'give {"enabled": true} or {"enabled": false}')
-        return enabled
+    ENABLED = Setting('enabled', 'bool', 'true', 'whether the proxy accepts connections.')
+
+    def enabled(self, request):
+        """The request's "enabled", as a bool (true, "yes", "off", 0...)."""
+        try:
+            return self.ENABLED.convert(request.get('enabled'))
+        except ValueError:
+            raise ApiError(400, 'give {"enabled": true} or {"enabled": false}') from None
 
     def switch(self, enabled):
         """Accept (listening again) or refuse connections; the proxy's status."""
