@@ -1530,7 +1530,10 @@ BAD_SETTINGS = [
     ('slow_close', {'delay': None}), ('timeout', {'timeout': []}),
     ('limit_data', {'bytes': -5}), ('transient', {'count': 'many'}),
     ('flap', {'up': 0}), ('flap', {'mode': 'maybe'}), ('corrupt', {'ratio': 1.5}),
-    ('errors', {'code': 'HY000', 'protocol': 'mysql'}), ('normal', {'anything': 1}), ('hang', {'x': 1}), ('blackout', {'x': 1}),
+    ('errors', {'code': 'HY000', 'protocol': 'mysql'}),
+    ('errors', {'code': '12', 'protocol': 'postgresql'}),
+    ('errors', {'code': '250', 'protocol': 'smtp'}),
+    ('normal', {'anything': 1}), ('hang', {'x': 1}), ('blackout', {'x': 1}),
 ]
 
 

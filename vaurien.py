@@ -553,11 +553,20 @@ def _is_mysql_code(code):
     return code.isascii() and code.isdigit() and int(code) < 65536
 
 
+#: protocol: (whether a `code` setting is one of its error codes, what one is)
+ERROR_CODES = {
+    'mysql': (_is_mysql_code, 'a MySQL error number is an integer below 65536'),
+    'postgresql': (lambda code: re.fullmatch('[0-9A-Z]{5}', code),
+                   'a PostgreSQL SQLSTATE is 5 digits or capital letters, like 53300'),
+    'smtp': (lambda code: re.fullmatch('[45][0-9]{2}', code),
+             'an SMTP error reply code is 3 digits, the first 4 or 5, like 421'),
+}
+
+
 def _check_error_code(settings):
-    if settings['protocol'] == 'mysql' and settings['code'] and \
-            not _is_mysql_code(settings['code']):
-        raise ValueError('code %r: a MySQL error number is an integer below 65536'
-                         % settings['code'])
+    valid, what = ERROR_CODES.get(settings['protocol'], (None, None))
+    if valid and settings['code'] and not valid(settings['code']):
+        raise ValueError('code %r: %s' % (settings['code'], what))
 
 
 @traits(backend=False, on_connect=_errors_greeting, check=_check_error_code)
