@@ -4061,8 +4061,9 @@ def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
         proxy.add_fault('latency')
     for spec in ('20:delay(sleep=0.2)', '20:delay:sleep=0.2'):
         result = run_cli('--distant', '%s:9' % LOOP, '--behavior', spec)
-        assert result.returncode == 2 and "a handler's settings go in its [handler:NAME] " \
-            "section of the config file, or through the API" in result.stderr
+        assert result.returncode == 2 and "a handler's settings go apart: --set " \
+            "NAME.SETTING=VALUE, its [handler:NAME] section of the config file, or the API" \
+            in result.stderr
 
 
 @pytest.mark.parametrize('path,body,named', [
@@ -4790,6 +4791,33 @@ def test_a_minute_or_more_without_a_unit_is_called_out(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == 'vaurien'] == [
         "handler delay: sleep = 500 is 500 seconds; for milliseconds, write 500ms (in "
         "Python, the string '500ms')"]
+
+
+def test_handler_settings_on_the_command_line_override_the_config_files(tmp_path,
+                                                                        echo_backend, cli_proxy):
+    (tmp_path / 'mychaos.py').write_text(
+        'def upper(source, dest, to_backend, name, settings, proxy):\n'
+        '    dest.sendall(proxy.get_data(source).upper() + settings["suffix"].encode())\n')
+    ini = write(tmp_path, 'v.ini', '[vaurien]\ndistant = %s:%d\n[handler:delay]\nsleep = 2s\n'
+                % echo_backend.address)
+    proc = cli_proxy('--config', ini, '--set', 'delay.sleep=300ms', '--set',
+                     'delay.direction=both', '--set', 'shout.callable=mychaos.upper',
+                     '--set', 'shout.suffix=!', '--behavior', '100:shout', cwd=str(tmp_path))
+    details = api(proc.control, 'GET', '/handlers')[1]['details']
+    assert details['delay']['settings']['sleep']['value'] == 0.3
+    assert details['delay']['settings']['direction']['value'] == 'both'
+    with connect(proc.address) as sock:
+        sock.sendall(b'hey')
+        assert read_exactly(sock, 4) == b'HEY!'
+    for flag, message in (('delay', '--set delay: expected HANDLER.SETTING=VALUE'),
+                          ('delay.sleep=soon', "--set sleep = soon: handler delay: setting "
+                                               "sleep = 'soon': expected seconds"),
+                          ('delay.slep=1', "--set slep = 1: unknown setting 'slep'"),
+                          ('dela.sleep=1', "--set: unknown handler 'dela' (did you mean delay?"),
+                          ('mine.x=1', 'give --set mine.callable=package.module.function')):
+        result = run_cli('--distant', '%s:9' % LOOP, '--set', flag)
+        assert result.returncode == 2 and result.stderr.count('\n') == 1
+        assert result.stderr.startswith('vaurien: error: --set') and message in result.stderr
 
 
 def test_a_log_level_in_capitals_is_taken(cli_proxy):

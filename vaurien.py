@@ -1068,8 +1068,8 @@ def unknown_handler(name, known):
     if TOXICS.get(text, ('',))[0] in known:
         hint = "Toxiproxy's %s is %s here; " % (text, TOXICS[text][0])
     elif any(sign in text for sign in '(:= '):
-        hint = ("a handler's settings go in its [handler:NAME] section of the config file, "
-                'or through the API; ')
+        hint = ("a handler's settings go apart: --set NAME.SETTING=VALUE, its "
+                '[handler:NAME] section of the config file, or the API; ')
     else:
         hint = 'did you mean %s? ' % close[0] if close else ''
     return 'unknown handler %r (%sknown: %s)' % (name, hint, ', '.join(sorted(known)))
@@ -5243,6 +5243,16 @@ def _proxy_flag(text, handlers):
                                       '--proxy %s' % name.strip(), handlers)
 
 
+def _set_flag(text, handlers):
+    """--set HANDLER.SETTING=VALUE: a line of a [handler:HANDLER] section, as a flag."""
+    target, equals, value = text.partition('=')
+    name, dot, key = target.strip().partition('.')
+    if not equals or not dot or not name or not key.strip():
+        raise ConfigError('--set %s: expected HANDLER.SETTING=VALUE, like delay.sleep=200ms'
+                          % shown(text))
+    _register_handler(name, {key.strip(): value.strip()}, '--set', handlers)
+
+
 def _check_behavior(spec, handlers, where):
     try:
         Behavior(spec, handlers)
@@ -5272,8 +5282,10 @@ def _register_handler(name, values, where, handlers):
         except ConfigError as exc:
             raise ConfigError('%s callable = %s: %s' % (where, shown(dotted), exc)) from None
     elif name not in handlers:
-        raise ConfigError('%s: %s; give "callable = package.module.function" to add one'
-                          % (where, unknown_handler(name, handlers)))
+        raise ConfigError('%s: %s; give %s to add one' % (
+            where, unknown_handler(name, handlers),
+            '--set %s.callable=package.module.function' % name if where == '--set'
+            else '"callable = package.module.function"'))
     handler = handlers[name]
     handler.origin = where
     for key, value in values.items():
@@ -5315,6 +5327,9 @@ def build_parser():
     add('--proxy', action='append', metavar='NAME=LOCAL,DISTANT', help='one more proxy, named '
         'NAME (again for more), e.g. redis=127.0.0.1:0,localhost:6379; its control API is '
         '/proxies/NAME.')
+    add('--set', action='append', metavar='HANDLER.SETTING=VALUE', help="a handler's setting, "
+        'as in its [handler:HANDLER] section of --config (again for more), e.g. '
+        'delay.sleep=200ms; HANDLER.callable=package.module.function adds a handler.')
     add('--list-handlers', action='store_true', help='list the handlers and their settings.')
     add('--demo', action='store_true', help='proxy to a built-in HTTP backend, with chaos, '
         'on free ports unless --local or --http-port say otherwise.')
@@ -5333,6 +5348,8 @@ def resolve(args):
     options = {name: setting.default for name, setting in OPTIONS.items()}
     from_file = read_config(args.config, handlers) if args.config else {}
     options.update(from_file)
+    for text in args.set or ():
+        _set_flag(text, handlers)
     for name in OPTIONS:
         value = getattr(args, name)
         if value is not None:
