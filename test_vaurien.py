@@ -2144,29 +2144,34 @@ def test_the_other_side_is_closed_within_a_second(make_proxy, vanish):
         backend.close()
 
 
-def test_a_client_that_stops_reading_does_not_grow_the_proxy(cli_proxy):
-    progress = {'sent': 0}
-
+def firehose_backend():
+    """A backend that sends as fast as it can, up to 500 MB: its `.sent` says how far."""
     def firehose(sock):
         chunk = b'z' * 65536
         with contextlib.suppress(OSError):
-            while progress['sent'] < 500_000_000:
+            while backend.sent < 500_000_000:
                 sock.sendall(chunk)
-                progress['sent'] += len(chunk)
+                backend.sent += len(chunk)
     backend = Backend(firehose)
+    backend.sent = 0
+    return backend
+
+
+def test_a_client_that_stops_reading_does_not_grow_the_proxy(cli_proxy):
+    backend = firehose_backend()
     try:
         proc = cli_proxy('--distant', '%s:%d' % backend.address)
         pid = proc.process.pid
         with connect(proc.address) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             sock.sendall(b'go')
-            wait_for(lambda: progress['sent'] > 1_000_000, what='the backend to start')
+            wait_for(lambda: backend.sent > 1_000_000, what='the backend to start')
             time.sleep(0.5)
-            first, rss = progress['sent'], proc_rss(pid)
+            first, rss = backend.sent, proc_rss(pid)
             time.sleep(1.0)
-            assert progress['sent'] - first < 1_000_000     # the backend is held back
-            assert proc_rss(pid) - rss < 4_000_000          # and memory stays flat
-            assert progress['sent'] < 40_000_000
+            assert backend.sent - first < 1_000_000     # the backend is held back
+            assert proc_rss(pid) - rss < 4_000_000      # and memory stays flat
+            assert backend.sent < 40_000_000
     finally:
         backend.close()
 
@@ -2175,19 +2180,10 @@ def test_a_client_that_stops_reading_does_not_grow_the_proxy(cli_proxy):
 def test_data_a_fault_holds_stops_the_reading_too(make_proxy, faults):
     """Over 1 MiB staged in fault layers stops the reading, as a queue does: a
     delay does not let a fast backend fill the proxy's memory meanwhile."""
-    progress = {'sent': 0}
-
-    def firehose(sock):
-        chunk = b'z' * 65536
-        with contextlib.suppress(OSError):
-            while progress['sent'] < 500_000_000:
-                sock.sendall(chunk)
-                progress['sent'] += len(chunk)
-
     def slow(source, dest, to_backend, name, settings, proxy):   # blocking: a worker's
         time.sleep(0.01)
         dest.sendall(proxy.get_data(source))
-    backend = Backend(firehose)
+    backend = firehose_backend()
     try:
         proxy = make_proxy(backend.address, handlers={'slow': slow})
         for name in faults:
@@ -2195,9 +2191,9 @@ def test_data_a_fault_holds_stops_the_reading_too(make_proxy, faults):
                                                             else {}))
         with connect(proxy.address) as sock:
             sock.sendall(b'go')
-            wait_for(lambda: progress['sent'] > 1_000_000, what='the backend to start')
+            wait_for(lambda: backend.sent > 1_000_000, what='the backend to start')
             time.sleep(1.5)
-            assert progress['sent'] < 40_000_000     # held back: 1 MiB and the buffers
+            assert backend.sent < 40_000_000     # held back: 1 MiB and the buffers
             assert read_exactly(sock, 5_000_000) == b'z' * 5_000_000
     finally:
         backend.close()
