@@ -6,6 +6,7 @@ socket and process is cleaned up by the fixtures.
 """
 
 import contextlib
+import decimal
 import functools
 import gc
 import hashlib
@@ -1756,8 +1757,12 @@ def test_a_handler_that_holds_the_pump_up_is_logged_once(make_proxy, echo_backen
         if called_as != 'on_connect':
             time.sleep(0.06)      # wrongly promised not to block
         dest.sendall(proxy.get_data(source))
-    proxy = make_proxy(echo_backend.address, handlers={'hasty': hasty})
+    @vaurien.traits(blocking=False)
+    def passing(source, dest, to_backend, name, settings, proxy):   # its send calls hasty
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, handlers={'hasty': hasty, 'passing': passing})
     if called_as == 'fault':
+        proxy.add_fault('passing', name='before_it')
         proxy.add_fault('hasty', name='slow_fault')
     else:
         proxy.set_handler('hasty')
@@ -2235,6 +2240,65 @@ def test_the_threads_of_blocking_handlers_end_and_leave_no_trace(make_proxy, ech
     for _ in range(20):
         assert round_trip(proxy.address) == b'ping'
     wait_for(lambda: traces() <= before, what='the workers to end')
+
+
+def test_a_buffer_reused_after_a_send_the_socket_took_in_part_is_sent_as_it_was(
+        make_proxy, echo_backend):
+    """A send the client's socket takes only in part queues the rest: the handler's
+    buffer is copied then, not kept (the pump's own sendall, no worker)."""
+    size = 32_000_000
+
+    @vaurien.traits(blocking=False)
+    def big(source, dest, to_backend, name, settings, proxy):
+        proxy.get_data(source)
+        buffer = bytearray(b'a' * size)
+        source.sendall(buffer)
+        buffer[:] = b'b' * size
+        return False
+    proxy = make_proxy(echo_backend.address, handlers={'big': big})
+    proxy.set_handler('big')
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)   # so a part waits
+        sock.settimeout(WAIT)
+        sock.connect(proxy.address)
+        sock.sendall(b'go')
+        received = read_all(sock)
+    assert len(received) == size and received.count(b'a') == size
+
+
+def test_a_faults_close_hook_is_logged_under_the_faults_name(make_proxy, echo_backend,
+                                                              caplog):
+    def closing(connection, name, proxy):
+        raise RuntimeError('hook bug')
+
+    @vaurien.traits(blocking=False, on_close=closing)
+    def watched(source, dest, to_backend, name, settings, proxy):
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, handlers={'watched': watched})
+    proxy.add_fault('watched', name='watcher')
+    with caplog.at_level(logging.ERROR, logger='vaurien'):
+        assert round_trip(proxy.address) == b'ping'
+        wait_for(lambda: 'hook bug' in caplog.text, what='the hook to run')
+    assert 'handler watcher failed' in caplog.text
+
+
+def test_a_bool_takes_true_false_1_0_and_words_only():
+    convert = vaurien.OPTIONS['http'].convert
+    assert [convert(value) for value in (True, 1, 'on', False, 0, 'off')] == [True] * 3 + [
+        False] * 3
+    for value in (1.0, decimal.Decimal(1), 2, 'maybe', None, []):
+        with pytest.raises(ValueError):
+            convert(value)
+
+
+def test_a_summary_is_the_first_paragraph_without_the_settings_under_it():
+    def mine(source, dest, to_backend, name, settings, proxy):
+        """Upper-cases
+        the traffic.
+        Settings:
+          loud (bool, default true): whether it does.
+        """
+    assert vaurien.Handler('mine', mine).summary == 'Upper-cases the traffic.'
 
 
 def test_a_blocking_handler_holds_its_connection_only(make_proxy, echo_backend):
@@ -3563,12 +3627,16 @@ def delayed_reply_backend():
     return Backend(serve)
 
 
+@pytest.mark.parametrize('held_by', ['handler', 'fault'])
 @pytest.mark.parametrize('how', ['disable', 'stop', 'down'])
-def test_a_reply_cut_by_disable_or_stop_is_reset_never_a_clean_eof(make_proxy, how):
+def test_a_reply_cut_by_disable_or_stop_is_reset_never_a_clean_eof(make_proxy, how, held_by):
     backend = delayed_reply_backend()
     try:
         proxy = make_proxy(backend.address)
-        proxy.set_handler('delay', sleep=0.5, direction='to_client')
+        if held_by == 'fault':
+            proxy.add_fault('delay', sleep=0.5, direction='To_Client')   # any case
+        else:
+            proxy.set_handler('delay', sleep=0.5, direction='to_client')
         with connect(proxy.address) as sock:
             sock.sendall(b'question')
             assert read_exactly(sock, 11) == b'first part;'   # the second is held back
@@ -4055,6 +4123,8 @@ def test_unknown_handler_names_say_the_closest_and_the_known_ones(proxy):
     assert 'normal' in answer['known']
     with pytest.raises(vaurien.VaurienError, match="Toxiproxy's latency is delay here"):
         proxy.add_fault('latency')
+    with pytest.raises(vaurien.VaurienError, match='did you mean slow_close?'):
+        proxy.set_handler('slow close')
     for spec in ('20:delay(sleep=0.2)', '20:delay:sleep=0.2'):
         result = run_cli('--distant', '%s:9' % LOOP, '--behavior', spec)
         assert result.returncode == 2 and "a handler's settings go apart: --set " \
@@ -4805,11 +4875,23 @@ def test_handler_settings_on_the_command_line_override_the_config_files(tmp_path
     with connect(proc.address) as sock:
         sock.sendall(b'hey')
         assert read_exactly(sock, 4) == b'HEY!'
+    ini = write(tmp_path, 'w.ini', '[proxy:other]\ndistant = %s:%d\nbehavior = 100:loud\n'
+                '[vaurien]\ndistant = %s:%d\nbehavior = 100:shout\n'
+                '[handler:loud]\ncallable = mychaos.upper\nsuffix = ?\n'
+                % (echo_backend.address * 2))   # loud used before its section, shout by --set
+    proc = cli_proxy('--config', ini, '--set', 'shout.callable=mychaos.upper',
+                     '--set', 'shout.suffix=!', cwd=str(tmp_path))
+    other = vaurien.parse_address(api(proc.control, 'GET', '/proxies')[1]['other']['local'])
+    for address, answer in ((proc.address, b'HEY!'), (other, b'HEY?')):
+        with connect(address) as sock:
+            sock.sendall(b'hey')
+            assert read_exactly(sock, 4) == answer
     for flag, message in (('delay', '--set delay: expected HANDLER.SETTING=VALUE'),
-                          ('delay.sleep=soon', "--set sleep = soon: handler delay: setting "
-                                               "sleep = 'soon': expected seconds"),
-                          ('delay.slep=1', "--set slep = 1: unknown setting 'slep'"),
-                          ('dela.sleep=1', "--set: unknown handler 'dela' (did you mean delay?"),
+                          ('delay.sleep=soon', "--set delay sleep = soon: handler delay: "
+                                               "setting sleep = 'soon': expected seconds"),
+                          ('delay.slep=1', "--set delay slep = 1: unknown setting 'slep'"),
+                          ('dela.sleep=1', "--set dela: unknown handler 'dela' (did you mean "
+                                           "delay?"),
                           ('mine.x=1', 'give --set mine.callable=package.module.function')):
         result = run_cli('--distant', '%s:9' % LOOP, '--set', flag)
         assert result.returncode == 2 and result.stderr.count('\n') == 1

@@ -223,7 +223,7 @@ class Setting:
         if self.type == 'bool':
             if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
                 return value.lower() in _TRUE
-            if value not in (True, False) or isinstance(value, float):   # 1 and 0 too
+            if not isinstance(value, int) or value not in (0, 1):   # True, 1, False, 0
                 raise ValueError(wanted)
             return bool(value)
         if not isinstance(value, str):
@@ -334,8 +334,10 @@ def _number(value):
 
 
 def summary_of(func):
-    """The first paragraph of a function's docstring, on one line."""
-    return ' '.join(inspect.cleandoc(func.__doc__ or '').split('\n\n')[0].split())
+    """The first paragraph of a function's docstring, on one line (a Settings: block
+    right under it is no part of it)."""
+    paragraph = inspect.cleandoc(func.__doc__ or '').split('\n\n')[0]
+    return ' '.join(paragraph.split('\nSettings:')[0].split())
 
 
 def applies(direction, to_backend):
@@ -1067,11 +1069,13 @@ def unknown_handler(name, known):
     close = difflib.get_close_matches(text, list(known), n=1)
     if TOXICS.get(text, ('',))[0] in known:
         hint = "Toxiproxy's %s is %s here; " % (text, TOXICS[text][0])
+    elif close:
+        hint = 'did you mean %s? ' % close[0]
     elif any(sign in text for sign in '(:= '):
         hint = ("a handler's settings go apart: --set NAME.SETTING=VALUE, its "
                 '[handler:NAME] section of the config file, or the API; ')
     else:
-        hint = 'did you mean %s? ' % close[0] if close else ''
+        hint = ''
     return 'unknown handler %r (%sknown: %s)' % (name, hint, ', '.join(sorted(known)))
 
 
@@ -1169,6 +1173,8 @@ class Fault:
         settings = dict(settings)
         if direction is None and self.directional:
             direction = settings.pop('direction', None)
+        if isinstance(direction, str):    # in any case, as a handler's choices
+            direction = direction.strip().lower()
         if direction is not None and (not isinstance(direction, str) or
                                       direction not in DIRECTIONS):
             raise ConfigError('fault %s: direction %s is none of %s' % (
@@ -1476,6 +1482,14 @@ class _Worker:
             function(*args)
 
 
+def _frozen(data):
+    """`data` as the handler can no longer change it: a bytearray, or a view of one, is
+    copied (the handler may reuse it at once); bytes, and views of bytes, are not."""
+    if isinstance(data, bytearray) or isinstance(data, memoryview) and not data.readonly:
+        return bytes(data)
+    return data
+
+
 def _in_pump(method):
     """Make a method of a Connection or Side run in the pump: called from another
     thread (a blocking handler's worker), it is handed over there, in order, with a
@@ -1484,9 +1498,7 @@ def _in_pump(method):
     def handed_over(self, *args):
         pump = self.pump
         if _thread.get_ident() != pump.ident:
-            return pump.call_soon(method, self, *(
-                bytes(arg) if isinstance(arg, (bytearray, memoryview)) else arg
-                for arg in args))
+            return pump.call_soon(method, self, *map(_frozen, args))
         return method(self, *args)
     return handed_over
 
@@ -1547,6 +1559,11 @@ class Side(_Dest):
         self.held = 0             # ... and in calls handed to the worker
         self.inlet = self         # where what is sent here enters: the first Layer, if any
 
+    def waiting(self):
+        """Bytes (and entries) on their way to this side: queued, in fault layers, and
+        in the worker.  Over HIGH_WATER, its peer is not read."""
+        return self.queued + self.staged + self.held
+
     def __repr__(self):
         return '<Side %s of connection #%s>' % (
             self.name, '?' if self.connection is None else self.connection.index)
@@ -1562,7 +1579,7 @@ class Side(_Dest):
         """
         if _thread.get_ident() != self.pump.ident:
             return self.pump.call_soon(
-                self._send_at, bytes(data), time.monotonic() + delay if delay > 0 else 0.0,
+                self._send_at, _frozen(data), time.monotonic() + delay if delay > 0 else 0.0,
                 pace)
         if not data or self.eof_queued or self.broken:
             return
@@ -1613,8 +1630,7 @@ class Side(_Dest):
             return
         if self.sock is None and not self.connecting:
             self.connection.connect_backend()
-        if isinstance(data, bytearray):   # the handler may change it while it waits
-            data = bytes(data)
+        data = _frozen(data)    # the handler may change it while it waits
         self._push(due, data, pace)
         self.queued += len(data) + ENTRY_COST
         if pace is not None and len(self.queue) == 1 and self.queue[0][0] <= time.monotonic() \
@@ -1741,7 +1757,7 @@ class Layer(_Dest):
         here; with `pace`, in pieces, as `Side.sendall` does."""
         due = time.monotonic() + delay if delay > 0 else 0.0
         if _thread.get_ident() != self.pump.ident:
-            return self.pump.call_soon(self._send_at, bytes(data), due, pace)
+            return self.pump.call_soon(self._send_at, _frozen(data), due, pace)
         if due or pace is not None or self.queue or self.last_due or self.eof_queued \
                 or not data:
             return self._send_at(data, due, pace)
@@ -1791,12 +1807,11 @@ class Layer(_Dest):
     def _push(self, due, item, pace=None):
         due = max(due, self.last_due)
         self.last_due = due
-        if isinstance(item, bytearray):   # the handler may change it while it waits
-            item = bytes(item)
+        item = _frozen(item)    # the handler may change it while it waits
         self.queue.append([due, item] if pace is None else [due, item, pace, 0.0])
         side = self.side
         side.staged += _size(item) + ENTRY_COST
-        if side.staged + side.queued >= HIGH_WATER:   # the reading must stop: settle
+        if side.waiting() >= HIGH_WATER:   # the reading must stop: settle
             self.pump.dirty.add(self.connection)
         if len(self.queue) == 1:
             self._arm(due)
@@ -1942,9 +1957,9 @@ class Connection:
 
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
-                 'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs', 'held',
+                 'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs',
                  'first', 'connect_timer', 'ending', 'chains', 'calling', 'applied_faults',
-                 'timers')
+                 'timers', 'call_time')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -1960,7 +1975,7 @@ class Connection:
         self.handler_name = drawn
         self._random = None
         self.states = None
-        self.closers = None       # (handler, name) called here that have an on_close hook
+        self.closers = None       # (handler, name, fault) called here that have an on_close
         self.closing_at = None    # deadline once the connection is closing
         self.drain_until = None   # the latest it may be pushed to by a peer still talking
         self.released = False
@@ -1975,6 +1990,7 @@ class Connection:
         self.calling = None       # the Fault whose hook or handler the pump is calling
         self.applied_faults = ()  # the faults that applied to it
         self.timers = None        # {key: timer} of call_later, cancelled at its end
+        self.call_time = 0.0      # seconds the pump spent in its handlers' calls
 
     # -- what handlers use ------------------------------------------------------
 
@@ -2203,7 +2219,7 @@ class Connection:
             fault.touched += 1
             self.applied_faults += (fault,)
             if fault.handler.on_close is not None:
-                self._closes_with(fault.handler, fault.name)
+                self._closes_with(fault.handler, fault.name, fault)
         return applied
 
     @staticmethod
@@ -2461,7 +2477,7 @@ class Connection:
         """
         holder = self if self.worker is None or self.pump.in_loop() else self.worker
         calling, holder.calling = holder.calling, fault
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.call_time
         try:
             return function(*args)
         except Exception:
@@ -2471,8 +2487,14 @@ class Connection:
             return False
         finally:
             holder.calling = calling
-            if holder is self and time.perf_counter() - started > SLOW_CALL:
-                self._warn_slow(fault, time.perf_counter() - started)
+            if holder is self:
+                # in the pump: the call's own time, less that of the faults after it,
+                # which its sends called
+                elapsed = time.perf_counter() - started
+                own = elapsed - (self.call_time - before)
+                if own > SLOW_CALL:
+                    self._warn_slow(fault, own)
+                self.call_time = before + elapsed
 
     def _in_force(self):
         handler, settings = self.current()
@@ -2481,11 +2503,12 @@ class Connection:
             self._closes_with(handler, handler.name)
         return handler, settings
 
-    def _closes_with(self, handler, name):
-        """Call `handler`'s on_close hook, as `name`, when the connection ends."""
+    def _closes_with(self, handler, name, fault=None):
+        """Call `handler`'s on_close hook, as `name` (of `fault`, if any), when the
+        connection ends."""
         if self.closers is None:
             self.closers = set()
-        self.closers.add((handler, name))
+        self.closers.add((handler, name, fault))
 
     def _flush(self, side):
         now = time.monotonic()
@@ -2555,8 +2578,8 @@ class Connection:
             if side.connecting:
                 events = selectors.EVENT_WRITE
             else:
-                if not side.eof_read and (self.closing_at is not None or side.peer.queued
-                                          + side.peer.staged + side.peer.held < HIGH_WATER):
+                if not side.eof_read and (self.closing_at is not None or
+                                          side.peer.waiting() < HIGH_WATER):
                     events = selectors.EVENT_READ
                 if side.queue and side.queue[0][0] <= now:
                     events |= selectors.EVENT_WRITE
@@ -2640,10 +2663,10 @@ class Connection:
                 layer.stop()
         try:
             for side in self.sides:   # bytes left for it: a reset, never a clean EOF
-                self._drop(side, reset=bool(side.queue or side.held))
-            for handler, name in self.closers or ():
+                self._drop(side, reset=bool(side.queue or side.waiting()))
+            for handler, name, fault in self.closers or ():
                 self._run_for(handler, self._call_as,
-                              (None, handler.on_close, self, name, self.proxy))
+                              (fault, handler.on_close, self, name, self.proxy))
         finally:
             self.pump.restock()
             self.proxy.forget(self)
@@ -4977,10 +5000,10 @@ def start_proxy(port=None, host=None, local=None, distant=None, behavior=None,
     this process dies, however it dies.  A proxy that fails to start raises
     VaurienError with its error output.
     """
-    known = vars(build_parser().parse_args([]))     # every option's name
+    known = set(vars(build_parser().parse_args([]))) - {'list_handlers', 'exit_on_eof'}
     for key in options:
-        if key not in known or key in ('list_handlers', 'exit_on_eof'):
-            close = difflib.get_close_matches(key, list(known), n=1)
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
             raise TypeError('start_proxy() got an unknown option %r%s' % (
                 key, ' (did you mean %s?)' % close[0] if close else ''))
     if host is not None or port is not None:
@@ -5170,8 +5193,9 @@ OPTIONS = {s.name: s for s in (
 )}
 
 
-def read_config(path, handlers):
-    """Read an ini file: return its [vaurien] options; register its [handler:NAME]s.
+def read_config(path, handlers, flags=()):
+    """Read an ini file: return its [vaurien] options; register its [handler:NAME]s,
+    then the --set `flags` over them, before the sections that name handlers.
 
     Every mistake raises ConfigError naming the file, the section and the key.
     """
@@ -5190,17 +5214,23 @@ def read_config(path, handlers):
     if folder not in sys.path:
         sys.path.insert(0, folder)
     options = {}
+    named = [section for section in parser.sections() if section.startswith('handler:')
+             and section[8:]]
+    for section in named:
+        _register_handler(section[8:], dict(parser.items(section)),
+                          '%s: [%s]' % (path, section), handlers)
+    _set_flags(flags, handlers)
     for section in parser.sections():
         where = '%s: [%s]' % (path, section)
         values = dict(parser.items(section))
+        if section in named:
+            continue
         if section == 'vaurien':
             for key, value in values.items():
                 if key not in OPTIONS:
                     raise ConfigError('%s: unknown key %r (known: %s)' % (
                         where, key, ', '.join(OPTIONS)))
                 options[key] = _convert_option(key, value, '%s %s' % (where, key))
-        elif section.startswith('handler:') and section[8:]:
-            _register_handler(section[8:], values, where, handlers)
         elif section.startswith('proxy:') and section[6:]:
             options.setdefault('proxies', {})[section[6:]] = _named_proxy(values, where,
                                                                           handlers)
@@ -5243,14 +5273,15 @@ def _proxy_flag(text, handlers):
                                       '--proxy %s' % name.strip(), handlers)
 
 
-def _set_flag(text, handlers):
-    """--set HANDLER.SETTING=VALUE: a line of a [handler:HANDLER] section, as a flag."""
-    target, equals, value = text.partition('=')
-    name, dot, key = target.strip().partition('.')
-    if not equals or not dot or not name or not key.strip():
-        raise ConfigError('--set %s: expected HANDLER.SETTING=VALUE, like delay.sleep=200ms'
-                          % shown(text))
-    _register_handler(name, {key.strip(): value.strip()}, '--set', handlers)
+def _set_flags(flags, handlers):
+    """--set HANDLER.SETTING=VALUE flags: lines of [handler:HANDLER] sections."""
+    for text in flags:
+        target, equals, value = text.partition('=')
+        name, dot, key = target.strip().partition('.')
+        if not equals or not dot or not name or not key.strip():
+            raise ConfigError('--set %s: expected HANDLER.SETTING=VALUE, like '
+                              'delay.sleep=200ms' % shown(text))
+        _register_handler(name, {key.strip(): value.strip()}, '--set ' + name, handlers)
 
 
 def _check_behavior(spec, handlers, where):
@@ -5284,7 +5315,7 @@ def _register_handler(name, values, where, handlers):
     elif name not in handlers:
         raise ConfigError('%s: %s; give %s to add one' % (
             where, unknown_handler(name, handlers),
-            '--set %s.callable=package.module.function' % name if where == '--set'
+            '--set %s.callable=package.module.function' % name if where.startswith('--set')
             else '"callable = package.module.function"'))
     handler = handlers[name]
     handler.origin = where
@@ -5346,10 +5377,12 @@ def resolve(args):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     options = {name: setting.default for name, setting in OPTIONS.items()}
-    from_file = read_config(args.config, handlers) if args.config else {}
+    if args.config:
+        from_file = read_config(args.config, handlers, args.set or ())
+    else:
+        from_file = {}
+        _set_flags(args.set or (), handlers)
     options.update(from_file)
-    for text in args.set or ():
-        _set_flag(text, handlers)
     for name in OPTIONS:
         value = getattr(args, name)
         if value is not None:
