@@ -929,6 +929,11 @@ BUILTIN_HANDLERS = (normal, delay, errors, hang, blackout, abort, bandwidth, sli
 for _builtin in BUILTIN_HANDLERS:
     _builtin.blocking = False   # none of them waits: the pump calls them itself
 
+#: What the pump calls of the built-in handlers, as handlers and as faults: their calls
+#: are not timed for the slow-call warning (a fault spares each chunk two clock reads).
+_NEVER_SLOW = frozenset(itertools.chain.from_iterable(
+    (func, getattr(func, 'vaurien_undirected', (None, func))[1]) for func in BUILTIN_HANDLERS))
+
 
 # ---------------------------------------------------------------------------
 # Registry and behavior
@@ -2477,7 +2482,9 @@ class Connection:
         """
         holder = self if self.worker is None or self.pump.in_loop() else self.worker
         calling, holder.calling = holder.calling, fault
-        started, before = time.perf_counter(), self.call_time
+        timed = holder is self and function not in _NEVER_SLOW     # in the pump
+        if timed:
+            started, before = time.perf_counter(), self.call_time
         try:
             return function(*args)
         except Exception:
@@ -2487,9 +2494,7 @@ class Connection:
             return False
         finally:
             holder.calling = calling
-            if holder is self:
-                # in the pump: the call's own time, less that of the faults after it,
-                # which its sends called
+            if timed:   # its own time: less that of the faults after it its sends called
                 elapsed = time.perf_counter() - started
                 own = elapsed - (self.call_time - before)
                 if own > SLOW_CALL:
