@@ -5,6 +5,7 @@ use deadlines, timing bounds are one-sided and generous, and every thread,
 socket and process is cleaned up by the fixtures.
 """
 
+import array
 import contextlib
 import decimal
 import functools
@@ -2215,6 +2216,9 @@ def test_a_buffer_a_handler_reuses_at_once_is_sent_as_it_was(make_proxy, echo_ba
         buffer = bytearray(b'first;')
         source.sendall(buffer)
         buffer[:] = b'XXXXXX'
+        more = array.array('B', b'more;')     # any buffer, queued for later
+        source.sendall(more, delay=0.05)
+        more[0] = ord('X')
         buffer[:] = b'second'
         source.answer_and_close(buffer)
         buffer[:] = b'XXXXXX'
@@ -2222,7 +2226,23 @@ def test_a_buffer_a_handler_reuses_at_once_is_sent_as_it_was(make_proxy, echo_ba
     proxy.set_handler('answer')
     with connect(proxy.address) as sock:
         sock.sendall(b'go')
-        assert outcome(sock) == ('eof', b'first;second')
+        assert outcome(sock) == ('eof', b'first;more;second')
+
+
+@pytest.mark.parametrize('blocking', [True, False])
+def test_a_str_sent_by_mistake_is_the_handlers_failure(make_proxy, echo_backend, caplog,
+                                                       blocking):
+    @vaurien.traits(blocking=blocking)
+    def wrong(source, dest, to_backend, name, settings, proxy):
+        proxy.get_data(source)
+        source.sendall('text', delay=0.05)
+    proxy = make_proxy(echo_backend.address, handlers={'wrong': wrong})
+    proxy.set_handler('wrong')
+    with caplog.at_level(logging.ERROR, logger='vaurien'):
+        with connect(proxy.address) as sock:
+            sock.sendall(b'go')
+            assert outcome(sock)[0] == 'rst'
+    assert 'handler wrong failed' in caplog.text and 'pump failed' not in caplog.text
 
 
 def test_the_threads_of_blocking_handlers_end_and_leave_no_trace(make_proxy, echo_backend):
@@ -2280,6 +2300,25 @@ def test_a_faults_close_hook_is_logged_under_the_faults_name(make_proxy, echo_ba
         assert round_trip(proxy.address) == b'ping'
         wait_for(lambda: 'hook bug' in caplog.text, what='the hook to run')
     assert 'handler watcher failed' in caplog.text
+
+
+def test_a_close_hook_is_called_once_for_a_handler_in_force_and_as_a_fault(make_proxy,
+                                                                           echo_backend):
+    closes = []
+
+    def closing(connection, name, proxy):
+        closes.append(name)
+
+    @vaurien.traits(blocking=False, on_close=closing)
+    def counted(source, dest, to_backend, name, settings, proxy):
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, handlers={'counted': counted})
+    proxy.set_handler('counted')
+    proxy.add_fault('counted')
+    assert round_trip(proxy.address) == b'ping'
+    wait_for(lambda: closes, what='the hook')
+    proxy.pump.call(lambda: None)      # the pump is past the connection's end
+    assert closes == ['counted']
 
 
 def test_a_bool_takes_true_false_1_0_and_words_only():
@@ -3691,6 +3730,38 @@ def test_bytes_a_blocking_handler_holds_are_reset_when_stop_cuts_them(make_proxy
             else:
                 wait_for(lambda: received[-1] in ('eof', 'rst'), what='the end')
                 assert received == [b'sent;', 'rst']
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize('held_by', ['handler', 'fault'])
+def test_an_eof_alone_held_when_stop_cuts_in_is_a_clean_eof(make_proxy, held_by):
+    """No byte waits, only the EOF (slow_close holds it): stop() passes a clean EOF."""
+    received = []
+
+    def serve(sock):
+        with contextlib.suppress(OSError):
+            while True:
+                data = sock.recv(100)
+                received.append(data or 'eof')
+                if not data:
+                    return
+        received.append('rst')
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        if held_by == 'fault':
+            proxy.add_fault('slow_close', delay=5, direction='to_backend')
+        else:
+            proxy.set_handler('slow_close', delay=5)
+        with connect(proxy.address) as sock:
+            sock.sendall(b'hi')
+            sock.shutdown(socket.SHUT_WR)
+            wait_for(lambda: received == [b'hi'], what='the bytes before the EOF')
+            time.sleep(0.1)      # the EOF is with the proxy, held
+            proxy.stop()
+            wait_for(lambda: received[-1] in ('eof', 'rst'), what='the end')
+            assert received == [b'hi', 'eof']
     finally:
         backend.close()
 
@@ -5995,11 +6066,18 @@ class Suffixed:
         dest.sendall(data + self.suffix if data else data)
 
 
-def test_a_callable_object_is_a_handler_and_a_fault(make_proxy, echo_backend):
+class PumpSuffixed(Suffixed):
+    __doc__ = Suffixed.__doc__
+    __slots__ = ()
+    blocking = False     # called by the pump itself
+
+
+@pytest.mark.parametrize('kind', [Suffixed, PumpSuffixed])
+def test_a_callable_object_is_a_handler_and_a_fault(make_proxy, echo_backend, kind):
     proxy = make_proxy(echo_backend.address)
-    proxy.register('suffixed', Suffixed(b'!'))
+    proxy.register('suffixed', kind(b'!'))
     proxy.set_handler('suffixed')
-    proxy.add_fault(Suffixed(b'?'), direction='to_client')
+    proxy.add_fault(kind(b'?'), direction='to_client')
     with connect(proxy.address) as sock:
         sock.sendall(b'hi')            # the handler's ! each way, then the fault's ?
         assert read_exactly(sock, 5) == b'hi!!?'

@@ -929,9 +929,10 @@ BUILTIN_HANDLERS = (normal, delay, errors, hang, blackout, abort, bandwidth, sli
 for _builtin in BUILTIN_HANDLERS:
     _builtin.blocking = False   # none of them waits: the pump calls them itself
 
-#: What the pump calls of the built-in handlers, as handlers and as faults: their calls
-#: are not timed for the slow-call warning (a fault spares each chunk two clock reads).
-_NEVER_SLOW = frozenset(itertools.chain.from_iterable(
+#: The ids of what the pump calls of the built-in handlers, as handlers and as faults:
+#: their calls are not timed for the slow-call warning (a fault spares each chunk two
+#: clock reads).  Ids, for a handler need not be hashable.
+_NEVER_SLOW = frozenset(id(function) for function in itertools.chain.from_iterable(
     (func, getattr(func, 'vaurien_undirected', (None, func))[1]) for func in BUILTIN_HANDLERS))
 
 
@@ -1488,22 +1489,22 @@ class _Worker:
 
 
 def _frozen(data):
-    """`data` as the handler can no longer change it: a bytearray, or a view of one, is
-    copied (the handler may reuse it at once); bytes, and views of bytes, are not."""
-    if isinstance(data, bytearray) or isinstance(data, memoryview) and not data.readonly:
-        return bytes(data)
-    return data
+    """`data` as the handler can no longer change it: a buffer (a bytearray, an array, a
+    view of one) is copied, for the handler may reuse it at once; bytes, and views of
+    bytes, are not.  What is no buffer (a str) raises TypeError, in the handler's call."""
+    if type(data) is bytes or isinstance(data, memoryview) and data.readonly:
+        return data
+    return bytes(memoryview(data))
 
 
 def _in_pump(method):
     """Make a method of a Connection or Side run in the pump: called from another
-    thread (a blocking handler's worker), it is handed over there, in order, with a
-    copy of the buffers it is given (the caller may reuse them at once)."""
+    thread (a blocking handler's worker), it is handed over there, in order."""
     @functools.wraps(method)
     def handed_over(self, *args):
         pump = self.pump
         if _thread.get_ident() != pump.ident:
-            return pump.call_soon(method, self, *map(_frozen, args))
+            return pump.call_soon(method, self, *args)
         return method(self, *args)
     return handed_over
 
@@ -1602,11 +1603,14 @@ class Side(_Dest):
             data = memoryview(data)[sent:]
         self._send_at(data, time.monotonic() + delay if delay > 0 else 0.0, pace)
 
-    @_in_pump
     def answer_and_close(self, data):
         """Send `data` and close, the data and the EOF in one segment where TCP_CORK
         exists (Linux): a pooled client that reads the answer sees the EOF with it,
         and never sends its next request on a connection that is ending."""
+        self._answer_and_close(_frozen(data))   # from a worker: handed over as it is now
+
+    @_in_pump
+    def _answer_and_close(self, data):
         if self.connection is None:    # kept beyond the connection's end
             return
         corked = self.sock is not None and not self.broken and _CORK
@@ -1775,6 +1779,7 @@ class Layer(_Dest):
     def _send_at(self, data, due, pace=None):
         if not data or self.eof_queued:
             return
+        data = _frozen(data)    # the handler may change it while it waits
         if not self.queue:
             if self.removed:    # what its handler still sends goes at once
                 return self.next.take(data)
@@ -1812,7 +1817,6 @@ class Layer(_Dest):
     def _push(self, due, item, pace=None):
         due = max(due, self.last_due)
         self.last_due = due
-        item = _frozen(item)    # the handler may change it while it waits
         self.queue.append([due, item] if pace is None else [due, item, pace, 0.0])
         side = self.side
         side.staged += _size(item) + ENTRY_COST
@@ -1980,7 +1984,7 @@ class Connection:
         self.handler_name = drawn
         self._random = None
         self.states = None
-        self.closers = None       # (handler, name, fault) called here that have an on_close
+        self.closers = None       # {(handler, name): fault} called here, with an on_close
         self.closing_at = None    # deadline once the connection is closing
         self.drain_until = None   # the latest it may be pushed to by a peer still talking
         self.released = False
@@ -2482,7 +2486,7 @@ class Connection:
         """
         holder = self if self.worker is None or self.pump.in_loop() else self.worker
         calling, holder.calling = holder.calling, fault
-        timed = holder is self and function not in _NEVER_SLOW     # in the pump
+        timed = holder is self and id(function) not in _NEVER_SLOW     # in the pump
         if timed:
             started, before = time.perf_counter(), self.call_time
         try:
@@ -2512,8 +2516,8 @@ class Connection:
         """Call `handler`'s on_close hook, as `name` (of `fault`, if any), when the
         connection ends."""
         if self.closers is None:
-            self.closers = set()
-        self.closers.add((handler, name, fault))
+            self.closers = {}
+        self.closers.setdefault((handler, name), fault)
 
     def _flush(self, side):
         now = time.monotonic()
@@ -2663,13 +2667,14 @@ class Connection:
             self.pump.cancel(self.connect_timer)
         for timer in (self.timers or {}).values():
             self.pump.cancel(timer)     # nothing holds an ended connection
+        cut = [self._bytes_wait_for(side) for side in self.sides]
         for chain in self.chains or ():
             for layer in chain:
                 layer.stop()
         try:
-            for side in self.sides:   # bytes left for it: a reset, never a clean EOF
-                self._drop(side, reset=bool(side.queue or side.waiting()))
-            for handler, name, fault in self.closers or ():
+            for side, reset in zip(self.sides, cut):   # a cut stream: never a clean EOF
+                self._drop(side, reset=reset)
+            for (handler, name), fault in (self.closers or {}).items():
                 self._run_for(handler, self._call_as,
                               (fault, handler.on_close, self, name, self.proxy))
         finally:
@@ -2678,6 +2683,19 @@ class Connection:
         self.proxy.ended(self)
         if not self.jobs:   # else when the worker is done: no call can come in any more
             self._unlink()
+
+    def _bytes_wait_for(self, side):
+        """Whether bytes, not only an end, wait to be sent to `side`: queued there, in a
+        fault layer on the way, or in the worker."""
+        if side.held:
+            return True
+        stage = side.inlet
+        while True:
+            if any(_size(entry[1]) for entry in stage.queue):
+                return True
+            if stage is side:
+                return False
+            stage = stage.next
 
     def _unlink(self):
         """Break the cycles between the ended connection, its sides and its layers: it
