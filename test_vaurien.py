@@ -2229,6 +2229,24 @@ def test_a_buffer_a_handler_reuses_at_once_is_sent_as_it_was(make_proxy, echo_ba
         assert outcome(sock) == ('eof', b'first;more;second')
 
 
+def test_a_buffer_a_fault_passes_to_a_blocking_fault_is_passed_as_it_was(make_proxy,
+                                                                         echo_backend):
+    @vaurien.traits(blocking=False)
+    def reusing(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        buffer = bytearray(data)
+        dest.sendall(buffer)            # on to the blocking fault's worker, at once
+        buffer[:] = b'X' * len(buffer)
+
+    def slow(source, dest, to_backend, name, settings, proxy):
+        time.sleep(0.05)
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, handlers={'reusing': reusing, 'slow': slow})
+    proxy.add_fault('reusing', direction='to_backend')
+    proxy.add_fault('slow', direction='to_backend')
+    assert round_trip(proxy.address, b'hello') == b'hello'
+
+
 @pytest.mark.parametrize('blocking', [True, False])
 def test_a_str_sent_by_mistake_is_the_handlers_failure(make_proxy, echo_backend, caplog,
                                                        blocking):

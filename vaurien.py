@@ -1881,11 +1881,14 @@ class Layer(_Dest):
             if self.sealed and item is not _EOF and item is not _RST:
                 return
             if conn.jobs:   # calls in the worker: this one follows them there, in order
+                if item is not _EOF and item is not _RST:
+                    item = _frozen(item)     # what sent it may change it meanwhile
                 return conn._run_for(None, self._relay, (item,), self.side, _held_size(item))
             return self._relay(item)
         data = b'' if item is _EOF else item
         handler = self.fault.handler
         if handler.blocking or conn.jobs:
+            data = _frozen(data)     # what sent it may change it meanwhile
             return conn._run_for(handler, self._handle, (data,), self.side, _held_size(data))
         self._handle(data)
 
