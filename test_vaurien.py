@@ -564,20 +564,24 @@ def custom_registry(**funcs):
     return handlers
 
 
-@pytest.mark.parametrize('called_as', ['handler', 'fault'])
+@pytest.mark.parametrize('called_as', ['handler', 'fault', 'built-in fault'])
 def test_a_handler_that_raises_resets_its_connection_only(make_proxy, echo_backend, caplog,
                                                           called_as):
     proxy = make_proxy(echo_backend.address, handlers=custom_registry(raising=raising))
     with caplog.at_level(logging.ERROR, logger='vaurien'):
         if called_as == 'fault':
             proxy.add_fault('raising', name='buggy')
+        elif called_as == 'built-in fault':   # a built-in is called another way: a bug in
+            proxy.add_fault('delay', name='buggy', direction='both')   # one is caught too
+            proxy.fault_stack[0].settings['sleep'] = 'not a number'
         else:
             proxy.set_handler('raising')
         with connect(proxy.address) as sock:
             sock.sendall(b'x')
             assert outcome(sock)[0] == 'rst'   # never a clean EOF: it is no whole answer
-    assert 'handler %s failed' % ('buggy' if called_as == 'fault' else 'raising') \
-        in caplog.text and 'RuntimeError: handler bug' in caplog.text
+    assert 'handler %s failed' % ('raising' if called_as == 'handler' else 'buggy') \
+        in caplog.text and ('RuntimeError: handler bug' in caplog.text or
+                            called_as == 'built-in fault' and 'TypeError' in caplog.text)
     proxy.clear_faults()
     proxy.set_handler('normal')
     assert round_trip(proxy.address) == b'ping'
