@@ -1325,6 +1325,34 @@ def test_abort_resets_the_client_after_the_request_reached_the_backend(make_prox
     wait_for(lambda: backend.requests == [b'request'], what='the request at the backend')
 
 
+@pytest.mark.parametrize('as_fault', [False, True])
+@pytest.mark.parametrize('direction', ['to_backend', 'to_client'])
+def test_reset_peer_resets_both_ends_whichever_direction_sets_it_off(make_proxy, direction,
+                                                                      as_fault):
+    ends = []
+
+    def serve(sock):   # echoes the first chunk, if any, and says how its connection ended
+        try:
+            sock.sendall(sock.recv(100))
+        except ConnectionResetError:
+            return ends.append('rst')
+        ends.append(outcome(sock)[0])
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        if as_fault:
+            proxy.add_fault('reset_peer', direction=direction, timeout=0.1)
+        else:
+            proxy.set_handler('reset_peer', direction=direction, timeout=0.1)
+        with connect(proxy.address) as sock:
+            sock.sendall(b'hi')
+            assert outcome(sock) == ('rst', b'')   # what set it off was dropped
+        wait_for(lambda: ends, what='the backend to see its end')
+        assert ends == ['rst']
+    finally:
+        backend.close()
+
+
 def test_abort_on_response_and_on_connect(make_proxy, backends):
     backend = backends(reply_backend, b'reply', False)
     proxy = make_proxy(backend.address)

@@ -790,8 +790,7 @@ def reset_peer(source, dest, to_backend, name, settings, proxy):
     state = source.connection.state((name, 'reset_peer'))
     if not state:
         state['armed'] = True
-        source.connection.call_later(settings['timeout'], lambda: (source.abort(),
-                                                                   dest.abort()))
+        source.connection.call_later(settings['timeout'], source.connection.reset)
     return HOLD_EOF
 
 
@@ -2112,6 +2111,14 @@ class Connection:
         """Reset `side` now and close the other one."""
         self.ending = self.ending or ('reset', 'reset by the handler (%s)' % side.name)
         self._drop(side, reset=True)
+        self.close()
+
+    @_in_pump
+    def reset(self):
+        """Reset both sides now (an RST each way): what either still holds is lost."""
+        self.ending = self.ending or ('reset', 'reset by the handler (both sides)')
+        for side in self.sides:
+            self._drop(side, reset=True)
         self.close()
 
     def lost(self, side):
