@@ -763,6 +763,10 @@ def test_api_handlers_and_behavior(proxy):
     ('PUT', '/handler', 'nope', 400, 'unknown handler'),
     ('PUT', '/handler', '{"name": ', 400, 'malformed JSON'),
     ('PUT', '/handler', '[1, 2]', 400, 'JSON object'),
+    pytest.param('PUT', '/handler', '[' * 60000, 400, 'malformed JSON: nested too deeply',
+                 id='deep-json'),
+    pytest.param('PUT', '/proxy', '{"local": "%s:0"}' % ('a' * 64), 400, 'local: ' + 'a' * 64
+                 + ' is no host name', id='64-character-label'),
     ('PUT', '/handler', '{"name": "delay", "settings": {"sleep": "soon"}}', 400, 'sleep'),
     ('PUT', '/handler', '{"name": "delay", "settings": {"slep": 1}}', 400, 'unknown setting'),
     ('PUT', '/handler', '{"name": "delay", "settings": [1]}', 400, 'settings'),
@@ -3831,8 +3835,9 @@ def raw_api(address, request):
      431),
     (b'GET /proxy HTTP/2.0\r\n\r\n', 505),
     (b'GET /proxy nonsense\r\n\r\n', 400),
+    (b'GET /proxy\r\n\r\n', 505),
 ], ids=['options', 'unknown-method', 'long-line', 'long-header', 'many-headers', 'http2',
-        'bad-version'])
+        'bad-version', 'http0.9'])
 def test_every_control_api_refusal_is_json(proxy, request_bytes, status):
     answer = raw_api(proxy.control, request_bytes)
     head, _, body = answer.partition(b'\r\n\r\n')
@@ -5202,6 +5207,9 @@ def test_named_proxies_through_the_api(proxy, echo_backend):
     ('DELETE', '/proxy', None, 409, 'goes with its control API'),
     ('POST', '/proxies', '{"name": "x", "distant": "a:1", "colour": 1}', 400, "'colour'"),
     ('POST', '/proxies', '{"name": "x/y", "distant": "a:1"}', 400, 'without "/"'),
+    ('POST', '/proxies', '{"name": "x\\ud800", "distant": "a:1"}', 400, 'printable text'),
+    ('PUT', '/handler', '{"name": "errors", "settings": {"message": "\\ud800"}}', 400,
+     'message'),
     ('POST', '/proxies', '{"name": "default", "distant": "a:1"}', 409, 'exists already'),
     ('GET', '/proxies/nope', None, 404, "no proxy named 'nope'"),
     ('GET', '/proxies/nope/handler', None, 404, "no proxy named 'nope'"),
@@ -5635,6 +5643,9 @@ def test_faults_through_the_api_and_the_client(proxy, echo_backend):
     assert api(address, 'PUT', '/faults', '{"handler": "delay"}')[0] == 201   # delay_2
     for method, path, body, status, text in [
             ('PUT', '/faults', {'handler': 'delay', 'name': 'delay'}, 409, 'exists already'),
+            ('PUT', '/faults', {'handler': 'delay', 'name': 'a\ud800'}, 400, 'printable'),
+            ('PUT', '/faults', {'handler': 'errors', 'settings': {'message': '\ud800'}}, 400,
+             'no lone surrogate'),
             ('PUT', '/faults', {'handler': 'dela'}, 400, 'did you mean delay?'),
             ('PUT', '/faults', {'handler': 'delay', 'sleep': 1}, 400, 'unknown key'),
             ('PUT', '/faults', {'handler': 'delay', 'toxicity': 2}, 400, 'toxicity 2'),
@@ -5707,6 +5718,8 @@ def test_toxiproxy_api_errors_are_toxiproxys_word_for_word(toxiproxy, echo_backe
     """The answers of toxiproxy-server 2.12 to the same requests, as it sends them."""
     upstream = '%s:%d' % echo_backend.address
     assert toxiproxy('GET', '/proxies')[::2] == (200, '{}')
+    assert raw_api(toxiproxy.server.server_address[:2], b'GET /proxies\r\n\r\n').startswith(
+        b'HTTP/1.1 400 ')       # no HTTP version: refused, with a status line, as Go does
     for method, path, body, status, error in [
             ('POST', '/proxies', '{"name": 5}', 400, 'bad request body: json: cannot unmarshal '
              'number into Go struct field Proxy.name of type string'),
@@ -5716,6 +5729,8 @@ def test_toxiproxy_api_errors_are_toxiproxys_word_for_word(toxiproxy, echo_backe
              'for beginning of value'),
             ('POST', '/proxies', '[]', 400, 'bad request body: json: cannot unmarshal array '
              'into Go value of type toxiproxy.Proxy'),
+            ('POST', '/proxies', '[' * 60000, 400, "bad request body: invalid character '[' "
+             'exceeded max depth'),
             ('POST', '/proxies', '{"upstream": "x:1"}', 400, 'missing required field: name'),
             ('POST', '/proxies', '{"name": "a"}', 400, 'missing required field: upstream'),
             ('GET', '/proxies/nope', None, 404, 'proxy not found'),

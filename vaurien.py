@@ -228,6 +228,10 @@ class Setting:
             return bool(value)
         if not isinstance(value, str):
             raise ValueError('expected a string' if self.type == 'str' else wanted)
+        try:
+            value.encode()     # it is sent, or logged: a lone surrogate fails there
+        except UnicodeEncodeError:
+            raise ValueError('expected text UTF-8 can encode (no lone surrogate)') from None
         if self.choices:     # in any case: DEBUG, To_Backend
             by_case = {choice.lower(): choice for choice in self.choices}
             if value.strip().lower() not in by_case:
@@ -321,6 +325,15 @@ def parse_settings_doc(doc):
 def _settings_text(settings):
     """'sleep=0.5, jitter=0': settings as a log line shows them."""
     return ', '.join('%s=%s' % item for item in settings.items()) or 'no settings'
+
+
+_GOOD_NAME = 'printable text without "/"'
+
+
+def _good_name(name):
+    """Whether `name` may name a fault or a proxy: it goes in URLs, logs and metrics
+    (no "/", no control character or lone surrogate, nothing UTF-8 cannot encode)."""
+    return isinstance(name, str) and name.isprintable() and '/' not in name and name != ''
 
 
 def shown(value):
@@ -1157,9 +1170,8 @@ class Fault:
     """
 
     def __init__(self, name, handler, settings=None, direction=None, toxicity=1.0):
-        if not isinstance(name, str) or not name or '/' in name:
-            raise ConfigError('a fault name is a non-empty string without "/", not %s'
-                              % shown(name))
+        if not _good_name(name):
+            raise ConfigError('a fault name is %s, not %s' % (_GOOD_NAME, shown(name)))
         self.name, self.handler = name, handler
         self.directional = handler.schema is not None and 'direction' in handler.schema
         self.settings = dict(handler.settings)
@@ -2829,7 +2841,17 @@ def parse_address(text, what='address'):
     host = host.strip('[]')
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError('%s %r is not HOST:PORT (like localhost:8000)' % (what, text))
-    return host, int(port)
+    return _checked_host(host, what), int(port)
+
+
+def _checked_host(host, what):
+    """`host`, if the resolver can be asked about it: labels of 1 to 63 characters."""
+    try:
+        host.encode('idna')
+    except UnicodeError:
+        raise ConfigError('%s: %s is no host name (labels of 1 to 63 characters, dots '
+                          'between them)' % (what, shown(host))) from None
+    return host
 
 
 def _distant_option(value):
@@ -2846,7 +2868,7 @@ def _address_option(value, what):
         return parse_address(value, what)
     if isinstance(value, (tuple, list)) and len(value) >= 2 and isinstance(value[0], str) \
             and isinstance(value[1], int) and 0 <= value[1] < 65536:
-        return tuple(value[:2])
+        return _checked_host(value[0], what), value[1]
     raise ConfigError('%s = %s: expected HOST:PORT, like localhost:8000, or (host, port)'
                       % (what, shown(value)))
 
@@ -2984,9 +3006,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             _convert_option(key, value, key) if value is not None else None for key, value in (
                 ('connect_timeout', connect_timeout), ('max_connections', max_connections),
                 ('seed', seed), ('http_token', http_token)))
-        if not isinstance(name, str) or not name or '/' in name:
-            raise ConfigError('a proxy name is a non-empty string without "/", not %s'
-                              % shown(name))
+        if not _good_name(name):
+            raise ConfigError('a proxy name is %s, not %s' % (_GOOD_NAME, shown(name)))
         self.name = name
         local = _address_option(local, 'local')
         self.distant = _distant_option(distant)
@@ -3787,6 +3808,18 @@ class _OneSend:
     "100 Continue" leaves at once, for the client that waits for it to send its body."""
 
     wbufsize = -1
+    VERSIONLESS = 505    # the status of a request line without an HTTP version
+
+    def parse_request(self):
+        """Refuse a request line without an HTTP version ("GET /path", HTTP/0.9, which
+        http.server would answer bare, without a status line)."""
+        if not super().parse_request():
+            return False
+        if self.request_version != 'HTTP/0.9':
+            return True
+        self.request_version, self.close_connection = 'HTTP/1.1', True   # a status line
+        self.send_error(self.VERSIONLESS, 'a request line needs an HTTP version (HTTP/1.1)')
+        return False
 
     def handle_expect_100(self):
         answered = super().handle_expect_100()
@@ -3943,6 +3976,8 @@ class ControlHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
             value = json.loads(text)
         except ValueError as exc:
             raise ApiError(400, 'malformed JSON: %s' % exc) from None
+        except RecursionError:
+            raise ApiError(400, 'malformed JSON: nested too deeply') from None
         if not isinstance(value, dict):
             raise ApiError(400, 'expected a JSON object')
         return value
@@ -4315,6 +4350,9 @@ def _go_decode(body, what, expected=dict):
         raise ToxiproxyError(400, 'bad request body: ' + (
             'unexpected EOF' if at >= len(text.rstrip()) else
             'invalid character %r looking for beginning of value' % text[at])) from None
+    except RecursionError:    # Go's limit is deeper (10,000), its words the same
+        raise ToxiproxyError(400, 'bad request body: invalid character %r exceeded max '
+                                  'depth' % text[0]) from None
     if not isinstance(value, expected) and value is not None:
         raise ToxiproxyError(400, 'bad request body: json: cannot unmarshal %s into Go value '
                                   'of type %s' % (_go_kind(value), what))
@@ -4541,6 +4579,7 @@ class ToxiproxyHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
     server_version = 'Vaurien/' + __version__
     timeout = 25
     disable_nagle_algorithm = True
+    VERSIONLESS = 400    # as Go's server
 
     ROUTES = [
         (re.compile(r'/reset'), {'POST': 'reset'}),
