@@ -4121,15 +4121,13 @@ def test_a_stopped_proxy_cannot_be_driven_by_a_kept_alive_client(echo_backend):
         socket.create_connection(proxy.address, timeout=WAIT)
 
 
-def test_a_backend_name_that_cannot_be_resolved_fails_each_connection_cleanly(make_proxy,
-                                                                             caplog):
-    proxy = make_proxy(('a' * 64 + '.example', 80))      # a label over 63: UnicodeError
-    with caplog.at_level(logging.WARNING, logger='vaurien'):
-        for _ in range(3):
-            with connect(proxy.address) as sock:
-                assert outcome(sock)[0] in ('eof', 'rst')
-    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
-    assert caplog.text.count('unreachable') == 1       # one outage, one line
+def test_a_backend_name_that_can_never_be_resolved_is_refused_at_once(make_proxy, proxy):
+    never = 'a' * 64 + '.example'     # a label over 63 characters: no resolver takes it
+    with pytest.raises(vaurien.ConfigError, match='distant: a{64}.example is no host name'):
+        make_proxy((never, 80))
+    with pytest.raises(vaurien.ConfigError, match='is no host name'):
+        proxy.update(distant=(never, 80))
+    assert round_trip(proxy.address) == b'ping'
 
 
 def test_corrupting_every_byte_of_megabytes_holds_nobody_up(make_proxy, echo_backend, caplog):
@@ -6603,3 +6601,111 @@ def test_an_event_of_the_round_in_which_its_connection_ended_is_ignored(make_pro
     finally:
         first.close()
         second.close()
+
+
+# ---------------------------------------------------------------------------
+# A review of the Python API: forks, threads
+# ---------------------------------------------------------------------------
+
+def forked(child):
+    """Fork; the child runs `child()` (its answer, bytes, goes back through a pipe) and
+    lives until killed.  Returns (pid, a function that reads the answer)."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(writer, child())
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(writer)
+
+    def answer():
+        try:
+            return os.read(reader, 100)    # what the child wrote, at once
+        finally:
+            os.close(reader)
+    return pid, answer
+
+
+def reap(pid):
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork')
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')    # fork() with threads: 3.12
+def test_a_forked_child_keeps_none_of_the_proxys_sockets_nor_drives_it(make_proxy,
+                                                                        echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    live = connect(proxy.address)
+
+    def child():
+        try:
+            proxy.set_handler('delay')
+        except vaurien.VaurienError as exc:
+            return b'refused' if 'which forked this one' in str(exc) else b'wrong error'
+        return b'changed its copy'
+    try:
+        live.sendall(b'x')
+        assert read_exactly(live, 1) == b'x'
+        pid, answer = forked(child)
+        try:
+            assert answer() == b'refused'
+            proxy.disable()           # the child lives, and holds no copy of the listener:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(proxy.address, timeout=WAIT)
+            assert outcome(live)[0] in ('eof', 'rst')   # ... nor of the relayed sockets
+            proxy.enable()            # the port is free to listen on again
+            assert round_trip(proxy.address) == b'ping'
+        finally:
+            reap(pid)
+    finally:
+        live.close()
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork')
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')
+def test_a_client_used_before_a_fork_gets_its_own_answers_on_both_sides(proxy):
+    client = proxy.client()
+    client.get_handler()          # its keep-alive connection is open when the fork comes
+
+    def calls(call, key):
+        """What goes wrong in 150 calls: an answer that is another call's."""
+        for _ in range(150):
+            if key not in call():
+                return b'crossed'
+        return b'fine'
+    pid, answer = forked(lambda: calls(client.status, 'enabled'))
+    try:
+        assert calls(client.get_handler, 'handler') == b'fine'
+        assert answer() == b'fine'
+    finally:
+        reap(pid)
+
+
+@pytest.mark.parametrize('twice', ['start', 'stop'])
+def test_start_and_stop_from_two_threads_at_once(make_proxy, echo_backend, twice):
+    def controls():
+        return [thread for thread in threading.enumerate() if thread.name == 'vaurien-control']
+    before = set(controls())
+    for _ in range(5):
+        proxy = Proxy('%s:0' % LOOP, echo_backend.address, http=True, http_port=0)
+        failed = []
+
+        def run(method):
+            try:
+                method()
+            except Exception as exc:
+                failed.append(exc)
+        if twice == 'stop':
+            proxy.start()
+        threads = [threading.Thread(target=run, args=(getattr(proxy, twice),))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        proxy.stop()
+        assert not failed, failed
+        wait_for(lambda: set(controls()) <= before, what='no control API left serving')

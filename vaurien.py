@@ -103,6 +103,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 import _thread
 
 __version__ = '3.1.0'
@@ -1259,6 +1260,7 @@ class Pump:
     """
 
     ACCEPT_BATCH = 64    # connections accepted per readiness of a listener
+    forked = False       # True in a forked child, where no thread runs it
 
     def __init__(self):
         self.selector = selectors.DefaultSelector()
@@ -1286,6 +1288,8 @@ class Pump:
 
     def call_soon(self, function, *args):
         """Run ``function(*args)`` in the loop, after what was handed over before."""
+        if self.forked:
+            self.refuse_forked()
         self.ready.append((function, args))
         if not self._woken:
             self._woken = True
@@ -1374,6 +1378,10 @@ class Pump:
         self._spare = self._open_spare()
         return sock is not None
 
+    def refuse_forked(self):
+        raise VaurienError('this proxy runs in process %d, which forked this one: drive it '
+                           'from there, or through its control API (Client)' % self.pid)
+
     def restock(self):
         """Open the spare descriptor again if shedding used it up (call when some closed)."""
         if self._spare < 0:
@@ -1449,6 +1457,7 @@ def _ignore(*args):
 
 _pump = None
 _pump_lock = threading.Lock()
+_SERVERS = weakref.WeakSet()    # the Proxy, ControlServer and ToxiproxyServer objects made
 
 
 def shared_pump():
@@ -1458,6 +1467,29 @@ def shared_pump():
         if _pump is None or _pump.pid != os.getpid():
             _pump = Pump()
         return _pump
+
+
+def _after_fork_in_child():
+    """A forked child runs none of its parent's threads.  Its copies of the parent's
+    listening and relayed sockets are closed: while it held them, the parent's closes
+    sent nothing (a disabled proxy still took connections, a reset was no reset, a
+    port stayed taken).  The parent's proxies refuse to be driven from the child."""
+    global _pump_lock
+    _pump_lock = threading.Lock()    # another thread may have held it at the fork
+    if _pump is not None:
+        _pump.forked = True
+    for server in list(_SERVERS):
+        server.socket.close()
+        if isinstance(server, ToxiproxyServer):
+            server.serving = False    # no thread serves it here: stop() waits for none
+        for conn in list(getattr(server, '_connections', ())):
+            for side in conn.sides:
+                if side.sock is not None:
+                    side.sock.close()
+
+
+if hasattr(os, 'register_at_fork'):    # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Worker:
@@ -3042,7 +3074,9 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._resolving = []               # callbacks waiting for them
         self.address_family = _family(local)
         self.pump = shared_pump()
+        self._lifecycle = threading.RLock()   # start() and stop() from several threads
         super().__init__(local, None)
+        _SERVERS.add(self)
         try:
             self._check_not_itself()
             self.pump.call(self._listen)    # accepting from now on: no client waits
@@ -3075,16 +3109,19 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
         Started after stop(), the proxy listens again on the same address.
         """
-        if self._control_options and self.control_server is None:
-            try:
-                self.control_server = ControlServer(self, *self._control_options)
-            except BaseException:
-                self.stop()      # it relays since its creation: nothing is left behind
-                raise
-            threading.Thread(target=self.control_server.serve_forever, args=(0.05,),
-                             name='vaurien-control', daemon=True).start()
-        self._stopped.clear()
-        self.pump.call(self._start)
+        with self._lifecycle:
+            if self.pump.forked:
+                self.pump.refuse_forked()
+            if self._control_options and self.control_server is None:
+                try:
+                    self.control_server = ControlServer(self, *self._control_options)
+                except BaseException:
+                    self.stop()      # it relays since its creation: nothing is left behind
+                    raise
+                threading.Thread(target=self.control_server.serve_forever, args=(0.05,),
+                                 name='vaurien-control', daemon=True).start()
+            self._stopped.clear()
+            self.pump.call(self._start)
         return self
 
     def _start(self):
@@ -3096,19 +3133,22 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
         Waits up to `timeout` seconds in all for the connections to end.
         """
-        if self.control_server is not None:
-            with self.control_server.lock:
-                self.control_server.stopped = True     # its keep-alive callers too
-            self.control_server.shutdown()
-            self.control_server.server_close()
-            for other in list(self.control_server.proxies.values()):
-                if other is not self:          # made through the API, or named in a config
-                    other.stop(timeout)
-            self.control_server = None
-        self.disable()
-        with self._lock:
-            self._idle.wait_for(lambda: not self._connections, timeout)
-        self._stopped.set()
+        with self._lifecycle:
+            if self.pump.forked:    # its control API's thread is not here: no waiting on it
+                self.pump.refuse_forked()
+            if self.control_server is not None:
+                with self.control_server.lock:
+                    self.control_server.stopped = True     # its keep-alive callers too
+                self.control_server.shutdown()
+                self.control_server.server_close()
+                for other in list(self.control_server.proxies.values()):
+                    if other is not self:        # made through the API, or named in a config
+                        other.stop(timeout)
+                self.control_server = None
+            self.disable()
+            with self._lock:
+                self._idle.wait_for(lambda: not self._connections, timeout)
+            self._stopped.set()
 
     def __enter__(self):
         return self.start()
@@ -3698,6 +3738,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._listen()
 
     def _new_epoch(self):
+        if self.pump.forked:     # a change here would change nothing there
+            self.pump.refuse_forked()
         self.epoch = (self._accepted, time.monotonic())
 
 
@@ -3729,6 +3771,7 @@ class ControlServer(http.server.ThreadingHTTPServer):
             self.tokens.add(token.encode('latin-1'))
         self.address_family = _family((host, port))
         super().__init__((host, port), ControlHandler)
+        _SERVERS.add(self)
         if not self.socket.getsockname()[0].startswith(('127.', '::1')):
             log.warning('the control API listens on %s, beyond loopback: anyone who reaches '
                         'it can drive this proxy%s', format_address(self.server_address),
@@ -4410,6 +4453,7 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
         self.serving = False
         self.address_family = _family(address)
         super().__init__(address, ToxiproxyHandler)
+        _SERVERS.add(self)
 
     def server_bind(self):
         try:
@@ -4910,6 +4954,7 @@ class Client(_Driving):
         self.timeout, self.token = timeout, token
         self.name = None      # the named proxy it drives; None: the default one
         self._http = None
+        self._http_pid = None   # the process that opened it
 
     # -- named proxies ---------------------------------------------------------
 
@@ -5016,10 +5061,13 @@ class Client(_Driving):
                    'Content-Type': 'application/json'}
         if self.token:   # bytes: http.client would encode a str in Latin-1 only
             headers['Authorization'] = b'Bearer ' + self.token.encode('utf-8')
+        if self._http is not None and self._http_pid != os.getpid():
+            self.close()     # a fork's parent may use it too: the answers would cross
         for attempt in (1, 2):
             reused = self._http is not None
             if not reused:
                 self._http = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self._http_pid = os.getpid()
             try:
                 self._http.request(method, path, body, headers)
                 response = self._http.getresponse()
