@@ -5618,6 +5618,23 @@ def test_toxicity_is_drawn_per_connection_reproducibly_with_a_seed(make_proxy,
         assert round_trip(proxy.address) == b'E'
 
 
+@pytest.mark.parametrize('change', [{'sleep': 0}, {'sleep': 60}, {'toxicity': 1.0}])
+def test_a_changed_fault_lets_go_of_what_it_holds_as_toxiproxy(make_proxy, echo_backend,
+                                                                change):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('delay', sleep=60, direction='to_client')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'held')
+        assert outcome(sock, 0.3) == ('open', b'')      # the echo waits in the fault
+        proxy.update_fault('delay', **change)
+        assert read_exactly(sock, 4) == b'held'         # at once, whatever the change
+        sock.sendall(b'next')
+        if change.get('sleep') == 0:
+            assert read_exactly(sock, 4) == b'next'
+        else:                                           # what comes next: the settings
+            assert outcome(sock, 0.3) == ('open', b'')
+
+
 def test_a_timer_armed_by_a_fault_outlives_a_handler_switch(make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address)
     proxy.add_fault('timeout', timeout=0.3, direction='to_client')
@@ -5862,6 +5879,46 @@ def test_toxiproxy_proxies_disabled_updated_populated_and_reset(toxiproxy, echo_
     status, headers, text = toxiproxy('GET', '/metrics')
     assert status == 200 and headers['Content-Type'].startswith('text/plain; version=0.0.4')
     assert 'vaurien_connections_total{proxy="c"} ' in text
+
+
+def ipv6_listens():
+    try:
+        socket.create_server(('::', 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_listens(), reason='no IPv6 here')
+def test_toxiproxy_addresses_without_a_host_as_go_reads_them(toxiproxy, echo_backend):
+    made = json.loads(toxiproxy('POST', '/proxies', {
+        'name': 'any', 'listen': ':0', 'upstream': ':%d' % echo_backend.address[1]})[2])
+    host, port = vaurien.parse_address(made['listen'])      # every interface, as Toxiproxy
+    assert host == '::' and made['upstream'] == ':%d' % echo_backend.address[1]
+    assert round_trip((LOOP, port)) == b'ping'             # upstream: this machine
+
+
+@pytest.mark.parametrize('stream', ['upstream', 'downstream'])
+def test_toxiproxy_timeout_ends_the_connection_at_an_eof_it_swallows(toxiproxy, stream):
+    def serve(sock):        # answers, then closes at once (downstream) or on the client's EOF
+        sock.recv(100)
+        sock.sendall(b'answer')
+        if stream == 'upstream':
+            read_all(sock)
+    backend = Backend(serve)
+    try:
+        made = json.loads(toxiproxy('POST', '/proxies', {
+            'name': 't', 'listen': LOOP + ':0', 'upstream': '%s:%d' % backend.address})[2])
+        toxiproxy('POST', '/proxies/t/toxics', {'type': 'timeout', 'stream': stream,
+                                                'attributes': {'timeout': 60000}})
+        with connect(vaurien.parse_address(made['listen'])) as sock:
+            sock.sendall(b'request')
+            if stream == 'upstream':
+                sock.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            assert outcome(sock)[0] == 'eof' and time.monotonic() - started < WAIT
+    finally:
+        backend.close()
 
 
 def test_toxiproxy_toxics_act_on_the_wire_with_its_units(toxiproxy, echo_backend):

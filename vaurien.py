@@ -754,22 +754,23 @@ def timeout(source, dest, to_backend, name, settings, proxy):
     """Swallows data (and EOF) and closes the connection after `timeout` seconds.
 
     The clock starts when the connection opens (or when this handler first
-    sees it, if it was set while the connection was open).  The client's
-    EOF is held (a client that half-closed still waits, as it would for a
-    server that hangs), or closes the connection at once with client_eof
-    close (as Toxiproxy's timeout toxic does).
+    sees it, if it was set while the connection was open).  An EOF it
+    swallows is held (a client that half-closed still waits, as it would for
+    a server that hangs), or closes the connection at once with client_eof
+    or backend_eof close (as Toxiproxy's timeout toxic does).
 
     Settings:
       timeout (seconds >= 0, default 1): seconds until the close; 0 never closes.
       direction (to_backend|to_client|both, default both): the traffic swallowed.
       client_eof (hold|close, default hold): what the client's EOF does.
+      backend_eof (hold|close, default hold): what the backend's EOF does.
     """
     client, backend = (source, dest) if to_backend else (dest, source)
     _start_timeout(client, backend, name, settings, proxy)
     data = proxy.get_data(source)
     if not applies(settings['direction'], to_backend):
         return dest.sendall(data)
-    if to_backend and not data and settings['client_eof'] == 'close':
+    if not data and settings['client_eof' if to_backend else 'backend_eof'] == 'close':
         return False
     return HOLD_EOF
 
@@ -2000,13 +2001,17 @@ class Layer(_Dest):
         """Its fault was removed: pass on at once, in order, what it holds, and the EOF
         its handler held."""
         self.removed = True
+        self.let_go()
+        self.release_eof()
+
+    def let_go(self):
+        """Pass on at once, in order, what it holds (an EOF its handler held stays)."""
         self.last_due = 0.0
         for entry in self.queue:
             entry[:] = [0.0, entry[1]]     # unpaced too
         self._disarm()
         if self.queue:
             self._flush()
-        self.release_eof()
 
     def stop(self):
         """The connection ended: drop what it holds."""
@@ -2254,13 +2259,18 @@ class Connection:
             chain.insert(index, Layer(self, fault, to_backend, applied))
             self._link(chain)
 
-    def redraw(self, fault):
-        """`fault`'s toxicity changed: whether it applies is drawn again."""
-        applied = self._draw(fault)
+    def updated(self, fault, redraw):
+        """`fault` was changed: what its layers hold goes on at once, as a Toxiproxy
+        toxic lets go of what it holds when changed, and what comes next meets the new
+        settings.  With `redraw` (its toxicity changed), whether it applies is drawn
+        again."""
+        applied = self._draw(fault) if redraw else None
         for layer in self._layers_of(fault):
-            layer.applied = applied
-            if not applied:
-                layer.release_eof()     # passing from now on: the EOF it held too
+            layer.let_go()
+            if redraw:
+                layer.applied = applied
+                if not applied:
+                    layer.release_eof()     # passing from now on: the EOF it held too
 
     def _layers_of(self, fault, every=False):
         """The layers of `fault`, both ways (`every`: all the layers)."""
@@ -3645,9 +3655,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         draws = fault.draws
         fault.configure(settings, toxicity=toxicity)
         fault.epoch = (self._accepted, time.monotonic())   # set again: counted anew
-        if fault.draws != draws:
-            for conn in self._live():
-                conn.redraw(fault)
+        for conn in self._live():
+            conn.updated(fault, redraw=fault.draws != draws)
         return fault
 
     def remove_fault(self, name):
@@ -4341,7 +4350,8 @@ TOXICS = {
     'slow_close': ('slow_close', 'SlowCloseToxic', {'delay': 0}, 'int64', lambda a: {
         'delay': max(0, a['delay']) / 1000}),
     'timeout': ('timeout', 'TimeoutToxic', {'timeout': 0}, 'int64', lambda a: {
-        'timeout': max(0, a['timeout']) / 1000, 'client_eof': 'close'}),
+        'timeout': max(0, a['timeout']) / 1000, 'client_eof': 'close',
+        'backend_eof': 'close'}),
     'reset_peer': ('reset_peer', 'ResetToxic', {'timeout': 0}, 'int64', lambda a: {
         'timeout': max(0, a['timeout']) / 1000}),
     'slicer': ('slicer', 'SlicerToxic', {'average_size': 0, 'size_variation': 0, 'delay': 0},
@@ -4488,7 +4498,7 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
         if listen is None or proxy.enabled:
             listen = format_address(proxy.address)
             self.spelled[proxy] = (listen, upstream)
-        if upstream is None or parse_address(upstream, 'upstream') != proxy.distant:
+        if upstream is None or _go_address(upstream, 'upstream') != proxy.distant:
             upstream = format_address(proxy.distant)
         return {'name': proxy.name, 'listen': listen, 'upstream': upstream,
                 'enabled': proxy.enabled, 'Logger': {}, 'toxics': self.toxics(proxy)}
@@ -4516,8 +4526,8 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
     def create(self, name, listen, upstream, enabled, origin):
         """A new proxy (the caller holds the lock): ToxiproxyError 500 if it cannot listen."""
         try:
-            local = parse_address(listen or '127.0.0.1:0', 'listen')
-            proxy = Proxy(local, parse_address(upstream, 'upstream'), name=name,
+            local = _go_address(listen or '127.0.0.1:0', 'listen')
+            proxy = Proxy(local, _go_address(upstream, 'upstream'), name=name,
                           handlers=self.handlers, **self.options)
         except ConfigError as exc:
             raise ToxiproxyError(400, str(exc)) from None
@@ -4586,10 +4596,18 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
         proxy.stop()
 
 
+def _go_address(text, what):
+    """HOST:PORT as Go reads it: an empty host (":8474") is every interface to listen
+    on ("[::]", as Toxiproxy shows it), this machine to connect to."""
+    if text.startswith(':'):
+        text = ('[::]' if what == 'listen' else 'localhost') + text
+    return parse_address(text, what)
+
+
 def _resolved_listen(listen):
     """A listen address as Go's net.ResolveTCPAddr writes it: localhost:0 is 127.0.0.1:0."""
     try:
-        host, port = parse_address(listen, 'listen')
+        host, port = _go_address(listen, 'listen')
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (ConfigError, OSError, UnicodeError):
         return listen
@@ -4772,8 +4790,8 @@ class ToxiproxyHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
             key: current[key] for key in ('listen', 'upstream', 'enabled')})
         if (fields['listen'], fields['upstream']) != (current['listen'], current['upstream']):
             try:
-                local = parse_address(fields['listen'] or '127.0.0.1:0', 'listen')
-                distant = parse_address(fields['upstream'], 'upstream')
+                local = _go_address(fields['listen'] or '127.0.0.1:0', 'listen')
+                distant = _go_address(fields['upstream'], 'upstream')
                 proxy.disable()
                 proxy.update(local, distant)
             except ConfigError as exc:
