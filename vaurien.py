@@ -1930,8 +1930,26 @@ class Layer(_Dest):
                     item = _frozen(item)     # what sent it may change it meanwhile
                 return conn._run_for(None, self._relay, (item,), self.side, _held_size(item))
             return self._relay(item)
+        fault = self.fault
+        handler = fault.handler
+        if handler.builtin and conn.worker is None and item is not _EOF:
+            # The steady state, said quickly: _handle's and _call_as's work for a chunk
+            # and a built-in (untimed), without their two calls, a seventh of a fault's
+            # cost per chunk.
+            source = self.source
+            saved, source.data = source.data, item
+            calling, conn.calling = conn.calling, fault
+            try:
+                result = handler.undirected(source, self, self.to_backend, fault.name,
+                                            fault.settings, conn.proxy)
+            except Exception:
+                result = conn.failed(fault)
+            finally:
+                conn.calling, source.data = calling, saved
+            if result is False:
+                conn.close(fault)
+            return
         data = b'' if item is _EOF else item
-        handler = self.fault.handler
         if handler.blocking or conn.jobs:
             data = _frozen(data)     # what sent it may change it meanwhile
             return conn._run_for(handler, self._handle, (data,), self.side, _held_size(data))
@@ -1946,21 +1964,10 @@ class Layer(_Dest):
         conn, fault, source = self.connection, self.fault, self.source
         if conn.released:
             return
-        handler, saved, source.data = fault.handler, source.data, data
-        args = (source, self, self.to_backend, fault.name, fault.settings, conn.proxy)
+        saved, source.data = source.data, data
         try:
-            if handler.builtin and conn.worker is None:
-                # _call_as's work for a built-in in the pump (untimed), said without
-                # its call: that call was an eighth of a fault's cost per chunk
-                calling, conn.calling = conn.calling, fault
-                try:
-                    result = handler.undirected(*args)
-                except Exception:
-                    result = conn.failed(fault)
-                finally:
-                    conn.calling = calling
-            else:
-                result = conn._call_as(fault, handler.undirected, *args)
+            result = conn._call_as(fault, fault.handler.undirected, source, self, self.to_backend,
+                                   fault.name, fault.settings, conn.proxy)
         finally:
             source.data = saved
         if result is False:
