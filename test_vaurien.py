@@ -21,6 +21,7 @@ import os
 import random
 import re
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -5205,7 +5206,8 @@ def test_named_proxies_through_the_api(proxy, echo_backend):
     ('DELETE', '/proxy', None, 409, 'goes with its control API'),
     ('POST', '/proxies', '{"name": "x", "distant": "a:1", "colour": 1}', 400, "'colour'"),
     ('POST', '/proxies', '{"name": "x/y", "distant": "a:1"}', 400, 'without "/"'),
-    ('POST', '/proxies', '{"name": "x\\ud800", "distant": "a:1"}', 400, 'printable text'),
+    ('POST', '/proxies', '{"name": "x\\ud800", "distant": "a:1"}', 400, 'lone surrogate'),
+    ('POST', '/proxies', '{"name": "a\\nb", "distant": "a:1"}', 400, 'a control character'),
     ('PUT', '/handler', '{"name": "errors", "settings": {"message": "\\ud800"}}', 400,
      'message'),
     ('POST', '/proxies', '{"name": "default", "distant": "a:1"}', 409, 'exists already'),
@@ -5658,7 +5660,7 @@ def test_faults_through_the_api_and_the_client(proxy, echo_backend):
     assert api(address, 'PUT', '/faults', '{"handler": "delay"}')[0] == 201   # delay_2
     for method, path, body, status, text in [
             ('PUT', '/faults', {'handler': 'delay', 'name': 'delay'}, 409, 'exists already'),
-            ('PUT', '/faults', {'handler': 'delay', 'name': 'a\ud800'}, 400, 'printable'),
+            ('PUT', '/faults', {'handler': 'delay', 'name': 'a\ud800'}, 400, 'surrogate'),
             ('PUT', '/faults', {'handler': 'errors', 'settings': {'message': '\ud800'}}, 400,
              'no lone surrogate'),
             ('PUT', '/faults', {'handler': 'dela'}, 400, 'did you mean delay?'),
@@ -6678,8 +6680,10 @@ def forked(child):
     os.close(writer)
 
     def answer():
+        """What the child wrote, as soon as it did (b'' if it did not within WAIT)."""
         try:
-            return os.read(reader, 100)    # what the child wrote, at once
+            ready, _, _ = select.select([reader], [], [], WAIT)
+            return os.read(reader, 100) if ready else b''
         finally:
             os.close(reader)
     return pid, answer
@@ -6766,3 +6770,112 @@ def test_start_and_stop_from_two_threads_at_once(make_proxy, echo_backend, twice
         proxy.stop()
         assert not failed, failed
         wait_for(lambda: set(controls()) <= before, what='no control API left serving')
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork')
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')
+def test_a_forked_child_makes_its_own_proxy_whatever_lock_a_thread_held(echo_backend):
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():     # the pump records an event: a fork may come meanwhile
+        with vaurien.EVENTS.lock:
+            holding.set()
+            release.wait(WAIT)
+    threading.Thread(target=hold, daemon=True).start()
+    holding.wait(WAIT)
+
+    def child():
+        proxy = Proxy('%s:0' % LOOP, echo_backend.address)
+        proxy.set_behavior('100:normal')
+        relayed = round_trip(proxy.address) == b'ping'
+        proxy.stop()
+        return b'served' if relayed else b'not relayed'
+    try:
+        pid, answer = forked(child)
+        try:
+            assert answer() == b'served'
+        finally:
+            reap(pid)
+    finally:
+        release.set()
+
+
+def test_a_handler_may_stop_its_proxy_while_a_test_stops_it_too(make_proxy, echo_backend):
+    entered = threading.Event()
+
+    @vaurien.traits(blocking=False)
+    def stopper(source, dest, to_backend, name, settings, proxy):
+        entered.set()
+        time.sleep(0.2)    # meanwhile the teardown's stop() begins
+        proxy.stop()
+    proxy = make_proxy(echo_backend.address, behavior='100:stopper',
+                       handlers={'stopper': stopper})
+    with connect(proxy.address) as sock:
+        sock.sendall(b'x')
+        assert entered.wait(WAIT)
+        teardown = threading.Thread(target=proxy.stop, daemon=True)
+        teardown.start()
+        teardown.join(WAIT)
+        assert not teardown.is_alive()
+    proxy.pump.call(lambda: None)     # the pump goes on
+
+
+def test_a_dest_kept_beyond_its_connection_does_nothing_through_a_fault(make_proxy,
+                                                                         echo_backend, caplog):
+    kept = []
+
+    @vaurien.traits(blocking=False)
+    def keeper(source, dest, to_backend, name, settings, proxy):
+        kept.append(dest)
+        dest.sendall(proxy.get_data(source))
+    proxy = make_proxy(echo_backend.address, behavior='100:keeper',
+                       handlers={'keeper': keeper})
+    proxy.add_fault('limit_data', bytes=100000, direction='both')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'x')
+        assert read_exactly(sock, 1) == b'x'
+        proxy.disable()          # ended at once, not closing first
+    wait_for(lambda: proxy.connection_count == 0, what='the connection to end')
+    with caplog.at_level(logging.WARNING, logger='vaurien'):
+        for dest in kept:
+            dest.sendall(b'late')
+        proxy.pump.call(lambda: None)     # after what was handed over
+    assert not caplog.records, caplog.text
+
+
+def test_a_changed_slow_close_keeps_its_close_waiting(make_proxy):
+    def serve(sock):
+        sock.sendall(b'bye')     # and closes
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('slow_close', delay=60)
+        with connect(proxy.address) as sock:
+            assert read_exactly(sock, 3) == b'bye'
+            proxy.update_fault('slow_close', delay=30)      # data goes at once; a close no
+            assert outcome(sock, 0.5) == ('open', b'')
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize('stream', ['upstream', 'downstream'])
+def test_a_timeout_that_closes_on_an_eof_sends_it_at_once(make_proxy, monkeypatch, stream):
+    monkeypatch.setattr(vaurien, 'LINGER', 60)     # no end comes from the linger time
+    ended = []
+
+    def serve(sock):        # closes at once (downstream), or says when the client's EOF came
+        if stream == 'upstream':
+            ended.append(outcome(sock)[0])
+    backend = Backend(serve)
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('timeout', timeout=60, client_eof='close', backend_eof='close',
+                        direction='to_backend' if stream == 'upstream' else 'to_client')
+        with connect(proxy.address) as sock:
+            if stream == 'upstream':
+                sock.shutdown(socket.SHUT_WR)
+                wait_for(lambda: ended, what='the backend to see the EOF')
+                assert ended == ['eof']
+            assert outcome(sock)[0] == 'eof'
+    finally:
+        backend.close()

@@ -102,6 +102,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import weakref
 import _thread
@@ -328,13 +329,14 @@ def _settings_text(settings):
     return ', '.join('%s=%s' % item for item in settings.items()) or 'no settings'
 
 
-_GOOD_NAME = 'printable text without "/"'
+_GOOD_NAME = 'text without "/", a control character, a line break or a lone surrogate'
 
 
 def _good_name(name):
-    """Whether `name` may name a fault or a proxy: it goes in URLs, logs and metrics
-    (no "/", no control character or lone surrogate, nothing UTF-8 cannot encode)."""
-    return isinstance(name, str) and name.isprintable() and '/' not in name and name != ''
+    """Whether `name` may name a fault or a proxy: it goes in URLs, log lines and
+    metrics, in UTF-8 (a format character, as an emoji's joiner, is fine)."""
+    return isinstance(name, str) and name != '' and '/' not in name and not any(
+        unicodedata.category(char) in ('Cc', 'Cs', 'Zl', 'Zp') for char in name)
 
 
 def shown(value):
@@ -1299,6 +1301,8 @@ class Pump:
 
     def call(self, function, *args):
         """Run ``function(*args)`` in the loop; return its result or raise its exception."""
+        if self.forked:     # forked by a handler, say: this thread is no loop's here
+            self.refuse_forked()
         if self.in_loop():
             return function(*args)
         done, outcome = threading.Event(), []
@@ -1476,7 +1480,8 @@ def _after_fork_in_child():
     sent nothing (a disabled proxy still took connections, a reset was no reset, a
     port stayed taken).  The parent's proxies refuse to be driven from the child."""
     global _pump_lock
-    _pump_lock = threading.Lock()    # another thread may have held it at the fork
+    _pump_lock = threading.Lock()    # other threads may have held these at the fork
+    EVENTS.lock = threading.Lock()
     if _pump is not None:
         _pump.forked = True
     for server in list(_SERVERS):
@@ -1933,6 +1938,8 @@ class Layer(_Dest):
         fault = self.fault
         handler = fault.handler
         if handler.builtin and conn.worker is None and item is not _EOF:
+            if conn.released:    # a dest kept beyond its connection's end
+                return
             # The steady state, said quickly: _handle's and _call_as's work for a chunk
             # and a built-in (untimed), without their two calls, a seventh of a fault's
             # cost per chunk.
@@ -1970,9 +1977,9 @@ class Layer(_Dest):
                                    fault.name, fault.settings, conn.proxy)
         finally:
             source.data = saved
-        if result is False:
+        if result is False:    # an EOF goes on, past the layers that have passed it
             conn.close(fault)
-        elif not data:
+        if not data:
             if isinstance(result, str) and result == HOLD_EOF:
                 conn._in_loop(self._hold_eof)
             else:
@@ -2008,14 +2015,16 @@ class Layer(_Dest):
         """Its fault was removed: pass on at once, in order, what it holds, and the EOF
         its handler held."""
         self.removed = True
-        self.let_go()
+        self.let_go(ends=True)
         self.release_eof()
 
-    def let_go(self):
-        """Pass on at once, in order, what it holds (an EOF its handler held stays)."""
-        self.last_due = 0.0
+    def let_go(self, ends=False):
+        """Pass on at once, in order, the data it holds; with `ends`, the EOF or reset
+        queued after it too, else they keep their time (a slow_close's close)."""
         for entry in self.queue:
-            entry[:] = [0.0, entry[1]]     # unpaced too
+            if ends or _size(entry[1]):
+                entry[:] = [0.0, entry[1]]     # unpaced too
+        self.last_due = self.queue[-1][0] if self.queue else 0.0
         self._disarm()
         if self.queue:
             self._flush()
@@ -3091,7 +3100,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._resolving = []               # callbacks waiting for them
         self.address_family = _family(local)
         self.pump = shared_pump()
-        self._lifecycle = threading.RLock()   # start() and stop() from several threads
+        self._lifecycle = threading.Lock()   # of control_server: start(), stop() at once
         super().__init__(local, None)
         _SERVERS.add(self)
         try:
@@ -3126,20 +3135,25 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
         Started after stop(), the proxy listens again on the same address.
         """
+        if self.pump.forked:
+            self.pump.refuse_forked()
+        try:
+            self._serve_control()
+        except BaseException:
+            self.stop()      # it relays since its creation: nothing is left behind
+            raise
+        self._stopped.clear()
+        self.pump.call(self._start)
+        return self
+
+    def _serve_control(self):
+        """Start the control API, if asked and not yet started (once, whatever the
+        threads calling start() at once)."""
         with self._lifecycle:
-            if self.pump.forked:
-                self.pump.refuse_forked()
             if self._control_options and self.control_server is None:
-                try:
-                    self.control_server = ControlServer(self, *self._control_options)
-                except BaseException:
-                    self.stop()      # it relays since its creation: nothing is left behind
-                    raise
+                self.control_server = ControlServer(self, *self._control_options)
                 threading.Thread(target=self.control_server.serve_forever, args=(0.05,),
                                  name='vaurien-control', daemon=True).start()
-            self._stopped.clear()
-            self.pump.call(self._start)
-        return self
 
     def _start(self):
         if self._refusal is None:    # a refusal in course reopens the listener itself
@@ -3150,22 +3164,22 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
         Waits up to `timeout` seconds in all for the connections to end.
         """
-        with self._lifecycle:
-            if self.pump.forked:    # its control API's thread is not here: no waiting on it
-                self.pump.refuse_forked()
-            if self.control_server is not None:
-                with self.control_server.lock:
-                    self.control_server.stopped = True     # its keep-alive callers too
-                self.control_server.shutdown()
-                self.control_server.server_close()
-                for other in list(self.control_server.proxies.values()):
-                    if other is not self:        # made through the API, or named in a config
-                        other.stop(timeout)
-                self.control_server = None
-            self.disable()
-            with self._lock:
-                self._idle.wait_for(lambda: not self._connections, timeout)
-            self._stopped.set()
+        if self.pump.forked:    # its control API's thread is not here: no waiting on it
+            self.pump.refuse_forked()
+        with self._lifecycle:    # one thread ends the control API, whatever the others do
+            server, self.control_server = self.control_server, None
+        if server is not None:
+            with server.lock:
+                server.stopped = True     # its keep-alive callers too
+            server.shutdown()
+            server.server_close()
+            for other in list(server.proxies.values()):
+                if other is not self:        # made through the API, or named in a config
+                    other.stop(timeout)
+        self.disable()
+        with self._lock:
+            self._idle.wait_for(lambda: not self._connections, timeout)
+        self._stopped.set()
 
     def __enter__(self):
         return self.start()
@@ -3870,15 +3884,21 @@ class _OneSend:
     VERSIONLESS = 505    # the status of a request line without an HTTP version
 
     def parse_request(self):
-        """Refuse a request line without an HTTP version ("GET /path", HTTP/0.9, which
-        http.server would answer bare, without a status line)."""
-        if not super().parse_request():
-            return False
-        if self.request_version != 'HTTP/0.9':
-            return True
-        self.request_version, self.close_connection = 'HTTP/1.1', True   # a status line
+        """Refuse a request line without an HTTP version ("GET /path", HTTP/0.9) at once:
+        http.server would wait for headers an HTTP/0.9 client never sends."""
+        self.requestline = str(self.raw_requestline, 'iso-8859-1').rstrip('\r\n')
+        if len(self.requestline.split()) != 2:
+            return super().parse_request()
+        self.command = None
         self.send_error(self.VERSIONLESS, 'a request line needs an HTTP version (HTTP/1.1)')
         return False
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, 414, 431, 501, 505), in the
+        API's own form (`refuse`), and always with a status line: http.server leaves
+        none for a request line it could not read (its version is still HTTP/0.9)."""
+        self.request_version, self.close_connection = 'HTTP/1.1', True
+        self.refuse(code, message or http.client.responses.get(code, 'error'))
 
     def handle_expect_100(self):
         answered = super().handle_expect_100()
@@ -3929,11 +3949,9 @@ class ControlHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
     def do_OPTIONS(self):
         self.serve('OPTIONS')
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a bad request line, 414, 431, 501, 505) in JSON."""
-        self.request_version = 'HTTP/1.1'   # still 0.9 for a bad version: no status line
-        self.reply(code, {'error': message or http.client.responses.get(code, 'error'),
-                          'status': code})
+    def refuse(self, code, message):
+        """http.server's own refusals, in JSON."""
+        self.reply(code, {'error': message, 'status': code})
 
     def serve(self, method):
         try:
@@ -4606,7 +4624,7 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
 def _go_address(text, what):
     """HOST:PORT as Go reads it: an empty host (":8474") is every interface to listen
     on ("[::]", as Toxiproxy shows it), this machine to connect to."""
-    if text.startswith(':'):
+    if text.startswith(':') and ':' not in text[1:]:
         text = ('[::]' if what == 'listen' else 'localhost') + text
     return parse_address(text, what)
 
@@ -4735,6 +4753,11 @@ class ToxiproxyHandler(_OneSend, _Deadline, http.server.BaseHTTPRequestHandler):
         """An error as Toxiproxy's: its JSON, as text/plain, with a newline."""
         error = _go_json({'error': message, 'status': status}) + '\n'
         self.send(status, error.encode(), 'text/plain; charset=utf-8', nosniff=True)
+
+    def refuse(self, code, message):
+        """http.server's own refusals, in Go's words: "400 Bad Request", as text."""
+        self.send(code, ('%d %s' % (code, http.client.responses.get(code, 'Error'))).encode(),
+                  'text/plain; charset=utf-8')
 
     def send(self, status, body, content_type, nosniff=False):
         self.send_response(status)
