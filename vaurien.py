@@ -1384,6 +1384,7 @@ class Pump:
         return sock is not None
 
     def refuse_forked(self):
+        """Raise: in a forked child, no thread runs this pump."""
         raise VaurienError('this proxy runs in process %d, which forked this one: drive it '
                            'from there, or through its control API (Client)' % self.pid)
 
@@ -2276,10 +2277,10 @@ class Connection:
             self._link(chain)
 
     def updated(self, fault, redraw):
-        """`fault` was changed: what its layers hold goes on at once, as a Toxiproxy
-        toxic lets go of what it holds when changed, and what comes next meets the new
-        settings.  With `redraw` (its toxicity changed), whether it applies is drawn
-        again."""
+        """`fault` was changed: the data its layers hold goes on at once (as a Toxiproxy
+        toxic, changed, lets go of the chunk in hand; a close they delay keeps its time),
+        and what comes next meets the new settings.  With `redraw` (its toxicity
+        changed), whether it applies is drawn again."""
         applied = self._draw(fault) if redraw else None
         for layer in self._layers_of(fault):
             layer.let_go()
@@ -3878,7 +3879,8 @@ class _Deadline:
 class _OneSend:
     """A BaseHTTPRequestHandler mixin: an answer's head and body leave in one send (the
     output is buffered, and http.server flushes it after each request); an interim
-    "100 Continue" leaves at once, for the client that waits for it to send its body."""
+    "100 Continue" leaves at once, for the client that waits for it to send its body.
+    http.server's own refusals have a status line, in the subclass's form (`refuse`)."""
 
     wbufsize = -1
     VERSIONLESS = 505    # the status of a request line without an HTTP version
