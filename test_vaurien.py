@@ -6879,3 +6879,24 @@ def test_a_timeout_that_closes_on_an_eof_sends_it_at_once(make_proxy, monkeypatc
             assert outcome(sock)[0] == 'eof'
     finally:
         backend.close()
+
+
+def test_a_timeout_fault_laid_on_an_idle_connection_closes_it_in_its_time(make_proxy,
+                                                                          echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    with connect(proxy.address) as pooled:      # idle, as a pool's connection is
+        pooled.sendall(b'x')
+        assert read_exactly(pooled, 1) == b'x'
+        started = time.monotonic()
+        proxy.add_fault('timeout', timeout=0.3)           # as Toxiproxy: the clock starts now
+        assert outcome(pooled)[0] == 'eof' and time.monotonic() - started >= 0.3
+
+
+def test_a_changed_timeout_starts_a_new_clock(make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('timeout', timeout=0.3)
+    with connect(proxy.address) as sock:
+        proxy.update_fault('timeout', timeout=60)         # the 0.3 s clock no longer counts
+        assert outcome(sock, 1.0) == ('open', b'')
+        proxy.update_fault('timeout', timeout=0.2)
+        assert outcome(sock)[0] == 'eof'

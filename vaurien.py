@@ -381,7 +381,8 @@ def directional(func):
 # Handlers
 # ---------------------------------------------------------------------------
 
-def traits(backend=True, on_connect=None, on_close=None, check=None, blocking=True):
+def traits(backend=True, on_connect=None, on_close=None, check=None, blocking=True,
+           on_live=None):
     """Decorate a handler with how connections that open under it start, and where it runs.
 
     backend: when False, the proxy does not connect to the backend for a
@@ -393,6 +394,9 @@ def traits(backend=True, on_connect=None, on_close=None, check=None, blocking=Tr
       it may answer (a greeting) and returns False to end the connection.
     on_close: ``on_close(connection, name, proxy)`` is called once when a
       connection this handler was called for ends, however it ends.
+    on_live: ``on_live(client, backend, name, settings, proxy)`` is called
+      when this handler, as a fault, is laid on a connection already open,
+      or changed while it is (timeout's clock starts then, as Toxiproxy's).
     check: ``check(settings)`` raises ValueError when settings that are each
       valid do not go together; called whenever the settings are set.
     blocking: False promises that the handler and its hooks never wait (no
@@ -406,6 +410,7 @@ def traits(backend=True, on_connect=None, on_close=None, check=None, blocking=Tr
         func.backend = backend
         func.on_connect = on_connect
         func.on_close = on_close
+        func.on_live = on_live
         func.check = check
         return func
     return mark
@@ -743,20 +748,27 @@ def slow_close(source, dest, to_backend, name, settings, proxy):
 
 
 def _start_timeout(client, backend, name, settings, proxy):
-    """Arm the connection's timeout once, whichever handler event comes first."""
+    """Arm the connection's timeout once, whichever handler event comes first; set
+    again (a new epoch), a new clock replaces the one running."""
     conn = client.connection
-    state = conn.state((name, conn.epoch))   # set again later: a new clock
+    epoch = conn.epoch
+    state = conn.state((name, epoch))
     if not state and settings['timeout'] > 0:
         state['armed'] = True
-        conn.call_later(settings['timeout'], conn.close)
+
+        def expire():
+            if conn.epoch == epoch:
+                conn.close()
+        conn.call_later(settings['timeout'], expire)
 
 
-@traits(on_connect=_start_timeout)
+@traits(on_connect=_start_timeout, on_live=_start_timeout)
 def timeout(source, dest, to_backend, name, settings, proxy):
     """Swallows data (and EOF) and closes the connection after `timeout` seconds.
 
-    The clock starts when the connection opens (or when this handler first
-    sees it, if it was set while the connection was open).  An EOF it
+    The clock starts when the connection opens; as a fault laid or changed
+    while the connection is open, then; as a handler set while it is open,
+    when the handler first sees it.  An EOF it
     swallows is held (a client that half-closed still waits, as it would for
     a server that hangs), or closes the connection at once with client_eof
     or backend_eof close (as Toxiproxy's timeout toxic does).
@@ -973,6 +985,7 @@ class Handler:
         self.backend = getattr(func, 'backend', True)
         self.on_connect = getattr(func, 'on_connect', None)
         self.on_close = getattr(func, 'on_close', None)
+        self.on_live = getattr(func, 'on_live', None)
         self.check = getattr(func, 'check', None)
         self.blocking = getattr(func, 'blocking', True)
         self.builtin = id(self.undirected) in _NEVER_SLOW   # its calls are not timed
@@ -2288,6 +2301,17 @@ class Connection:
                 layer.applied = applied
                 if not applied:
                     layer.release_eof()     # passing from now on: the EOF it held too
+        self.met_live(fault)
+
+    def met_live(self, fault):
+        """`fault` was laid on, or changed on, this open connection: its on_live hook,
+        if it has one and applies here."""
+        hook = fault.handler.on_live
+        if hook is None or self.closing_at is not None or self.released or not any(
+                layer.applied for layer in self._layers_of(fault)):
+            return
+        self._run_for(fault.handler, self._call_as, (
+            fault, hook, self.client, self.backend, fault.name, fault.settings, self.proxy))
 
     def _layers_of(self, fault, every=False):
         """The layers of `fault`, both ways (`every`: all the layers)."""
@@ -3655,6 +3679,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.fault_stack.insert(len(self.fault_stack) if index is None else index, fault)
         for conn in self._live():
             conn.add_fault(fault)
+            conn.met_live(fault)
 
     def update_fault(self, name, /, toxicity=None, **settings):
         """Change fault `name`'s settings (merged with its own) or toxicity, for new and
