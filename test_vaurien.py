@@ -6001,7 +6001,8 @@ def test_vaurien_toxiproxy_mode_starts_empty_or_from_a_config(tmp_path, echo_bac
     config = write(tmp_path, 'proxies.json', json.dumps([
         {'name': 'web', 'upstream': '%s:%d' % echo_backend.address, 'listen': LOOP + ':0'}]))
     process = subprocess.Popen([sys.executable, VAURIEN, 'toxiproxy', '-host', LOOP,
-                                '-port', '0', '-config', str(config)],
+                                '-port', '0', '-config', str(config), '-seed', '7',
+                                '-proxy-metrics', '-runtime-metrics'],   # its flags, all
                                stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -6024,6 +6025,10 @@ def test_vaurien_toxiproxy_mode_starts_empty_or_from_a_config(tmp_path, echo_bac
             process.kill()
         process.wait(WAIT)
         process.stderr.close()
+    for flag in ('-version', '-help'):
+        result = run_cli('toxiproxy', flag)
+        assert result.returncode == 0 and ('2.12.0' in result.stdout if flag == '-version'
+                                           else '-seed SEED' in result.stdout)
     bad = write(tmp_path, 'bad.json', '[{"name": "web"}]')
     result = run_cli('toxiproxy', '-port', '0', '-config', str(bad))
     assert result.returncode == 2 and result.stderr.strip() == (

@@ -4521,7 +4521,8 @@ class ToxiproxyServer(http.server.ThreadingHTTPServer):
         try:
             super().server_bind()
         except OSError as exc:
-            raise listen_error(exc, self.server_address, '--toxiproxy-api PORT') from None
+            raise listen_error(exc, self.server_address,
+                               '-port 0 (vaurien toxiproxy) or --toxiproxy-api HOST:0') from None
 
     def start(self):
         """Serve in a thread; returns self."""
@@ -5776,7 +5777,14 @@ def toxiproxy_main(argv):
     toxiproxy-server starts; its flags (-host, -port, -config) are toxiproxy-server's."""
     parser = argparse.ArgumentParser(
         prog='vaurien toxiproxy', description="Serve Toxiproxy's HTTP API: its clients "
-        'create proxies and toxics, which Vaurien relays and applies.')
+        'create proxies and toxics, which Vaurien relays and applies.', add_help=False)
+    parser.add_argument('-h', '-help', '--help', action='help',
+                        help='show this help message and exit.')
+    parser.add_argument('-version', '--version', action='version', version='vaurien %s, '
+                        "Toxiproxy's API %s" % (__version__, TOXIPROXY_VERSION))
+    for flag in ('-proxy-metrics', '-runtime-metrics'):
+        parser.add_argument(flag, action='store_true', help='accepted, as toxiproxy-server '
+                            "takes it; /metrics always serves Vaurien's metrics.")
     parser.add_argument('-host', '--host', default='localhost',
                         help='host of the API (default: localhost).')
     parser.add_argument('-port', '--port', default='8474', help='port of the API (default: '
@@ -5786,7 +5794,10 @@ def toxiproxy_main(argv):
                         '/populate take.')
     for name in ('seed', 'connect_timeout', 'max_connections', 'log_level', 'log_output'):
         setting = OPTIONS[name]
-        parser.add_argument('--' + name.replace('_', '-'), metavar=name.upper(),
+        flags = ['--' + name.replace('_', '-')]
+        if name == 'seed':
+            flags.insert(0, '-seed')     # toxiproxy-server's
+        parser.add_argument(*flags, metavar=name.upper(),
                             default=setting.default, help='%s (default: %s)' % (
                                 setting.help, 'none' if setting.default is None
                                 else setting.default))
