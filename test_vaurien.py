@@ -1783,6 +1783,104 @@ def test_switching_between_blocking_and_loop_handlers_keeps_every_number_in_orde
         ('sleepy', {}), ('delay', {'sleep': 0.001, 'direction': 'to_client'})])
 
 
+@vaurien.traits(blocking=False)
+def upper(source, dest, to_backend, name, settings, proxy):
+    dest.sendall(proxy.get_data(source).upper())
+
+
+def test_a_fault_laid_on_a_steady_connection_meets_its_next_chunk(make_proxy, echo_backend):
+    """Once steady, a connection under `normal` without fault is relayed the quick way
+    (`Connection._relay`): a fault laid then meets its next chunk all the same."""
+    proxy = make_proxy(echo_backend.address, handlers={'upper': upper})
+    with connect(proxy.address) as sock:
+        for _ in range(3):
+            sock.sendall(b'steady')
+            assert read_exactly(sock, 6) == b'steady'
+        proxy.add_fault('upper', direction='to_backend')
+        sock.sendall(b'faulty')
+        assert read_exactly(sock, 6) == b'FAULTY'
+
+
+def test_a_proxy_disabled_by_a_handler_drops_the_events_the_pump_holds_for_it(
+        make_proxy, echo_backend, caplog):
+    """A handler disables another proxy while the pump holds an event of one of its
+    steady connections, read the quick way (`Connection._read_quickly`): the event
+    goes with the connection, and nothing fails."""
+    stalled = threading.Event()
+
+    @vaurien.traits(blocking=False)
+    def stall(source, dest, to_backend, name, settings, proxy):
+        stalled.set()
+        time.sleep(0.5)       # what comes meanwhile is read in the pump's next round
+        dest.sendall(proxy.get_data(source))
+
+    @vaurien.traits(blocking=False)
+    def switch(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data == b'off':
+            relayed.disable()
+        dest.sendall(data)
+    relayed = make_proxy(echo_backend.address)
+    switching = make_proxy(echo_backend.address, handlers={'switch': switch},
+                           behavior='100:switch')
+    staller = make_proxy(echo_backend.address, handlers={'stall': stall},
+                         behavior='100:stall')
+    with caplog.at_level(logging.ERROR, logger='vaurien'), connect(relayed.address) as steady, \
+            connect(switching.address) as switcher, connect(staller.address) as holder:
+        for sock, data in ((steady, b'steady'), (steady, b'steady'), (switcher, b'warm')):
+            sock.sendall(data)
+            assert read_exactly(sock, len(data)) == data
+        holder.sendall(b'z')
+        assert stalled.wait(WAIT)
+        switcher.sendall(b'off')   # read first, in the round after the stall...
+        steady.sendall(b'late')    # ... then this, of a connection ended meanwhile
+        assert read_exactly(switcher, 3) == b'off'
+        assert outcome(steady)[0] != 'open'
+        assert read_exactly(holder, 1) == b'z'
+        assert round_trip(switching.address, b'still') == b'still'
+    assert not caplog.records
+
+
+def test_chunks_read_after_a_switch_to_normal_follow_those_the_worker_holds(make_proxy,
+                                                                           echo_backend):
+    """Switched from a blocking handler to normal while its worker holds a chunk, a
+    connection sends what it reads next after that chunk, however many chunks
+    come meanwhile (none is read the quick way while the worker has calls)."""
+    gate = threading.Event()
+    proxy = make_proxy(echo_backend.address, handlers=gate_registry(gate),
+                       behavior='100:gated')
+    with connect(proxy.address) as sock:
+        try:
+            sock.sendall(b'1')
+            wait_for(lambda: proxy._live() and proxy._live()[0].jobs, what='1 in the worker')
+            conn, = proxy._live()
+            proxy.set_handler('normal')
+            for number, data in enumerate((b'2', b'3'), 2):
+                sock.sendall(data)
+                wait_for(lambda: conn.jobs >= number or conn.client.delivered,
+                         what='%s behind 1' % data)
+        finally:
+            gate.set()
+        assert read_exactly(sock, 3) == b'123'
+
+
+def test_a_closing_connection_drains_a_client_that_keeps_talking(make_proxy, echo_backend):
+    """Closed by a fault, a connection reads on while the client keeps sending (at most
+    MAX_DRAIN seconds), and ends LINGER seconds after it stops: a client still
+    sending after the EOF is not reset, which could cost it the answer."""
+    proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('limit_data', bytes=5)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'hello')
+        assert read_exactly(sock, 5) == b'hello'
+        end = time.monotonic() + 2.5 * vaurien.LINGER
+        while time.monotonic() < end:
+            sock.sendall(b'more')      # never reset: drained
+            time.sleep(vaurien.LINGER / 20)
+        sock.shutdown(socket.SHUT_WR)
+        assert outcome(sock) == ('eof', b'')
+
+
 @pytest.mark.parametrize('called_as', ['handler', 'fault', 'on_connect'])
 def test_a_handler_that_holds_the_pump_up_is_logged_once(make_proxy, echo_backend, caplog,
                                                          called_as):

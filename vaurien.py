@@ -52,6 +52,9 @@ How it is built (each role is a class or a function below, in this order):
   one call at a time; its writes come back to the pump in order, so a sleep
   holds that connection only.  Out of descriptors, the pump resets the
   excess connections at once (a spare descriptor lets it accept them).
+  A steady connection under ``normal`` is read the quick way: its sockets'
+  selector callback reads a chunk and hands it to the other side at once,
+  until a handler is set or the connection is touched (see ``settle``).
 - ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose listener the pump
   watches; it accepts through ``get_request``, ``verify_request`` and
   ``process_request``, which draws the handler and opens a ``Connection``.
@@ -1603,7 +1606,8 @@ class Side(_Dest):
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'delivered', 'staged', 'held', 'inlet', 'pump')
+                 'events', 'on_event', 'read_quickly', 'callback', 'delivered', 'staged',
+                 'held', 'inlet', 'pump')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1624,6 +1628,8 @@ class Side(_Dest):
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
         self.events = 0           # what the selector watches this socket for
         self.on_event = functools.partial(connection.on_event, self)
+        self.read_quickly = None  # connection._read_quickly for this side, once needed
+        self.callback = None      # what the selector calls: on_event, or read_quickly
         self.delivered = 0        # bytes sent to this socket
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
         self.held = 0             # ... and in calls handed to the worker
@@ -2061,7 +2067,7 @@ class Connection:
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
                  'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs',
                  'first', 'connect_timer', 'ending', 'chains', 'calling', 'applied_faults',
-                 'timers', 'call_time')
+                 'timers', 'call_time', 'settled')
 
     def __init__(self, proxy, sock, address, index, drawn):
         self.proxy = proxy
@@ -2093,6 +2099,7 @@ class Connection:
         self.applied_faults = ()  # the faults that applied to it
         self.timers = None        # {key: timer} of call_later, cancelled at its end
         self.call_time = 0.0      # seconds the pump spent in its handlers' calls
+        self.settled = None       # the proxy's epoch when it was last settled
 
     # -- what handlers use ------------------------------------------------------
 
@@ -2424,8 +2431,9 @@ class Connection:
 
     # -- events -----------------------------------------------------------------
 
-    def on_event(self, side, mask):
-        """The selector's call: `side`'s socket is readable or writable.
+    def on_event(self, side, mask, data=None):
+        """The selector's call: `side`'s socket is readable or writable (`data`: what
+        `_read_quickly` read from it, for the general way).
 
         A chunk read and relayed at once changes nothing the selector
         watches: the connection is settled only after other events (what
@@ -2437,7 +2445,7 @@ class Connection:
             if side.connecting:
                 self._connected(side)
             elif mask == selectors.EVENT_READ:
-                if not self._read(side):
+                if not self._read(side, data):
                     return
             else:
                 if mask & selectors.EVENT_WRITE and side.events & selectors.EVENT_WRITE:
@@ -2449,14 +2457,45 @@ class Connection:
             self._release()
         self.pump.dirty.add(self)
 
-    def _read(self, side):
-        """Read a chunk and hand it over; True when the connection must be settled."""
+    def _read_quickly(self, side, mask):
+        """The selector's call for a side read the quick way (see `_reads_quickly`):
+        what `_read` and `_dispatch` do with a chunk of a steady connection under
+        `normal`, in the fewest steps.  An end, a full chunk, a handler set since the
+        connection was settled, or anything touching it in this round (a fault
+        closing it, say), take the general way."""
+        if self.settled is not self.proxy.epoch or self in self.pump.dirty:
+            self.pump.dirty.add(self)     # settled anew at the end of the round
+            return self.on_event(side, mask)
         try:
-            data = side.sock.recv(side.chunk)
+            data = side.sock.recv(CHUNK)
         except (BlockingIOError, InterruptedError):
-            return False
+            return
         except OSError:
-            return self.lost(side) or True
+            self.lost(side)
+            return self.pump.dirty.add(self)
+        if data and len(data) < CHUNK:
+            return side.peer.inlet.sendall(data)
+        self.on_event(side, mask, data)
+
+    def _reads_quickly(self, side):
+        """Whether `side` may be read the quick way: its connection is steady (its
+        protocol known, not closing, no call in the worker), reads are of the first
+        size and `normal` is in force.  Faults and a full peer are fine: its chunks
+        go to its peer's inlet, as `_dispatch` sends them."""
+        return (self.closing_at is None and self.first is not None and not self.jobs
+                and side.chunk == CHUNK and self.current()[0].func is normal)
+
+    def _read(self, side, data=None):
+        """Read a chunk (unless `data` was read by `_read_quickly`) and hand it over; True
+        when the connection must be settled."""
+        if data is None:
+            try:
+                data = side.sock.recv(side.chunk)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return self.lost(side) or True
+        settle = not data
         if len(data) == side.chunk and side.chunk < MAX_CHUNK:
             side.chunk *= 2      # bulk: fewer, larger reads
         elif len(data) < CHUNK and side.chunk > CHUNK:
@@ -2465,12 +2504,13 @@ class Connection:
             side.eof_read = True
         elif self.first is None:    # who spoke first, and how: the protocol, for `errors`
             self.first = (side is self.client, bytes(data[:FIRST_BYTES]))
+            settle = True           # from now on, its sides may be read quickly
         if self.closing_at is None:
             self._dispatch(side, data)
         elif data:    # a peer still talking is drained, so that no RST hides our answer
             self.closing_at = max(self.closing_at, min(time.monotonic() + LINGER,
                                                        self.drain_until))
-        return not data
+        return settle
 
     def protocol(self):
         """The protocol this connection's first bytes showed, or None (none yet, or raw).
@@ -2496,6 +2536,8 @@ class Connection:
         handler = self.current()[0]
         if handler.func is normal and not self.jobs:   # the fast way
             self.handler_name = 'normal'
+            if self.settled is not self.proxy.epoch:   # set since: settled, it is read
+                self.pump.dirty.add(self)              # quickly again
             if data:
                 side.peer.inlet.sendall(data)
             else:
@@ -2696,6 +2738,7 @@ class Connection:
         if self._finished():
             return self._release()
         now = time.monotonic()
+        self.settled = self.proxy.epoch
         self._watch(self.client, now)
         self._watch(self.backend, now)
         moment = self._next_moment(now)
@@ -2714,16 +2757,21 @@ class Connection:
                     events = selectors.EVENT_READ
                 if side.queue and side.queue[0][0] <= now:
                     events |= selectors.EVENT_WRITE
-        if events == side.events:
+        callback = side.on_event
+        if events == selectors.EVENT_READ and self._reads_quickly(side):
+            if side.read_quickly is None:
+                side.read_quickly = functools.partial(self._read_quickly, side)
+            callback = side.read_quickly
+        if events == side.events and (callback is side.callback or not events):
             return
         selector = self.pump.selector
         if not side.events:
-            selector.register(side.sock, events, side.on_event)
+            selector.register(side.sock, events, callback)
         elif not events:
             selector.unregister(side.sock)
-        else:
-            selector.modify(side.sock, events, side.on_event)
-        side.events = events
+        else:   # the same events, another callback: no system call
+            selector.modify(side.sock, events, callback)
+        side.events, side.callback = events, callback
 
     def _unwatch(self, side):
         if side.events:
@@ -2825,7 +2873,8 @@ class Connection:
         the pump's CPU on short connections.  A side a handler kept is left a husk:
         its `connection` is None, and its calls do nothing."""
         for side in self.sides:
-            side.connection = side.peer = side.inlet = side.on_event = None
+            side.connection = side.peer = side.inlet = side.on_event = side.read_quickly = None
+            side.callback = None
         self.chains = None
 
     def summary(self):
