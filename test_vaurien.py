@@ -1804,7 +1804,7 @@ def test_a_fault_laid_on_a_steady_connection_meets_its_next_chunk(make_proxy, ec
 def test_a_proxy_disabled_by_a_handler_drops_the_events_the_pump_holds_for_it(
         make_proxy, echo_backend, caplog):
     """A handler disables another proxy while the pump holds an event of one of its
-    steady connections, read the quick way (`Connection._read_quickly`): the event
+    steady connections, read the quick way (`Side._read_quickly`): the event
     goes with the connection, and nothing fails."""
     stalled = threading.Event()
 

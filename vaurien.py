@@ -1606,8 +1606,8 @@ class Side(_Dest):
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'read_quickly', 'callback', 'delivered', 'staged',
-                 'held', 'inlet', 'pump')
+                 'events', 'on_event', 'callback', 'delivered', 'staged', 'held', 'inlet',
+                 'pump')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1628,8 +1628,7 @@ class Side(_Dest):
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
         self.events = 0           # what the selector watches this socket for
         self.on_event = functools.partial(connection.on_event, self)
-        self.read_quickly = None  # connection._read_quickly for this side, once needed
-        self.callback = None      # what the selector calls: on_event, or read_quickly
+        self.callback = None      # what the selector calls: on_event, or _read_quickly
         self.delivered = 0        # bytes sent to this socket
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
         self.held = 0             # ... and in calls handed to the worker
@@ -1697,6 +1696,30 @@ class Side(_Dest):
         """Reset this side now (RST, through SO_LINGER 0) and end the connection."""
         if self.connection is not None:
             self.connection.abort(self)
+
+    def _read_quickly(self, mask):
+        """The selector's call for a side read the quick way (see
+        `Connection._reads_quickly`): what `Connection._read` and `_dispatch` do
+        with a chunk of a steady connection under `normal`, in the fewest steps.
+        An end, a full chunk, a handler set since the connection was settled, or
+        anything touching it in this round (a fault closing it, say), take the
+        general way, `Connection.on_event`."""
+        conn = self.connection
+        if conn is None:       # ended earlier in this round
+            return
+        if conn.settled is not conn.proxy.epoch or conn in self.pump.dirty:
+            self.pump.dirty.add(conn)     # settled anew at the end of the round
+            return conn.on_event(self, mask)
+        try:
+            data = self.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            conn.lost(self)
+            return self.pump.dirty.add(conn)
+        if data and len(data) < CHUNK:
+            return self.peer.inlet.sendall(data)
+        conn.on_event(self, mask, data)
 
     def take(self, item):
         """What the last fault layer passes on: bytes, or the end (_EOF or _RST)."""
@@ -2433,7 +2456,7 @@ class Connection:
 
     def on_event(self, side, mask, data=None):
         """The selector's call: `side`'s socket is readable or writable (`data`: what
-        `_read_quickly` read from it, for the general way).
+        `Side._read_quickly` read from it, for the general way).
 
         A chunk read and relayed at once changes nothing the selector
         watches: the connection is settled only after other events (what
@@ -2457,26 +2480,6 @@ class Connection:
             self._release()
         self.pump.dirty.add(self)
 
-    def _read_quickly(self, side, mask):
-        """The selector's call for a side read the quick way (see `_reads_quickly`):
-        what `_read` and `_dispatch` do with a chunk of a steady connection under
-        `normal`, in the fewest steps.  An end, a full chunk, a handler set since the
-        connection was settled, or anything touching it in this round (a fault
-        closing it, say), take the general way."""
-        if self.settled is not self.proxy.epoch or self in self.pump.dirty:
-            self.pump.dirty.add(self)     # settled anew at the end of the round
-            return self.on_event(side, mask)
-        try:
-            data = side.sock.recv(CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.lost(side)
-            return self.pump.dirty.add(self)
-        if data and len(data) < CHUNK:
-            return side.peer.inlet.sendall(data)
-        self.on_event(side, mask, data)
-
     def _reads_quickly(self, side):
         """Whether `side` may be read the quick way: its connection is steady (its
         protocol known, not closing, no call in the worker), reads are of the first
@@ -2486,8 +2489,8 @@ class Connection:
                 and side.chunk == CHUNK and self.current()[0].func is normal)
 
     def _read(self, side, data=None):
-        """Read a chunk (unless `data` was read by `_read_quickly`) and hand it over; True
-        when the connection must be settled."""
+        """Read a chunk (unless `data` was read by `Side._read_quickly`) and hand it over;
+        True when the connection must be settled."""
         if data is None:
             try:
                 data = side.sock.recv(side.chunk)
@@ -2759,10 +2762,8 @@ class Connection:
                     events |= selectors.EVENT_WRITE
         callback = side.on_event
         if events == selectors.EVENT_READ and self._reads_quickly(side):
-            if side.read_quickly is None:
-                side.read_quickly = functools.partial(self._read_quickly, side)
-            callback = side.read_quickly
-        if events == side.events and (callback is side.callback or not events):
+            callback = side._read_quickly
+        if events == side.events and (callback == side.callback or not events):
             return
         selector = self.pump.selector
         if not side.events:
@@ -2873,7 +2874,7 @@ class Connection:
         the pump's CPU on short connections.  A side a handler kept is left a husk:
         its `connection` is None, and its calls do nothing."""
         for side in self.sides:
-            side.connection = side.peer = side.inlet = side.on_event = side.read_quickly = None
+            side.connection = side.peer = side.inlet = side.on_event = None
             side.callback = None
         self.chains = None
 
