@@ -1841,6 +1841,58 @@ def test_a_proxy_disabled_by_a_handler_drops_the_events_the_pump_holds_for_it(
     assert not caplog.records
 
 
+def test_a_handler_registered_again_reaches_live_connections_that_drew_it(make_proxy,
+                                                                          echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    with connect(proxy.address) as sock:
+        for _ in range(3):      # steady: read the quick way
+            sock.sendall(b'steady')
+            assert read_exactly(sock, 6) == b'steady'
+        proxy.register('normal', upper)
+        sock.sendall(b'after')
+        assert read_exactly(sock, 5) == b'AFTER'
+
+
+def test_a_connection_switched_back_to_normal_is_reported_under_normal(proxy):
+    """Its delayed chunk going out after the switch, a connection is settled before it
+    reads again: the chunks it reads next still name the handler in force."""
+    def handlers():
+        return [conn['handler'] for conn in api(proxy.control, 'GET',
+                                                '/connections')[1]['connections']]
+    proxy.set_handler('delay', sleep=0.5)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'x')
+        wait_for(lambda: handlers() == ['delay'], what='x read under delay')
+        proxy.set_handler('normal')
+        assert read_exactly(sock, 1) == b'x'
+        for _ in range(3):
+            sock.sendall(b'y')
+            assert read_exactly(sock, 1) == b'y'
+        assert handlers() == ['normal']
+
+
+def test_a_bug_met_reading_the_quick_way_ends_only_its_connection(make_proxy, echo_backend,
+                                                                  monkeypatch, caplog):
+    relay = vaurien.Side.sendall
+
+    def buggy(side, data, *args, **kwargs):
+        if data == b'boom':
+            raise RuntimeError('a bug of ours')
+        return relay(side, data, *args, **kwargs)
+    proxy = make_proxy(echo_backend.address)
+    with caplog.at_level(logging.ERROR, logger='vaurien'), connect(proxy.address) as sock:
+        for _ in range(3):      # steady: read the quick way
+            sock.sendall(b'steady')
+            assert read_exactly(sock, 6) == b'steady'
+        monkeypatch.setattr(vaurien.Side, 'sendall', buggy)
+        sock.sendall(b'boom')
+        assert outcome(sock)[0] != 'open'
+        assert round_trip(proxy.address, b'others go on') == b'others go on'
+        address = sock.getsockname()
+    assert [record.message for record in caplog.records] == [
+        'connection #0 from %s:%d failed' % address[:2]]
+
+
 def test_chunks_read_after_a_switch_to_normal_follow_those_the_worker_holds(make_proxy,
                                                                            echo_backend):
     """Switched from a blocking handler to normal while its worker holds a chunk, a

@@ -1707,7 +1707,7 @@ class Side(_Dest):
         conn = self.connection
         if conn is None:       # ended earlier in this round
             return
-        if conn.settled is not conn.proxy.epoch or conn in self.pump.dirty:
+        if conn.settled is not conn.proxy.handling or conn in self.pump.dirty:
             self.pump.dirty.add(conn)     # settled anew at the end of the round
             return conn.on_event(self, mask)
         try:
@@ -1717,9 +1717,12 @@ class Side(_Dest):
         except OSError:
             conn.lost(self)
             return self.pump.dirty.add(conn)
-        if data and len(data) < CHUNK:
-            return self.peer.inlet.sendall(data)
-        conn.on_event(self, mask, data)
+        if not data or len(data) == CHUNK:
+            return conn.on_event(self, mask, data)
+        try:
+            self.peer.inlet.sendall(data)
+        except Exception:
+            conn.failed_in_pump()
 
     def take(self, item):
         """What the last fault layer passes on: bytes, or the end (_EOF or _RST)."""
@@ -2122,7 +2125,7 @@ class Connection:
         self.applied_faults = ()  # the faults that applied to it
         self.timers = None        # {key: timer} of call_later, cancelled at its end
         self.call_time = 0.0      # seconds the pump spent in its handlers' calls
-        self.settled = None       # the proxy's epoch when it was last settled
+        self.settled = None       # the proxy's `handling` when it was last settled
 
     # -- what handlers use ------------------------------------------------------
 
@@ -2476,17 +2479,26 @@ class Connection:
                 if mask & selectors.EVENT_READ and not side.broken:
                     self._read(side)
         except Exception:
-            log.exception('connection #%d from %s failed', self.index, self.address)
-            self._release()
+            return self.failed_in_pump()
+        self.pump.dirty.add(self)
+
+    def failed_in_pump(self):
+        """A bug of ours, met handling an event: logged, and this connection ends (the
+        others go on)."""
+        log.exception('connection #%d from %s failed', self.index,
+                      format_address(self.address))
+        self._release()
         self.pump.dirty.add(self)
 
     def _reads_quickly(self, side):
         """Whether `side` may be read the quick way: its connection is steady (its
         protocol known, not closing, no call in the worker), reads are of the first
-        size and `normal` is in force.  Faults and a full peer are fine: its chunks
-        go to its peer's inlet, as `_dispatch` sends them."""
+        size and `normal` is in force, and named (after a switch, the first chunk
+        goes the general way, which names it).  Faults and a full peer are fine:
+        its chunks go to its peer's inlet, as `_dispatch` sends them."""
         return (self.closing_at is None and self.first is not None and not self.jobs
-                and side.chunk == CHUNK and self.current()[0].func is normal)
+                and side.chunk == CHUNK and self.handler_name == 'normal'
+                and self.current()[0].func is normal)
 
     def _read(self, side, data=None):
         """Read a chunk (unless `data` was read by `Side._read_quickly`) and hand it over;
@@ -2500,9 +2512,11 @@ class Connection:
                 return self.lost(side) or True
         settle = not data
         if len(data) == side.chunk and side.chunk < MAX_CHUNK:
-            side.chunk *= 2      # bulk: fewer, larger reads
+            side.chunk *= 2      # bulk: fewer, larger reads (not the quick way's)
+            settle = True
         elif len(data) < CHUNK and side.chunk > CHUNK:
             side.chunk = CHUNK   # small messages: no large buffer to allocate
+            settle = True
         if not data:
             side.eof_read = True
         elif self.first is None:    # who spoke first, and how: the protocol, for `errors`
@@ -2538,9 +2552,9 @@ class Connection:
         """
         handler = self.current()[0]
         if handler.func is normal and not self.jobs:   # the fast way
-            self.handler_name = 'normal'
-            if self.settled is not self.proxy.epoch:   # set since: settled, it is read
-                self.pump.dirty.add(self)              # quickly again
+            if self.handler_name != 'normal':   # set since: once settled, it is read
+                self.handler_name = 'normal'    # the quick way
+                self.pump.dirty.add(self)
             if data:
                 side.peer.inlet.sendall(data)
             else:
@@ -2741,7 +2755,7 @@ class Connection:
         if self._finished():
             return self._release()
         now = time.monotonic()
-        self.settled = self.proxy.epoch
+        self.settled = self.proxy.handling
         self._watch(self.client, now)
         self._watch(self.backend, now)
         moment = self._next_moment(now)
@@ -3156,6 +3170,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.fixed = None                 # (Handler, settings) set through the API
         self.fault_stack = []             # Faults on top of it, in order (changed in the pump)
         self.epoch = (0, time.monotonic())  # (accepted, time) of the last change
+        self.handling = object()   # new whenever live connections' handler may change
         self.enabled = True
         self.control_server = None
         self._control_options = (http_host, http_port, http_token) if http else None
@@ -3585,6 +3600,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         if settings:
             handler.settings = handler.validate(settings)
         self.handlers[name] = handler
+        self.handling = object()     # a live connection may have drawn `name`
         return handler
 
     def handler(self, name):
@@ -3847,6 +3863,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         if self.pump.forked:     # a change here would change nothing there
             self.pump.refuse_forked()
         self.epoch = (self._accepted, time.monotonic())
+        self.handling = object()
 
 
 # ---------------------------------------------------------------------------
