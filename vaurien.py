@@ -2521,7 +2521,6 @@ class Connection:
             side.eof_read = True
         elif self.first is None:    # who spoke first, and how: the protocol, for `errors`
             self.first = (side is self.client, bytes(data[:FIRST_BYTES]))
-            settle = True           # from now on, its sides may be read quickly
         if self.closing_at is None:
             self._dispatch(side, data)
         elif data:    # a peer still talking is drained, so that no RST hides our answer
@@ -2552,9 +2551,10 @@ class Connection:
         """
         handler = self.current()[0]
         if handler.func is normal and not self.jobs:   # the fast way
-            if self.handler_name != 'normal':   # set since: once settled, it is read
-                self.handler_name = 'normal'    # the quick way
-                self.pump.dirty.add(self)
+            if self.handler_name != 'normal' or (side.callback is side.on_event
+                                                 and side.peer.delivered):
+                self.handler_name = 'normal'    # set since, or a second chunk this way:
+                self.pump.dirty.add(self)       # settled, it may be read the quick way
             if data:
                 side.peer.inlet.sendall(data)
             else:
