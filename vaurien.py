@@ -52,9 +52,10 @@ How it is built (each role is a class or a function below, in this order):
   one call at a time; its writes come back to the pump in order, so a sleep
   holds that connection only.  Out of descriptors, the pump resets the
   excess connections at once (a spare descriptor lets it accept them).
-  A steady connection under ``normal`` is read the quick way: its sockets'
-  selector callback reads a chunk and hands it to the other side at once,
-  until a handler is set or the connection is touched (see ``settle``).
+  From its second chunk each way, a steady connection under ``normal`` is
+  read the quick way: its socket's selector callback reads a chunk and hands
+  it on at once (to the other socket, or to its first fault layer), until a
+  handler is set or the connection is touched (see ``Side._read_quickly``).
 - ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose listener the pump
   watches; it accepts through ``get_request``, ``verify_request`` and
   ``process_request``, which draws the handler and opens a ``Connection``.
