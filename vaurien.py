@@ -2277,7 +2277,6 @@ class Connection:
     def open(self):
         """Start the connection under the handler in force and the faults that apply to
         it: their on_connect hooks, in that order, then the backend."""
-        _prepare(self.client.sock, nodelay=False)   # inherited from the listener
         handler, settings = self._in_force()
         starts = [(handler, settings, handler.name, None)] + [
             (fault.handler, fault.settings, fault.name, fault) for fault in self.applied_faults]
@@ -2406,7 +2405,8 @@ class Connection:
             return self._backend_failed(error)
         family, address = self.targets.pop(0)
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+            # socket.socket's Python layer (its __init__, close, repr) is no use here
+            sock = socket.SocketType(family, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as exc:
             if exc.errno in _OUT_OF_DESCRIPTORS:
                 self.pump.starved(exc, 'new connections are reset')
@@ -2493,13 +2493,15 @@ class Connection:
 
     def _reads_quickly(self, side):
         """Whether `side` may be read the quick way: its connection is steady (its
-        protocol known, not closing, no call in the worker), reads are of the first
-        size and `normal` is in force, and named (after a switch, the first chunk
-        goes the general way, which names it).  Faults and a full peer are fine:
-        its chunks go to its peer's inlet, as `_dispatch` sends them."""
+        protocol known, not closing, no call in the worker, the other way not ended:
+        a half-closed connection is about to end, as a rule, and switching its
+        callback would cost more than it saves), reads are of the first size and
+        `normal` is in force, and named (after a switch, the first chunk goes the
+        general way, which names it).  Faults and a full peer are fine: its chunks
+        go to its peer's inlet, as `_dispatch` sends them."""
         return (self.closing_at is None and self.first is not None and not self.jobs
-                and side.chunk == CHUNK and self.handler_name == 'normal'
-                and self.current()[0].func is normal)
+                and side.chunk == CHUNK and not side.peer.eof_read
+                and self.handler_name == 'normal' and self.current()[0].func is normal)
 
     def _read(self, side, data=None):
         """Read a chunk (unless `data` was read by `Side._read_quickly`) and hand it over;
@@ -2839,7 +2841,8 @@ class Connection:
         side.broken = side.eof_read = side.eof_queued = side.eof_sent = True
         side.queue = _NO_QUEUE
         side.queued = 0
-        self.pump.dirty.add(self)
+        if not self.released:
+            self.pump.dirty.add(self)
 
     def _release(self):
         if self.released:
@@ -2893,11 +2896,15 @@ class Connection:
             side.callback = None
         self.chains = None
 
+    def fault_names(self):
+        """The names of the faults that apply to it (a new list: events keep it)."""
+        return [fault.name for fault in self.applied_faults] if self.applied_faults else []
+
     def summary(self):
         """What the log, the events and GET /connections tell of this connection."""
         return {'proxy': self.proxy.name, 'connection': self.index,
                 'client': format_address(self.address), 'handler': self.handler_name,
-                'faults': [fault.name for fault in self.applied_faults],
+                'faults': self.fault_names(),
                 'to_backend': self.backend.delivered, 'to_client': self.client.delivered,
                 'seconds': round(time.monotonic() - self.opened, 3)}
 
@@ -3177,7 +3184,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self._control_options = (http_host, http_port, http_token) if http else None
         self._random = random.Random(seed)
         self._accepted = 0
-        self._connections = set()
+        self._connections = set()          # changed in the pump only; read whole (len, list)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)   # notified when no connection is left
         self._accepting = False            # the listener is watched by the pump
@@ -3297,9 +3304,12 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
 
     def get_request(self):
         """socketserver's call: accept a connection.  Not with socket.accept(), whose
-        conversions of the family and type to enums cost more than the accept."""
+        conversions of the family and type to enums cost more than the accept; and as a
+        plain `socket.SocketType`, as every relayed socket is (see `_connect_next`)."""
         fd, address = self.socket._accept()
-        return socket.socket(self.address_family, self.socket_type, 0, fd), address
+        sock = socket.SocketType(self.address_family, self.socket_type, 0, fd)
+        sock.setblocking(False)   # its TCP_NODELAY is inherited from the listener
+        return sock, address
 
     def server_activate(self):
         """Listen without blocking, with Nagle off: accepted sockets inherit TCP_NODELAY."""
@@ -3456,12 +3466,11 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
             conn.add_fault(fault)
         handler = conn.current()[0].name
         EVENTS.record('opened', self.name, (self.name, conn.index, client_address, handler,
-                                            [fault.name for fault in conn.applied_faults]))
+                                            conn.fault_names()))
         if log.isEnabledFor(self.connection_log_level):
             log.log(self.connection_log_level, 'connection #%d from %s opened: %s', conn.index,
                     format_address(client_address), handler)
-        with self._lock:
-            self._connections.add(conn)
+        self._connections.add(conn)
         try:
             conn.open()
         except Exception:
@@ -3524,9 +3533,8 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         self.by_handler[conn.handler_name] = self.by_handler.get(conn.handler_name, 0) + 1
         seconds = time.monotonic() - conn.opened
         EVENTS.record('closed', self.name, (
-            self.name, conn.index, conn.address, conn.handler_name,
-            [fault.name for fault in conn.applied_faults], conn.backend.delivered,
-            conn.client.delivered, kind, how, round(seconds, 3)))
+            self.name, conn.index, conn.address, conn.handler_name, conn.fault_names(),
+            conn.backend.delivered, conn.client.delivered, kind, how, round(seconds, 3)))
         for fault in conn.applied_faults:
             fault.endings[kind] = fault.endings.get(kind, 0) + 1
         if log.isEnabledFor(self.connection_log_level):
@@ -3564,14 +3572,13 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
                  '' if failed == 1 else 's')
 
     def forget(self, conn):
-        with self._lock:
-            self._connections.discard(conn)
-            if not self._connections:
+        self._connections.discard(conn)
+        if not self._connections:
+            with self._lock:
                 self._idle.notify_all()
 
     def _live(self):
-        with self._lock:
-            return list(self._connections)
+        return list(self._connections)
 
     @property
     def connection_count(self):
