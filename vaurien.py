@@ -1720,6 +1720,8 @@ class Side(_Dest):
             return self.pump.dirty.add(conn)
         if not data or len(data) == CHUNK:
             return conn.on_event(self, mask, data)
+        if conn.first is None:
+            conn.saw_first(self, data)
         try:
             self.peer.inlet.sendall(data)
         except Exception:
@@ -2492,15 +2494,12 @@ class Connection:
         self.pump.dirty.add(self)
 
     def _reads_quickly(self, side):
-        """Whether `side` may be read the quick way: its connection is steady (its
-        protocol known, not closing, no call in the worker, the other way not ended:
-        a half-closed connection is about to end, as a rule, and switching its
-        callback would cost more than it saves), reads are of the first size and
-        `normal` is in force, and named (after a switch, the first chunk goes the
-        general way, which names it).  Faults and a full peer are fine: its chunks
-        go to its peer's inlet, as `_dispatch` sends them."""
-        return (self.closing_at is None and self.first is not None and not self.jobs
-                and side.chunk == CHUNK and not side.peer.eof_read
+        """Whether `side` may be read the quick way: its connection is steady (not
+        closing, no call in the worker), reads are of the first size and `normal` is
+        in force, and named (after a switch, the first chunk goes the general way,
+        which names it).  Faults and a full peer are fine: its chunks go to its
+        peer's inlet, as `_dispatch` sends them."""
+        return (self.closing_at is None and not self.jobs and side.chunk == CHUNK
                 and self.handler_name == 'normal' and self.current()[0].func is normal)
 
     def _read(self, side, data=None):
@@ -2522,14 +2521,18 @@ class Connection:
             settle = True
         if not data:
             side.eof_read = True
-        elif self.first is None:    # who spoke first, and how: the protocol, for `errors`
-            self.first = (side is self.client, bytes(data[:FIRST_BYTES]))
+        elif self.first is None:
+            self.saw_first(side, data)
         if self.closing_at is None:
             self._dispatch(side, data)
         elif data:    # a peer still talking is drained, so that no RST hides our answer
             self.closing_at = max(self.closing_at, min(time.monotonic() + LINGER,
                                                        self.drain_until))
         return settle
+
+    def saw_first(self, side, data):
+        """Keep who spoke first, and how: the protocol, for `errors`."""
+        self.first = (side is self.client, bytes(data[:FIRST_BYTES]))
 
     def protocol(self):
         """The protocol this connection's first bytes showed, or None (none yet, or raw).
@@ -2953,6 +2956,8 @@ class EventLog:
         if not isinstance(fields, dict):
             fields = dict(zip(self.CONNECTION if kind == 'opened' else self.CLOSED, fields))
             fields['client'] = format_address(fields['client'])
+            if kind == 'closed':   # rounded here, not in the pump: round() is slow
+                fields['seconds'] = round(fields['seconds'], 3)
         return dict(fields, id=number, time=round(when, 6), event=kind, proxy=proxy)
 
 
@@ -3534,7 +3539,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         seconds = time.monotonic() - conn.opened
         EVENTS.record('closed', self.name, (
             self.name, conn.index, conn.address, conn.handler_name, conn.fault_names(),
-            conn.backend.delivered, conn.client.delivered, kind, how, round(seconds, 3)))
+            conn.backend.delivered, conn.client.delivered, kind, how, seconds))
         for fault in conn.applied_faults:
             fault.endings[kind] = fault.endings.get(kind, 0) + 1
         if log.isEnabledFor(self.connection_log_level):
