@@ -1789,8 +1789,9 @@ def upper(source, dest, to_backend, name, settings, proxy):
 
 
 def test_a_fault_laid_on_a_steady_connection_meets_its_next_chunk(make_proxy, echo_backend):
-    """Once steady, a connection under `normal` without fault is relayed the quick way
-    (`Connection._relay`): a fault laid then meets its next chunk all the same."""
+    """Once steady, a connection under `normal` without fault is read the quick way,
+    its chunks sent straight to the other socket (`Side._read_quickly`): a fault
+    laid then meets its next chunk all the same."""
     proxy = make_proxy(echo_backend.address, handlers={'upper': upper})
     with connect(proxy.address) as sock:
         for _ in range(3):
@@ -1799,6 +1800,50 @@ def test_a_fault_laid_on_a_steady_connection_meets_its_next_chunk(make_proxy, ec
         proxy.add_fault('upper', direction='to_backend')
         sock.sendall(b'faulty')
         assert read_exactly(sock, 6) == b'FAULTY'
+
+
+def test_chunks_read_the_quick_way_follow_those_a_delay_still_holds(make_proxy,
+                                                                    echo_backend):
+    """Switched from `delay` to `normal` while the backend's queue holds delayed bytes,
+    a connection read the quick way sends nothing straight to the socket: its
+    chunks wait behind the queue (b'123', not b'312')."""
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('delay', sleep=1)
+    with connect(proxy.address) as sock:
+        sock.sendall(b'1')
+        wait_for(lambda: proxy._live() and proxy._live()[0].backend.queue,
+                 what='1 delayed')
+        conn, = proxy._live()
+        proxy.set_handler('normal')
+        sock.sendall(b'2')      # the general way (a switch since): queued behind 1
+        wait_for(lambda: len(conn.backend.queue) == 2 and conn.settled is proxy.handling,
+                 what='2 queued behind 1')
+        sock.sendall(b'3')      # the quick way
+        assert read_exactly(sock, 3) == b'123'
+
+
+def test_chunks_for_a_side_shut_down_are_dropped_the_quick_way_too(make_proxy,
+                                                                  echo_backend):
+    """A handler shut the backend's write half; switched to `normal` since, the chunks
+    the client still sends are dropped, as `sendall` drops them, not sent into a
+    closed stream (which resets the connection)."""
+    def shut(source, dest, to_backend, name, settings, proxy):
+        dest.sendall(proxy.get_data(source))
+        if to_backend:
+            dest.shutdown()
+    proxy = make_proxy(echo_backend.address, handlers={'shut': shut}, behavior='100:shut')
+    with connect(proxy.address) as sock:
+        sock.sendall(b'last')
+        assert read_exactly(sock, 4) == b'last'
+        conn, = proxy._live()
+        wait_for(lambda: conn.backend.eof_read, what="the backend's EOF")
+        proxy.set_handler('normal')
+        sock.sendall(b'dropped')     # the general way (a switch since)
+        wait_for(lambda: conn.settled is proxy.handling, what='the first chunk read')
+        sock.sendall(b'dropped')     # the quick way
+        sock.shutdown(socket.SHUT_WR)
+        wait_for(lambda: conn.released, what='the end')
+    assert conn.ending[0] == 'eof' and conn.backend.delivered == 4
 
 
 def test_a_proxy_disabled_by_a_handler_drops_the_events_the_pump_holds_for_it(
@@ -1871,26 +1916,66 @@ def test_a_connection_switched_back_to_normal_is_reported_under_normal(proxy):
         assert handlers() == ['normal']
 
 
-def test_a_bug_met_reading_the_quick_way_ends_only_its_connection(make_proxy, echo_backend,
-                                                                  monkeypatch, caplog):
-    relay = vaurien.Side.sendall
+def test_a_bug_met_reading_the_quick_way_through_faults_ends_only_its_connection(
+        make_proxy, echo_backend, monkeypatch, caplog):
+    relay = vaurien.Layer.sendall
 
     def buggy(side, data, *args, **kwargs):
         if data == b'boom':
             raise RuntimeError('a bug of ours')
         return relay(side, data, *args, **kwargs)
     proxy = make_proxy(echo_backend.address)
+    proxy.add_fault('normal')      # passes everything on, through its layers
     with caplog.at_level(logging.ERROR, logger='vaurien'), connect(proxy.address) as sock:
         for _ in range(3):      # steady: read the quick way
             sock.sendall(b'steady')
             assert read_exactly(sock, 6) == b'steady'
-        monkeypatch.setattr(vaurien.Side, 'sendall', buggy)
+        monkeypatch.setattr(vaurien.Layer, 'sendall', buggy)
         sock.sendall(b'boom')
         assert outcome(sock)[0] != 'open'
         assert round_trip(proxy.address, b'others go on') == b'others go on'
         address = sock.getsockname()
     assert [record.message for record in caplog.records] == [
         'connection #0 from %s:%d failed' % address[:2]]
+
+
+def test_a_bug_met_relaying_straight_to_the_peer_ends_only_its_connection(
+        make_proxy, echo_backend, monkeypatch, caplog):
+    """Without fault, the quick way sends a chunk to the peer's socket itself; what the
+    socket does not take goes to its queue.  A bug met there ends that connection
+    only.  The backend never reads: the chunks, one at a time (each read alone, and
+    the quick way's), fill the sockets' buffers until one is sent in part."""
+    def queue_bug(side, *args):
+        raise RuntimeError('a bug of ours')
+    listener = socket.create_server((LOOP, 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # accepted: inherited
+    done = threading.Event()
+    silent = Backend(lambda sock: done.wait(WAIT), listener=listener)
+    try:
+        proxy = make_proxy(silent.address)
+        other = make_proxy(echo_backend.address)     # the same pump's
+        message = b'x' * 60000      # under a chunk: read the quick way
+        with caplog.at_level(logging.ERROR, logger='vaurien'), \
+                connect(proxy.address) as sock:
+            sock.sendall(b'first')
+            wait_for(lambda: proxy._live() and proxy._live()[0].backend.delivered == 5,
+                     what='the first bytes at the backend')
+            conn, = proxy._live()
+            monkeypatch.setattr(vaurien.Side, '_send_at', queue_bug)
+            for sent in range(5 + len(message), 5 + 1000 * len(message), len(message)):
+                sock.sendall(message)
+                wait_for(lambda: conn.backend.delivered == sent or conn.released,
+                         what='the message relayed, or the connection ended')
+                if conn.released:
+                    break
+            assert outcome(sock)[0] != 'open'
+            assert round_trip(other.address, b'others go on') == b'others go on'
+            address = sock.getsockname()
+        assert [record.message for record in caplog.records] == [
+            'connection #0 from %s:%d failed' % address[:2]]
+    finally:
+        done.set()
+        silent.close()
 
 
 def test_chunks_read_after_a_switch_to_normal_follow_those_the_worker_holds(make_proxy,

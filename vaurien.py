@@ -52,10 +52,11 @@ How it is built (each role is a class or a function below, in this order):
   one call at a time; its writes come back to the pump in order, so a sleep
   holds that connection only.  Out of descriptors, the pump resets the
   excess connections at once (a spare descriptor lets it accept them).
-  From its second chunk each way, a steady connection under ``normal`` is
-  read the quick way: its socket's selector callback reads a chunk and hands
-  it on at once (to the other socket, or to its first fault layer), until a
-  handler is set or the connection is touched (see ``Side._read_quickly``).
+  A steady connection under ``normal`` is read the quick way: its socket's
+  selector callback reads a chunk and hands it on at once (sends it to the
+  other socket itself, or gives it to the first fault layer or to
+  ``sendall``, which queues behind what waits), until a handler is set or the
+  connection is touched (see ``Side._read_quickly``).
 - ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose listener the pump
   watches; it accepts through ``get_request``, ``verify_request`` and
   ``process_request``, which draws the handler and opens a ``Connection``.
@@ -1608,7 +1609,7 @@ class Side(_Dest):
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
                  'events', 'on_event', 'callback', 'delivered', 'staged', 'held', 'inlet',
-                 'pump')
+                 'pump', 'direct')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1634,6 +1635,13 @@ class Side(_Dest):
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
         self.held = 0             # ... and in calls handed to the worker
         self.inlet = self         # where what is sent here enters: the first Layer, if any
+        self.direct = False       # read the quick way, its chunks go to its peer's socket
+
+    def takes_directly(self):
+        """Whether a chunk for this side may go straight to its socket: no fault layer,
+        nothing queued or pausing, connected and open (`sendall`'s quick way)."""
+        return (self.inlet is self and self.sock is not None and not self.connecting
+                and not self.eof_queued and not self.queue and not self.last_due)
 
     def waiting(self):
         """Bytes (and entries) on their way to this side: queued, in fault layers, and
@@ -1702,9 +1710,12 @@ class Side(_Dest):
         """The selector's call for a side read the quick way (see
         `Connection._reads_quickly`): what `Connection._read` and `_dispatch` do
         with a chunk of a steady connection under `normal`, in the fewest steps.
-        An end, a full chunk, a handler set since the connection was settled, or
-        anything touching it in this round (a fault closing it, say), take the
-        general way, `Connection.on_event`."""
+        When the pump settled it, it saw whether its peer `takes_directly`: then
+        the chunk goes straight to the peer's socket (whatever would change that,
+        a queue filling or a fault laid, touches the connection), else to the
+        peer's inlet.  An end, a full chunk, a handler set since the connection was
+        settled, or anything touching it in this round (a fault closing it, say),
+        take the general way, `Connection.on_event`."""
         conn = self.connection
         if conn is None:       # ended earlier in this round
             return
@@ -1720,10 +1731,22 @@ class Side(_Dest):
             return self.pump.dirty.add(conn)
         if not data or len(data) == CHUNK:
             return conn.on_event(self, mask, data)
-        if conn.first is None:
-            conn.saw_first(self, data)
+        peer = self.peer
         try:
-            self.peer.inlet.sendall(data)
+            if conn.first is None:
+                conn.saw_first(self, data)
+            if not self.direct:
+                return peer.inlet.sendall(data)
+            try:    # sendall's quick way, inlined: the relay's busiest lines
+                sent = peer.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                conn.lost(peer)
+                return self.pump.dirty.add(conn)
+            peer.delivered += sent
+            if sent < len(data):      # the rest waits in the peer's queue: settled anew
+                peer._send_at(memoryview(data)[sent:], 0.0)
         except Exception:
             conn.failed_in_pump()
 
@@ -2323,6 +2346,7 @@ class Connection:
                           layer.removed and order.index(layer.fault) > above), len(chain))
             chain.insert(index, Layer(self, fault, to_backend, applied))
             self._link(chain)
+        self.pump.dirty.add(self)    # settled anew: no chunk may pass its layers by
 
     def updated(self, fault, redraw):
         """`fault` was changed: the data its layers hold goes on at once (as a Toxiproxy
@@ -2783,6 +2807,7 @@ class Connection:
         callback = side.on_event
         if events == selectors.EVENT_READ and self._reads_quickly(side):
             callback = side._read_quickly
+            side.direct = side.peer.takes_directly()
         if events == side.events and (callback == side.callback or not events):
             return
         selector = self.pump.selector
