@@ -1608,7 +1608,7 @@ class Side(_Dest):
 
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
-                 'events', 'on_event', 'callback', 'delivered', 'staged', 'held', 'inlet',
+                 'events', 'callback', 'delivered', 'staged', 'held', 'inlet',
                  'pump', 'direct')
 
     def __init__(self, connection, name, sock=None):
@@ -1629,7 +1629,6 @@ class Side(_Dest):
         self.connecting = False   # a backend being resolved or connected
         self.chunk = CHUNK        # bytes to read at once: grows on bulk transfers
         self.events = 0           # what the selector watches this socket for
-        self.on_event = functools.partial(connection.on_event, self)
         self.callback = None      # what the selector calls: on_event, or _read_quickly
         self.delivered = 0        # bytes sent to this socket
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
@@ -1706,6 +1705,13 @@ class Side(_Dest):
         if self.connection is not None:
             self.connection.abort(self)
 
+    def on_event(self, mask):
+        """The selector's call for a side read or written the general way (a method, not
+        a partial of `Connection.on_event`: Python calls it without a C frame)."""
+        conn = self.connection
+        if conn is not None:     # else ended earlier in this round
+            conn.on_event(self, mask)
+
     def _read_quickly(self, mask):
         """The selector's call for a side read the quick way (see
         `Connection._reads_quickly`): what `Connection._read` and `_dispatch` do
@@ -1768,9 +1774,9 @@ class Side(_Dest):
                 and not self.connecting:   # its first piece goes now, not a round later
             self.connection._flush(self)
 
-    @_in_pump
-    def _end(self, marker, delay=0.0):
-        """Queue the end of this side's stream: _EOF (a FIN) or _RST, once."""
+    def _end_in_pump(self, marker, delay=0.0):
+        """Queue the end of this side's stream: _EOF (a FIN) or _RST, once (in the pump;
+        `_end` is the same from any thread)."""
         if self.eof_queued:
             if marker is _RST:
                 self._reset_instead()
@@ -1789,6 +1795,8 @@ class Side(_Dest):
             self.eof_sent = True
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
+
+    _end = _in_pump(_end_in_pump)
 
     def _reset_instead(self):
         """A reset after the EOF was queued or sent: it replaces the EOF still queued,
@@ -1917,8 +1925,8 @@ class Layer(_Dest):
                 return self.next.take(data)
         self._push(due, data, pace)
 
-    @_in_pump
-    def _end(self, marker, delay=0.0):
+    def _end_in_pump(self, marker, delay=0.0):
+        """As `Side._end_in_pump`: the end of what passes this layer."""
         if self.eof_queued:      # a reset after the EOF replaces it, or follows it
             if marker is _RST:
                 if len(self.queue) > 1:     # after the data before the EOF
@@ -1935,6 +1943,8 @@ class Layer(_Dest):
                 marker is _RST or self.last_due <= time.monotonic())):
             return self.next.take(marker)    # an EOF waits for a pause, a reset does not
         self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
+
+    _end = _in_pump(_end_in_pump)
 
     def _push(self, due, item, pace=None):
         due = max(due, self.last_due)
@@ -2272,9 +2282,9 @@ class Connection:
         side.inlet._end(_RST)
         self._in_loop(self._close, None)   # not closed by the fault being called, if any
 
-    @_in_pump
     def connect_backend(self):
-        """Start connecting to the backend (once); what is sent there waits meanwhile."""
+        """Start connecting to the backend (once); what is sent there waits meanwhile.
+        In the pump (where the opening and `Side._send_at` run)."""
         backend = self.backend
         if backend.sock is None and not backend.connecting and not backend.broken:
             backend.connecting = True
@@ -2581,14 +2591,14 @@ class Connection:
         """
         handler = self.current()[0]
         if handler.func is normal and not self.jobs:   # the fast way
-            if self.handler_name != 'normal' or (side.callback is side.on_event
+            if self.handler_name != 'normal' or (side.callback == side.on_event
                                                  and side.peer.delivered):
                 self.handler_name = 'normal'    # set since, or a second chunk this way:
                 self.pump.dirty.add(self)       # settled, it may be read the quick way
             if data:
                 side.peer.inlet.sendall(data)
-            else:
-                side.peer.inlet.shutdown()
+            else:   # shutdown(), without its hand-over: this is the pump
+                side.peer.inlet._end_in_pump(_EOF)
         elif handler.blocking or self.jobs:
             self._run_for(handler, self._handle, (side, data), side.peer, _held_size(data))
         else:
@@ -2920,7 +2930,7 @@ class Connection:
         the pump's CPU on short connections.  A side a handler kept is left a husk:
         its `connection` is None, and its calls do nothing."""
         for side in self.sides:
-            side.connection = side.peer = side.inlet = side.on_event = None
+            side.connection = side.peer = side.inlet = None
             side.callback = None
         self.chains = None
 
