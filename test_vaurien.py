@@ -1846,6 +1846,82 @@ def test_chunks_for_a_side_shut_down_are_dropped_the_quick_way_too(make_proxy,
     assert conn.ending[0] == 'eof' and conn.backend.delivered == 4
 
 
+def test_a_kept_side_shut_down_from_a_thread_stops_the_quick_way_sending_there(
+        make_proxy):
+    """A handler kept the backend's side; switched to `normal` since, the connection
+    is read the quick way, its chunks sent straight to the backend's socket.  The
+    kept side shut down from another thread (a timer of the user's), the chunks
+    the client sends next are dropped, as `sendall` drops them: the client still
+    gets the backend's answer, then an EOF, not a reset."""
+    kept = {}
+
+    @vaurien.traits(blocking=False)
+    def keeper(source, dest, to_backend, name, settings, proxy):
+        if to_backend:
+            kept['backend'] = dest
+        dest.sendall(proxy.get_data(source))
+    received = []
+    answer = threading.Event()
+
+    def answer_at_eof(sock):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received.append(data)
+        answer.wait(WAIT)
+        sock.sendall(b'answer')
+    backend = Backend(answer_at_eof)
+    try:
+        proxy = make_proxy(backend.address, handlers={'keeper': keeper},
+                           behavior='100:keeper')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'a')
+            wait_for(lambda: received, what='a at the backend')
+            conn, = proxy._live()
+            proxy.set_handler('normal')
+            sock.sendall(b'b')     # the general way (a switch since), then settled
+            wait_for(lambda: conn.settled is proxy.handling and conn.backend.delivered == 2,
+                     what='b relayed')
+            threading.Thread(target=kept['backend'].shutdown).start()
+            wait_for(lambda: conn.backend.eof_sent, what="the backend's EOF")
+            sock.sendall(b'c')     # dropped
+            proxy_end = conn.client.sock
+            wait_for(lambda: proxy_end.fileno() < 0 or not select.select([proxy_end], [], [],
+                                                                         0)[0],
+                     what='c read by the proxy')
+            answer.set()
+            assert outcome(sock) == ('eof', b'answer')
+    finally:
+        answer.set()
+        backend.close()
+
+
+def test_a_get_request_hook_may_return_a_blocking_socket(make_proxy, echo_backend):
+    """socketserver's own get_request (socket.accept(), from a non-blocking listener)
+    gives a blocking socket: the connection makes it non-blocking, so that a client
+    that does not read holds up no other connection of the pump."""
+    class StockAccept(vaurien.Proxy):
+        def get_request(self):
+            return self.socket.accept()
+
+    def flood(sock):
+        with contextlib.suppress(OSError):
+            sock.sendall(b'x' * (16 << 20))
+    flooding = Backend(flood)
+    stock = StockAccept('%s:0' % LOOP, '%s:%d' % flooding.address)
+    try:
+        other = make_proxy(echo_backend.address)
+        with connect(stock.address) as lazy:
+            lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            wait_for(lambda: stock._live() and stock._live()[0].client.queue,
+                     what='the lazy client full')
+            assert round_trip(other.address, b'others go on') == b'others go on'
+    finally:
+        stock.stop()
+        flooding.close()
+
+
 def test_a_proxy_disabled_by_a_handler_drops_the_events_the_pump_holds_for_it(
         make_proxy, echo_backend, caplog):
     """A handler disables another proxy while the pump holds an event of one of its

@@ -1793,6 +1793,7 @@ class Side(_Dest):
             except OSError:   # the peer is gone: its reset is read next
                 pass
             self.eof_sent = True
+            self.pump.dirty.add(self.connection)   # its peer is no longer read `direct`
         else:
             self._push(time.monotonic() + delay if delay > 0 else 0.0, marker)
 
@@ -2312,15 +2313,21 @@ class Connection:
     def open(self):
         """Start the connection under the handler in force and the faults that apply to
         it: their on_connect hooks, in that order, then the backend."""
+        _prepare(self.client.sock, nodelay=False)   # inherited from the listener
         handler, settings = self._in_force()
-        starts = [(handler, settings, handler.name, None)] + [
-            (fault.handler, fault.settings, fault.name, fault) for fault in self.applied_faults]
-        hooked = [start[0] for start in starts if start[0].on_connect is not None]
-        if not hooked:
+        starts = [(handler, settings, handler.name, None)]
+        for fault in self.applied_faults:
+            starts.append((fault.handler, fault.settings, fault.name, fault))
+        runner = None     # the hooked handler the hooks run as: the first blocking one, if any
+        for start in starts:
+            hooked = start[0]
+            if hooked.on_connect is not None and (
+                    runner is None or hooked.blocking and not runner.blocking):
+                runner = hooked
+        if runner is None:
             self._opened(starts, None)
         else:
-            blocking = [hooked_handler for hooked_handler in hooked if hooked_handler.blocking]
-            self._run_for((blocking or hooked)[0], self._on_connect, (starts,))
+            self._run_for(runner, self._on_connect, (starts,))
         self.pump.dirty.add(self)
 
     def _on_connect(self, starts):
@@ -2334,10 +2341,13 @@ class Connection:
     def _opened(self, starts, result):
         if result is False:
             return self.close()
-        if self.closing_at is None and all(handler.backend is True or self._call_as(
-                fault, handler.needs_backend, self, settings)
-                for handler, settings, _, fault in starts):
-            self.connect_backend()
+        if self.closing_at is not None:
+            return
+        for handler, settings, _, fault in starts:
+            if handler.backend is not True and not self._call_as(
+                    fault, handler.needs_backend, self, settings):
+                return
+        self.connect_backend()
 
     # -- faults: layers between the handler and each socket ---------------------------
 
@@ -2855,18 +2865,19 @@ class Connection:
         self.pump.dirty.add(self)
 
     def _finished(self):
-        if self.closing_at is None and not (self.client.eof_read or self.backend.eof_read):
+        """Whether the connection ends: each live side sent us its EOF (and, closing, got
+        ours) and has nothing left to get, or, closing, its linger is over."""
+        closing = self.closing_at is not None
+        if not closing and (self.jobs or not (self.client.eof_read or self.backend.eof_read)):
             return False          # the steady state, said quickly
-        live = [side for side in self.sides
-                if (side.sock is not None or side.connecting) and not side.broken]
-        if self.closing_at is not None:
-            if any(side.queue or side.staged for side in live):
+        ended = True
+        for side in self.sides:   # a loop, not all(): this runs for every connection
+            if side.broken or side.sock is None and not side.connecting:
+                continue          # not live
+            if side.queue or side.staged:
                 return False      # what was queued goes out first, however slowly
-            return time.monotonic() >= self.closing_at or all(
-                side.eof_read and side.eof_sent for side in live)
-        if self.jobs:
-            return False
-        return all(side.eof_read and not side.queue and not side.staged for side in live)
+            ended = ended and side.eof_read and (side.eof_sent or not closing)
+        return ended or closing and time.monotonic() >= self.closing_at
 
     def _drop(self, side, reset=False):
         """Close `side`'s socket now (with an RST if `reset`); its queue is lost."""
@@ -2887,14 +2898,16 @@ class Connection:
             return
         self.released = True
         if self.ending is None:
-            clean = all(side.eof_read for side in self.sides if side.sock is not None)
+            client, backend = self.sides
+            clean = (client.eof_read or client.sock is None) and (
+                backend.eof_read or backend.sock is None)
             self.ending = ('eof', 'EOF both ways') if clean else (
                 'no_eof', 'closed after %g s without EOF' % LINGER)
         if self.connect_timer is not None:
             self.pump.cancel(self.connect_timer)
         for timer in (self.timers or {}).values():
             self.pump.cancel(timer)     # nothing holds an ended connection
-        cut = [self._bytes_wait_for(side) for side in self.sides]
+        cut = (self._bytes_wait_for(self.client), self._bytes_wait_for(self.backend))
         for chain in self.chains or ():
             for layer in chain:
                 layer.stop()
@@ -2948,7 +2961,7 @@ class Connection:
 
 
 _NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: a socket born non-blocking
-_LINUX = sys.platform.startswith('linux')
+_TCP_INFO = getattr(socket, 'TCP_INFO', None) if sys.platform.startswith('linux') else None
 _TCP_ESTABLISHED = b'\x01'                         # Linux: TCP_INFO's tcpi_state
 _CORK = getattr(socket, 'TCP_CORK', 0)             # Linux: hold segments until uncorked
 
@@ -3016,11 +3029,11 @@ def _established(sock):
     """Whether a connect still "in progress" is done: on loopback it is, as a rule.
     On Linux, asked of TCP_INFO's first byte, the state: getpeername() would
     format an address."""
-    if _LINUX:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == _TCP_ESTABLISHED
     try:
+        if _TCP_INFO is not None:
+            return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1) == _TCP_ESTABLISHED
         sock.getpeername()
-    except OSError:
+    except OSError:       # not yet, or no TCP_INFO here: the selector tells
         return False
     return True
 
@@ -3353,9 +3366,7 @@ class Proxy(_Driving, socketserver.ThreadingTCPServer):
         conversions of the family and type to enums cost more than the accept; and as a
         plain `socket.SocketType`, as every relayed socket is (see `_connect_next`)."""
         fd, address = self.socket._accept()
-        sock = socket.SocketType(self.address_family, self.socket_type, 0, fd)
-        sock.setblocking(False)   # its TCP_NODELAY is inherited from the listener
-        return sock, address
+        return socket.SocketType(self.address_family, self.socket_type, 0, fd), address
 
     def server_activate(self):
         """Listen without blocking, with Nagle off: accepted sockets inherit TCP_NODELAY."""
