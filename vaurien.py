@@ -2537,14 +2537,14 @@ class Connection:
         self._release()
         self.pump.dirty.add(self)
 
-    def _reads_quickly(self, side):
-        """Whether `side` may be read the quick way: its connection is steady (not
-        closing, no call in the worker), reads are of the first size and `normal` is
-        in force, and named (after a switch, the first chunk goes the general way,
-        which names it).  Faults and a full peer are fine: its chunks go to its
-        peer's inlet, as `_dispatch` sends them."""
-        return (self.closing_at is None and not self.jobs and side.chunk == CHUNK
-                and self.handler_name == 'normal' and self.current()[0].func is normal)
+    def _reads_quickly(self):
+        """Whether its sides whose reads are of the first size may be read the quick
+        way: the connection is steady (not closing, no call in the worker) and
+        `normal` is in force, and named (after a switch, the first chunk goes the
+        general way, which names it).  Faults and a full peer are fine: its chunks
+        go to its peer's inlet, as `_dispatch` sends them."""
+        return (self.closing_at is None and not self.jobs and self.handler_name == 'normal'
+                and self.current()[0].func is normal)
 
     def _read(self, side, data=None):
         """Read a chunk (unless `data` was read by `Side._read_quickly`) and hand it over;
@@ -2806,14 +2806,15 @@ class Connection:
             return self._release()
         now = time.monotonic()
         self.settled = self.proxy.handling
-        self._watch(self.client, now)
-        self._watch(self.backend, now)
+        quick = self._reads_quickly()
+        self._watch(self.client, now, quick)
+        self._watch(self.backend, now, quick)
         moment = self._next_moment(now)
         if moment is not None and (self.wake_at is None or moment < self.wake_at):
             self.wake_at = moment
             self.pump.call_at(moment, self._wake, moment)
 
-    def _watch(self, side, now):
+    def _watch(self, side, now, quick):
         events = 0
         if side.sock is not None and not side.broken:
             if side.connecting:
@@ -2825,7 +2826,7 @@ class Connection:
                 if side.queue and side.queue[0][0] <= now:
                     events |= selectors.EVENT_WRITE
         callback = side.on_event
-        if events == selectors.EVENT_READ and self._reads_quickly(side):
+        if events == selectors.EVENT_READ and quick and side.chunk == CHUNK:
             callback = side._read_quickly
             side.direct = side.peer.takes_directly()
         if events == side.events and (callback == side.callback or not events):
