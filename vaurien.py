@@ -2601,10 +2601,9 @@ class Connection:
         """
         handler = self.current()[0]
         if handler.func is normal and not self.jobs:   # the fast way
-            if self.handler_name != 'normal' or (side.callback == side.on_event
-                                                 and side.peer.delivered):
-                self.handler_name = 'normal'    # set since, or a second chunk this way:
-                self.pump.dirty.add(self)       # settled, it may be read the quick way
+            if self.handler_name != 'normal':   # set since: settled, it may be read
+                self.handler_name = 'normal'    # the quick way
+                self.pump.dirty.add(self)
             if data:
                 side.peer.inlet.sendall(data)
             else:   # shutdown(), without its hand-over: this is the pump
