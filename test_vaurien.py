@@ -26,6 +26,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -5120,6 +5121,29 @@ def run_readme_bench(block, runner):
     problems = result.stdout.partition('Problems seen:')[2]
     for sign in ('logged', 'did not exit', 'exited with status', 'Error', 'did not echo'):
         assert sign not in problems, problems   # a slow exit on a loaded machine is no failure
+
+
+def test_bench_rounds_turn_the_relays_and_report_the_median_with_the_spread():
+    """--rounds: each round starts one relay later; a ratio is the median of the rounds'."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, 'bench', 'bench.py'), '--quick', '--rounds', '3',
+         '--only', 'roundtrip'], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'quick run, 3 rounds' in result.stdout
+    row = re.search(r'^\| echo 64 B round trips, 1 conn .*$', result.stdout, re.M)[0]
+    cells = [cell.strip() for cell in row.strip('|').split('|')]
+    relays = re.search(r'relays: ([^;\n]+)', result.stdout)[1].split(', ')
+    label = 'echo 64 B round trips, 1 conn, '
+    measured = {(kind, int(number)): float(value.replace(',', '')) for kind, number, value in
+                re.findall(re.escape(label) + r'(\w+), round (\d): ([\d,]+) rt/s', result.stderr)}
+    for kind, text in zip(relays, cells[2:]):
+        ratios = [measured[kind, number] / measured['direct', number] for number in (1, 2, 3)]
+        shown = map(float, re.fullmatch(r'(\S+) \((\S+)-(\S+)\)', text).groups())
+        for value, expected in zip(shown, (statistics.median(ratios), min(ratios), max(ratios))):
+            assert abs(value - expected) < 0.0051     # rounded twice: the rates, the ratios
+    order = [re.search(re.escape(label) + r'(\w+), round %d:' % number, result.stderr)[1]
+             for number in (1, 2, 3)]
+    assert order == ['direct'] + relays[:2]     # each round starts one relay later
 
 
 def readme_runner(block):

@@ -4,6 +4,7 @@
     python3 bench/bench.py                  # the full run, 2 to 4 minutes
     python3 bench/bench.py --quick          # small sizes: a smoke test, under a minute
     python3 bench/bench.py --only bulk --only delay
+    python3 bench/bench.py --rounds 3       # each row 3 times: medians, and the spread
     VAURIEN_BENCH_MODULE=/tmp/vaurien.py python3 bench/bench.py --quick
 
 VAURIEN_BENCH_MODULE names the vaurien.py to measure (imported for the
@@ -42,7 +43,12 @@ bandwidth each way), their direct column measured without.
 Reading the table: "direct" is the absolute figure of the client against the
 backend itself.  Each relay's column is the relay's figure divided by the
 direct one measured in the same run: 1.00 means the relay costs nothing, 0.50
-that it halves the throughput or the rate.  "target" is Vaurien's goal for its
+that it halves the throughput or the rate.  With ``--rounds N``, each row is
+measured N times, direct and every relay, each round starting one relay later
+than the round before (no relay always runs first, on the quietest machine):
+a ratio is then the median of its N ratios, each to the direct figure of its
+own round, with the lowest and the highest beside it, and "direct" is the
+median direct figure.  The held connections are measured once.  "target" is Vaurien's goal for its
 ratio, "met" says whether this run reached it.  On a small machine the
 client, the backend and the relay share the CPUs: the ratios compare relays
 run under the same load, not relays on hosts of their own, and they move by
@@ -944,6 +950,7 @@ class Workload(NamedTuple):
     measure: object   # measure(relay, scale) -> Measured
     target: float     # Vaurien's target ratio
     tools: tuple = ()  # the programs it needs: its client, its server
+    repeated: bool = True   # measured in each round (--rounds), else in the first only
 
 
 def workloads(scale):
@@ -977,7 +984,7 @@ def workloads(scale):
         Workload('connect', 'new conns: connect, 1 round trip, close', 'conn/s', 'echo',
                  new_connections, 0.35),
         Workload('concurrent', '%d conns held open, each echoing' % scale.concurrent, 'conns',
-                 'echo', held_connections, 1.0),
+                 'echo', held_connections, 1.0, repeated=False),
         Workload('faults', 'echo 64 B round trips, %s, latency 0 each way' % many, 'rt/s',
                  'echo', with_toxics(concurrent_round_trips, LATENCY_0), 0.35),
         Workload('faults', 'echo 64 B round trips, %s, 3 toxics each way' % many, 'rt/s',
@@ -1003,16 +1010,31 @@ def describe(exc):
     return '%s: %s' % (type(exc).__name__, exc)
 
 
-def run_table(selected, relays, ports, scale, problems):
-    """Each workload, direct and through each relay: [(Workload, {relay: Measured or None})]."""
-    return [(workload, {kind: measure_cell(workload, kind, ports[workload.backend], scale,
-                                           problems) for kind in relays})
-            for workload in selected]
+def run_table(selected, relays, ports, scale, problems, rounds=1):
+    """Each workload, direct and through each relay, in `rounds` rounds:
+    [(Workload, [{relay: Measured or None}, one per round])].  Each round starts
+    one relay later than the round before: no relay always runs first, on the
+    quietest machine, or last."""
+    table = []
+    for workload in selected:
+        results = []
+        repeats = rounds if workload.repeated else 1
+        for number in range(repeats):
+            start = number % len(relays)
+            results.append({kind: measure_cell(workload, kind, ports[workload.backend], scale,
+                                               problems, number if repeats > 1 else None)
+                            for kind in relays[start:] + relays[:start]})
+        table.append((workload, results))
+    return table
 
 
-def measure_cell(workload, kind, port, scale, problems):
-    """One workload through one relay; None, and a problem, when it fails."""
-    with tagged(problems, '%s, %s' % (workload.label, kind)):
+def measure_cell(workload, kind, port, scale, problems, number=None):
+    """One workload through one relay (in round `number`, counted from 0, if
+    several); None, and a problem, when it fails."""
+    where = '%s, %s' % (workload.label, kind)
+    if number is not None:
+        where += ', round %d' % (number + 1)
+    with tagged(problems, where):
         try:
             with RELAYS[kind](port, problems) as relay:
                 result = workload.measure(relay._replace(kind=kind), scale)
@@ -1021,7 +1043,7 @@ def measure_cell(workload, kind, port, scale, problems):
         except FAILURES as exc:
             problems.append(describe(exc))
             result = None
-    progress('%s, %s: %s' % (workload.label, kind, absolute(result, workload.unit)))
+    progress('%s: %s' % (where, absolute(result, workload.unit)))
     return result
 
 
@@ -1165,8 +1187,8 @@ def held_figures(rows):
     """From the held-connections row: Vaurien's RSS per connection held, and the
     seconds it took to exit after SIGTERM with them all open."""
     figures = []
-    for workload, cells in rows:
-        cell = cells.get('vaurien')
+    for workload, results in rows:
+        cell = results[0].get('vaurien')
         if workload.measure is not held_connections or cell is None:
             continue
         if cell.memory:
@@ -1225,17 +1247,37 @@ def verdict(met):
     return {True: 'yes', False: 'NO', None: ''}[met]
 
 
+def median_direct(results):
+    """The direct cell of the round whose direct figure is the median, or None."""
+    cells = sorted((cell for cell in (result['direct'] for result in results)
+                    if cell is not None and cell.value is not None), key=lambda cell: cell.value)
+    return cells[(len(cells) - 1) // 2] if cells else None
+
+
+def relay_ratios(results, kind):
+    """`kind`'s ratios to direct, one per round that measured both."""
+    ratios = (ratio(result[kind], result['direct']) for result in results)
+    return [value for value in ratios if value is not None]
+
+
+def ratio_text(results, kind, ratios):
+    """The median ratio, with the lowest and highest when there were several rounds."""
+    if not ratios:
+        return 'n/a' if all(result[kind] is not None for result in results) else 'error'
+    text = '%.2f' % statistics.median(ratios)
+    return text + ' (%.2f-%.2f)' % (min(ratios), max(ratios)) if len(results) > 1 else text
+
+
 def workload_table(rows, relays):
     header = ['workload', 'direct'] + ['%s ratio' % kind for kind in relays[1:]] \
         + ['vaurien target', 'met']
     lines = []
-    for workload, cells in rows:
-        direct = cells['direct']
-        ratios = [ratio(cells[kind], direct) for kind in relays[1:]]
-        texts = ['error' if cells[kind] is None else 'n/a' if value is None else '%.2f' % value
-                 for kind, value in zip(relays[1:], ratios)]
-        met = None if ratios[0] is None else ratios[0] >= workload.target
-        lines.append([workload.label, absolute(direct, workload.unit)] + texts
+    for workload, results in rows:
+        ratios = {kind: relay_ratios(results, kind) for kind in relays[1:]}
+        texts = [ratio_text(results, kind, ratios[kind]) for kind in relays[1:]]
+        met = statistics.median(ratios['vaurien']) >= workload.target \
+            if ratios['vaurien'] else None
+        lines.append([workload.label, absolute(median_direct(results), workload.unit)] + texts
                      + ['>= %.2f' % workload.target, verdict(met)])
     return markdown(header, lines)
 
@@ -1260,7 +1302,7 @@ def markdown(header, lines):
 
 
 def report(rows, skipped, figures, relays, missing, problems, mode, load, elapsed):
-    print('Vaurien %s benchmark, %s run: Python %s, %s, %d CPUs, load average %.2f at '
+    print('Vaurien %s benchmark, %s: Python %s, %s, %d CPUs, load average %.2f at '
           'the start; relays: %s%s%s' % (
               vaurien.__version__, mode, platform.python_version(),
               platform.platform(terse=True), os.cpu_count(), load, ', '.join(relays[1:]),
@@ -1268,12 +1310,17 @@ def report(rows, skipped, figures, relays, missing, problems, mode, load, elapse
               '' if VAURIEN == os.path.join(ROOT, 'vaurien.py') else '; vaurien: ' + VAURIEN))
     if rows:
         print('\nEach ratio is the relay\'s figure / the direct one, in this run '
-              '(1.00: the relay costs nothing).\n')
+              '(1.00: the relay costs nothing)%s.\n' % (
+                  '; with several rounds, the median of the ratios of the rounds, and '
+                  'the lowest and highest' if any(len(results) > 1 for _, results in rows)
+                  else ''))
         print(workload_table(rows, relays))
-        for workload, cells in rows:
-            for kind, cell in cells.items():
-                if cell is not None and cell.note:
-                    print('- %s, %s: %s' % (workload.label, kind, cell.note))
+        for workload, results in rows:
+            for number, cells in enumerate(results):
+                where = ', round %d' % (number + 1) if len(results) > 1 else ''
+                for kind, cell in cells.items():
+                    if cell is not None and cell.note:
+                        print('- %s, %s%s: %s' % (workload.label, kind, where, cell.note))
     for label, why in skipped:
         print('- skipped, %s: %s' % (label, why))
     if figures:
@@ -1365,7 +1412,17 @@ def parse_args(argv):
                         help='small sizes: a smoke test for CI, under a minute')
     parser.add_argument('--only', action='append', choices=GROUPS, metavar='NAME',
                         help='run only this part; repeat it for several (%s)' % ', '.join(GROUPS))
+    parser.add_argument('--rounds', type=positive, default=1, metavar='N',
+                        help='measure each row N times, each relay in turn first; a ratio is '
+                             'then the median of its rounds, the lowest and highest beside it')
     return parser.parse_args(argv)
+
+
+def positive(text):
+    """argparse's type for --rounds: a whole number, 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError('a whole number of rounds, 1 or more: %r' % text)
+    return int(text)
 
 
 def main(argv=None):
@@ -1389,10 +1446,12 @@ def main(argv=None):
         skipped += [(workload.label, 'its %s server did not start' % workload.backend)
                     for workload in selected if workload.backend not in ports]
         selected = [workload for workload in selected if workload.backend in ports]
-        rows = run_table(selected, relays, ports, scale, problems)
+        rows = run_table(selected, relays, ports, scale, problems, args.rounds)
         figures = run_figures(groups, ports, scale, problems) + held_figures(rows)
     report(rows, skipped, figures, relays, missing, problems,
-           'quick' if args.quick else 'full', load, time.perf_counter() - started)
+           ('quick' if args.quick else 'full') + ' run' + (
+               ', %d rounds' % args.rounds if args.rounds > 1 else ''),
+           load, time.perf_counter() - started)
     return 0
 
 
