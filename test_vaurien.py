@@ -328,6 +328,14 @@ def test_half_close_from_the_backend_keeps_the_client_direction_open():
         backend.close()
 
 
+def reset_seen(sock, deadline=WAIT):
+    """Whether a reset reaches `sock`, whose EOF was read, within `deadline`: recv
+    would give EOF again, a poll for nothing shows the error."""
+    poller = select.poll()
+    poller.register(sock, 0)
+    return any(events & select.POLLERR for _, events in poller.poll(deadline * 1000))
+
+
 def test_a_backend_that_writes_while_reading_does_not_deadlock_the_pump():
     """Each chunk is answered with 4 times its size while the client sends megabytes."""
     backend = Backend(chunk_server(lambda data: data * 4))
@@ -1847,14 +1855,29 @@ def test_chunks_for_a_side_shut_down_are_dropped_the_quick_way_too(make_proxy,
     assert conn.ending[0] == 'eof' and conn.backend.delivered == 4
 
 
-def test_a_kept_side_shut_down_from_a_thread_stops_the_quick_way_sending_there(
-        make_proxy):
+@pytest.mark.parametrize('shut_by', ['a thread', 'a handler in the same round'])
+def test_a_kept_side_shut_down_elsewhere_stops_the_quick_way_sending_there(
+        make_proxy, echo_backend, shut_by):
     """A handler kept the backend's side; switched to `normal` since, the connection
     is read the quick way, its chunks sent straight to the backend's socket.  The
-    kept side shut down from another thread (a timer of the user's), the chunks
-    the client sends next are dropped, as `sendall` drops them: the client still
-    gets the backend's answer, then an EOF, not a reset."""
-    kept = {}
+    kept side shut down from another thread (a timer of the user's), or by another
+    connection's handler in the round that reads the client's next chunk, that
+    chunk is dropped, as `sendall` drops it: the client still gets the backend's
+    answer, then an EOF, not a reset."""
+    kept, stalled = {}, threading.Event()
+
+    @vaurien.traits(blocking=False)
+    def shutter(source, dest, to_backend, name, settings, proxy):
+        data = proxy.get_data(source)
+        if data == b'shut':
+            kept['backend'].shutdown()
+        dest.sendall(data)
+
+    @vaurien.traits(blocking=False)
+    def stall(source, dest, to_backend, name, settings, proxy):
+        stalled.set()
+        time.sleep(1.0)    # holds the pump: what comes meanwhile is read in one round
+        dest.sendall(proxy.get_data(source))
 
     @vaurien.traits(blocking=False)
     def keeper(source, dest, to_backend, name, settings, proxy):
@@ -1884,9 +1907,24 @@ def test_a_kept_side_shut_down_from_a_thread_stops_the_quick_way_sending_there(
             sock.sendall(b'b')     # the general way (a switch since), then settled
             wait_for(lambda: conn.settled is proxy.handling and conn.backend.delivered == 2,
                      what='b relayed')
-            threading.Thread(target=kept['backend'].shutdown).start()
-            wait_for(lambda: conn.backend.eof_sent, what="the backend's EOF")
-            sock.sendall(b'c')     # dropped
+            if shut_by == 'a thread':
+                threading.Thread(target=kept['backend'].shutdown).start()
+                wait_for(lambda: conn.backend.eof_sent, what="the backend's EOF")
+                sock.sendall(b'c')     # dropped
+            else:
+                shutting = make_proxy(echo_backend.address, handlers={'shutter': shutter},
+                                      behavior='100:shutter')
+                stalling = make_proxy(echo_backend.address, handlers={'stall': stall},
+                                      behavior='100:stall')
+                with connect(shutting.address) as other, connect(stalling.address) as holder:
+                    other.sendall(b'open')
+                    assert read_exactly(other, 4) == b'open'
+                    holder.sendall(b'z')
+                    assert stalled.wait(WAIT)
+                    other.sendall(b'shut')     # read first in the pump's next round...
+                    sock.sendall(b'c')         # ...then this: dropped
+                    assert read_exactly(other, 4) == b'shut'
+                    assert read_exactly(holder, 1) == b'z'
             proxy_end = conn.client.sock
             wait_for(lambda: proxy_end.fileno() < 0 or not select.select([proxy_end], [], [],
                                                                          0)[0],
@@ -5972,6 +6010,31 @@ def test_a_changed_fault_lets_go_of_what_it_holds_as_toxiproxy(make_proxy, echo_
             assert outcome(sock, 0.3) == ('open', b'')
 
 
+@pytest.mark.parametrize('change', [{'sleep': 0}, {'toxicity': 0}])
+def test_a_changed_fault_that_held_over_the_high_water_mark_resumes_the_reading(
+        make_proxy, change):
+    """The reading stopped while the fault held over 1 MiB; what it lets go of on the
+    change goes out, and the client is read again: the whole upload, then its EOF."""
+    total, received = 3 << 20, []
+    backend = Backend(lambda sock: received.append(len(read_all(sock))))
+    try:
+        proxy = make_proxy(backend.address)
+        proxy.add_fault('delay', sleep=60, direction='to_backend')
+        with connect(proxy.address) as sock:
+            sender = threading.Thread(target=lambda: (sock.sendall(b'x' * total),
+                                                      sock.shutdown(socket.SHUT_WR)))
+            sender.start()
+            wait_for(lambda: proxy._live() and proxy._live()[0].backend.staged
+                     >= vaurien.HIGH_WATER and not proxy._live()[0].client.events,
+                     what='the reading to stop')
+            proxy.update_fault('delay', **change)
+            wait_for(lambda: received, what='the whole upload and its EOF')
+            sender.join(WAIT)
+        assert received == [total]
+    finally:
+        backend.close()
+
+
 def test_a_timer_armed_by_a_fault_outlives_a_handler_switch(make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address)
     proxy.add_fault('timeout', timeout=0.3, direction='to_client')
@@ -6676,6 +6739,24 @@ def test_timers_of_a_fault_end_with_their_connection(make_proxy, echo_backend):
     assert held == []      # cancelled: no ended connection is kept for an hour
 
 
+def test_a_connection_ended_while_a_delay_holds_its_data_is_not_kept_by_its_wake_up(
+        make_proxy, echo_backend):
+    proxy = make_proxy(echo_backend.address)
+    proxy.set_handler('delay', sleep=3600)
+    socks = [connect(proxy.address) for _ in range(5)]
+    for sock in socks:
+        sock.sendall(b'x')
+    wait_for(lambda: proxy.connection_count == 5 and all(
+        conn.backend.queue for conn in proxy._live()), what='the data held')
+    proxy.disable()
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: proxy.connection_count == 0, what='the connections to end')
+    held = [timer for timer in list(proxy.pump.timers)
+            if getattr(timer[2], '__self__', None).__class__ is vaurien.Connection]
+    assert held == []      # cancelled: no ended connection is kept for an hour
+
+
 def test_transient_and_flap_count_from_when_the_fault_was_added(make_proxy, echo_backend):
     proxy = make_proxy(echo_backend.address)
     for _ in range(4):
@@ -6822,6 +6903,83 @@ def test_the_fault_that_closes_ends_the_connection_at_once(make_proxy):
             assert outcome(sock) == ('eof', b'x' * 10)
             assert time.monotonic() - started < 5     # not after the paced data is dropped
     finally:
+        backend.close()
+
+
+def test_a_close_from_another_thread_is_no_faults_close(make_proxy):
+    """Connection.close() from a user's thread, while the worker calls a blocking fault,
+    is not that fault's: what the layers before it hold goes on, then the EOF."""
+    in_gate, gate, received = threading.Event(), threading.Event(), []
+
+    @vaurien.traits(blocking=False)
+    def held(source, dest, to_backend, name, settings, proxy):   # A for 1 s, B for 3 s
+        data = proxy.get_data(source)
+        dest.sendall(data, delay=1.0 if data == b'A' else 3.0)
+
+    def gated(source, dest, to_backend, name, settings, proxy):   # blocking: the worker's
+        data = proxy.get_data(source)
+        if data:
+            in_gate.set()
+            gate.wait(WAIT)
+        dest.sendall(data)
+    backend = Backend(lambda sock: received.append(read_all(sock)))
+    try:
+        proxy = make_proxy(backend.address, handlers={'held': held, 'gated': gated})
+        proxy.add_fault('held', direction='to_backend')
+        proxy.add_fault('gated', direction='to_backend')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'A')
+            wait_for(lambda: proxy._live() and proxy._live()[0].backend.staged,
+                     what='A held')
+            conn, = proxy._live()
+            sock.sendall(b'B')
+            wait_for(lambda: conn.backend.staged > vaurien.ENTRY_COST + 1, what='B held')
+            assert in_gate.wait(WAIT)        # A is in gated's call, B still held before it
+            closer = threading.Thread(target=conn.close)
+            closer.start()
+            closer.join(WAIT)
+            gate.set()
+            wait_for(lambda: received, what='the EOF at the backend')
+        assert received == [b'AB']
+    finally:
+        gate.set()
+        backend.close()
+
+
+def test_what_a_worker_holds_after_its_handler_closed_leaves_the_eof_clean(make_proxy):
+    """A blocking handler ends the connection (False) on its first chunk while the next
+    one waits in the worker: that one can never be sent (a closing connection sends
+    nothing new), so the backend keeps its clean EOF, however long the worker takes."""
+    first_sent, release, seen = threading.Event(), threading.Event(), {}
+
+    def first_only(source, dest, to_backend, name, settings, proxy):   # blocking
+        data = proxy.get_data(source)
+        if data == b'first':
+            first_sent.wait(WAIT)          # 'second' reaches the worker meanwhile
+            dest.sendall(data)
+            return False
+        release.wait(WAIT)
+        dest.sendall(data)
+
+    def backend_side(sock):
+        seen['data'] = read_all(sock)
+        seen['reset'] = reset_seen(sock, vaurien.LINGER + 1.0)
+    backend = Backend(backend_side)
+    try:
+        proxy = make_proxy(backend.address, handlers={'first_only': first_only})
+        proxy.set_handler('first_only')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'first')
+            wait_for(lambda: proxy._live() and proxy._live()[0].jobs, what='the first call')
+            conn, = proxy._live()
+            sock.sendall(b'second')
+            wait_for(lambda: conn.jobs == 2, what='the second chunk in the worker')
+            first_sent.set()
+            wait_for(lambda: 'reset' in seen, WAIT + vaurien.LINGER + 1.0, 'the backend')
+            release.set()
+        assert seen == {'data': b'first', 'reset': False}
+    finally:
+        release.set()
         backend.close()
 
 

@@ -1529,6 +1529,7 @@ class _Worker:
         self.jobs = collections.deque()
         self.condition = threading.Condition()
         self.running = False
+        self.ident = None       # its thread's, while it runs
         self.calling = None     # the Fault whose hook or handler it is calling
 
     def submit(self, function, *args):
@@ -1546,12 +1547,14 @@ class _Worker:
             self.running = True
 
     def _run(self):
+        self.ident = _thread.get_ident()
         while True:
             with self.condition:
                 if not self.jobs:
                     self.condition.wait(self.IDLE)
                 if not self.jobs:
                     self.running = False
+                    self.ident = None
                     return
                 function, args = self.jobs.popleft()
             function(*args)
@@ -2128,7 +2131,7 @@ class Connection:
 
     __slots__ = ('proxy', 'pump', 'address', 'index', 'drawn', 'opened', 'client', 'backend',
                  'sides', 'handler_name', '_random', 'states', 'closers', 'closing_at',
-                 'drain_until', 'released', 'wake_at', 'targets', 'worker', 'jobs',
+                 'drain_until', 'released', 'wake_timer', 'targets', 'worker', 'jobs',
                  'first', 'connect_timer', 'ending', 'chains', 'calling', 'applied_faults',
                  'timers', 'call_time', 'settled')
 
@@ -2150,7 +2153,7 @@ class Connection:
         self.closing_at = None    # deadline once the connection is closing
         self.drain_until = None   # the latest it may be pushed to by a peer still talking
         self.released = False
-        self.wake_at = None       # when the pump is to look at this connection again
+        self.wake_timer = None    # the pump's timer to look at this connection again
         self.targets = None       # backend addresses still to try
         self.connect_timer = None
         self.worker = None        # the _Worker of blocking handlers, once needed
@@ -2183,10 +2186,14 @@ class Connection:
 
     def caller(self):
         """The Fault whose hook or handler this thread is calling (None: the handler's):
-        the pump and the connection's worker each have theirs."""
-        if self.worker is not None and not self.pump.in_loop():
-            return self.worker.calling
-        return self.calling
+        the pump and the connection's worker each have theirs; another thread (a
+        user's timer, say) calls none."""
+        if self.pump.in_loop():
+            return self.calling
+        worker = self.worker
+        if worker is not None and worker.ident == _thread.get_ident():
+            return worker.calling
+        return None
 
     def state(self, key):
         """A dict a handler keeps for this connection under `key`."""
@@ -2380,6 +2387,7 @@ class Connection:
                 layer.applied = applied
                 if not applied:
                     layer.release_eof()     # passing from now on: the EOF it held too
+        self.pump.dirty.add(self)    # what they let go of may resume the reading
         self.met_live(fault)
 
     def met_live(self, fault):
@@ -2809,9 +2817,11 @@ class Connection:
         self._watch(self.client, now, quick)
         self._watch(self.backend, now, quick)
         moment = self._next_moment(now)
-        if moment is not None and (self.wake_at is None or moment < self.wake_at):
-            self.wake_at = moment
-            self.pump.call_at(moment, self._wake, moment)
+        timer = self.wake_timer
+        if moment is not None and (timer is None or moment < timer[0]):
+            if timer is not None:     # a later one: it would hold the connection till then
+                self.pump.cancel(timer)
+            self.wake_timer = self.pump.call_at(moment, self._wake)
 
     def _watch(self, side, now, quick):
         events = 0
@@ -2854,11 +2864,8 @@ class Connection:
             moments.append(self.closing_at)
         return min(moments) if moments else None
 
-    def _wake(self, moment):
-        if self.wake_at == moment:
-            self.wake_at = None
-        if self.released:
-            return
+    def _wake(self):
+        self.wake_timer = None
         for side in self.sides:
             if side.queue and side.sock is not None and not side.connecting:
                 self._flush(side)
@@ -2903,8 +2910,9 @@ class Connection:
                 backend.eof_read or backend.sock is None)
             self.ending = ('eof', 'EOF both ways') if clean else (
                 'no_eof', 'closed after %g s without EOF' % LINGER)
-        if self.connect_timer is not None:
-            self.pump.cancel(self.connect_timer)
+        for timer in (self.connect_timer, self.wake_timer):
+            if timer is not None:
+                self.pump.cancel(timer)
         for timer in (self.timers or {}).values():
             self.pump.cancel(timer)     # nothing holds an ended connection
         cut = (self._bytes_wait_for(self.client), self._bytes_wait_for(self.backend))
@@ -2926,8 +2934,9 @@ class Connection:
 
     def _bytes_wait_for(self, side):
         """Whether bytes, not only an end, wait to be sent to `side`: queued there, in a
-        fault layer on the way, or in the worker."""
-        if side.held:
+        fault layer on the way, or in the worker (unless they come after its end: they
+        are dropped)."""
+        if side.held and not side.inlet.eof_queued:
             return True
         stage = side.inlet
         while True:
