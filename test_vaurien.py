@@ -336,6 +336,43 @@ def reset_seen(sock, deadline=WAIT):
     return any(events & select.POLLERR for _, events in poller.poll(deadline * 1000))
 
 
+@pytest.mark.parametrize('resetting', ['client', 'backend'])
+def test_a_reset_after_an_eof_is_relayed_while_the_other_end_is_silent(resetting):
+    """A peer sends its FIN, then aborts (a client giving up on a slow answer): the
+    other end, which reads nothing more, still gets the reset, and the proxy lets
+    the connection go."""
+    eof_read, other_end = threading.Event(), {}
+
+    def backend_side(sock):
+        if resetting == 'backend':
+            sock.sendall(b'answer')
+            sock.shutdown(socket.SHUT_WR)
+            eof_read.wait(WAIT)      # the client read the answer and its EOF
+            return rst_close(sock)
+        assert read_all(sock) == b'request'
+        eof_read.set()
+        other_end['reset'] = reset_seen(sock)
+    backend = Backend(backend_side)
+    try:
+        with Proxy(LOOP + ':0', '%s:%d' % backend.address) as proxy:
+            sock = connect(proxy.address)
+            if resetting == 'client':
+                sock.sendall(b'request')
+                sock.shutdown(socket.SHUT_WR)
+                eof_read.wait(WAIT)
+                rst_close(sock)
+                wait_for(lambda: 'reset' in other_end, WAIT + 1, 'the backend')
+            else:
+                with sock:
+                    assert read_all(sock) == b'answer'
+                    eof_read.set()
+                    other_end['reset'] = reset_seen(sock)
+            assert other_end['reset']
+            wait_for(lambda: not proxy.connection_count, what='the connection to end')
+    finally:
+        backend.close()
+
+
 def test_a_backend_that_writes_while_reading_does_not_deadlock_the_pump():
     """Each chunk is answered with 4 times its size while the client sends megabytes."""
     backend = Backend(chunk_server(lambda data: data * 4))

@@ -128,6 +128,7 @@ HIGH_WATER = 1 << 20     # bytes queued for a side before its peer stops being r
 ENTRY_COST = 128         # bytes a queued chunk costs beyond its data: 1-byte chunks count
 LINGER = 1.0             # seconds a closing connection waits for the peer's EOF
 MAX_DRAIN = 60.0         # ... while the peer keeps sending: at most this long
+PROBE_EVERY = 1.0        # seconds between looks at sockets whose EOF was read, for a reset
 CONNECT_TIMEOUT = 5.0    # seconds to connect to the backend
 MAX_BODY = 64 * 1024     # bytes, largest control API request body
 SLOW_CALL = 0.05         # seconds a handler call may hold the pump before a warning
@@ -1289,6 +1290,8 @@ class Pump:
         self.cancelled = 0                # timers cancelled since the heap was compacted
         self.ready = collections.deque()  # (function, args) handed over by any thread
         self.dirty = set()                # connections to settle at the end of the round
+        self.probed = set()               # connections with a socket whose EOF was read
+        self.probe_timer = None
         self.starving = False             # out of descriptors: logged once per episode
         self.starved_at = 0.0
         self._waker, self._wakeup = socket.socketpair()
@@ -1352,6 +1355,20 @@ class Pump:
 
     def call_later(self, seconds, function, *args):
         return self.call_at(time.monotonic() + seconds, function, *args)
+
+    def probe_later(self, conn):
+        """Have `conn` look, within PROBE_EVERY, for a reset on its sockets whose EOF
+        was read: watched for nothing (readable for good, they would spin the loop),
+        they show a reset only when asked.  One timer serves every connection."""
+        self.probed.add(conn)
+        if self.probe_timer is None:
+            self.probe_timer = self.call_later(PROBE_EVERY, self._probe)
+
+    def _probe(self):
+        self.probe_timer = None
+        probed, self.probed = self.probed, set()
+        for conn in probed:
+            self.guarded(conn.probe, ())
 
     def cancel(self, timer):
         """Make `timer` do nothing (and hold nothing) when it falls due."""
@@ -2834,6 +2851,8 @@ class Connection:
                     events = selectors.EVENT_READ
                 if side.queue and side.queue[0][0] <= now:
                     events |= selectors.EVENT_WRITE
+                if not events and side.eof_read:
+                    self.pump.probe_later(self)
         callback = side.on_event
         if events == selectors.EVENT_READ and quick and side.chunk == CHUNK:
             callback = side._read_quickly
@@ -2863,6 +2882,18 @@ class Connection:
         if self.closing_at is not None and self.closing_at > now:
             moments.append(self.closing_at)
         return min(moments) if moments else None
+
+    def probe(self):
+        """The pump's look, every PROBE_EVERY, at a connection with a socket whose EOF
+        was read, and so not watched: a reset received since (the peer aborted after
+        its FIN) is relayed as a reset, as one met reading."""
+        if self.released:
+            return
+        for side in self.sides:
+            if side.eof_read and not side.broken and not side.events and side.sock is not None \
+                    and side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.lost(side)
+        self.pump.dirty.add(self)     # settled: probed again if it still has such a socket
 
     def _wake(self):
         self.wake_timer = None
@@ -2913,6 +2944,7 @@ class Connection:
         for timer in (self.connect_timer, self.wake_timer):
             if timer is not None:
                 self.pump.cancel(timer)
+        self.pump.probed.discard(self)
         for timer in (self.timers or {}).values():
             self.pump.cancel(timer)     # nothing holds an ended connection
         cut = (self._bytes_wait_for(self.client), self._bytes_wait_for(self.backend))
