@@ -98,6 +98,7 @@ import math
 import os
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -2891,7 +2892,7 @@ class Connection:
             return
         for side in self.sides:
             if side.eof_read and not side.broken and not side.events and side.sock is not None \
-                    and side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    and _reset_pending(side.sock):
                 self.lost(side)
         self.pump.dirty.add(self)     # settled: probed again if it still has such a socket
 
@@ -2966,9 +2967,8 @@ class Connection:
 
     def _bytes_wait_for(self, side):
         """Whether bytes, not only an end, wait to be sent to `side`: queued there, in a
-        fault layer on the way, or in the worker (unless they come after its end: they
-        are dropped)."""
-        if side.held and not side.inlet.eof_queued:
+        fault layer on the way, or in the worker."""
+        if side.held:
             return True
         stage = side.inlet
         while True:
@@ -3077,6 +3077,17 @@ def _established(sock):
     except OSError:       # not yet, or no TCP_INFO here: the selector tells
         return False
     return True
+
+
+def _reset_pending(sock):
+    """Whether `sock` got a reset (or another hard error): poll()'s POLLERR, which a
+    soft error (an ICMP message that TCP rides out) does not raise, unlike SO_ERROR
+    on Linux.  Where there is no poll(), SO_ERROR."""
+    if not hasattr(select, 'poll'):
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    poller = select.poll()
+    poller.register(sock, 0)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _reset(sock):
