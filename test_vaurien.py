@@ -5199,7 +5199,8 @@ def run_readme_bench(block, runner):
 
 
 def test_bench_rounds_turn_the_relays_and_report_the_median_with_the_spread():
-    """--rounds: each round starts one relay later; a ratio is the median of the rounds'."""
+    """--rounds: each round starts one relay later; a ratio is the median of the rounds'.
+    Below the ratios, each relay's own CPU per unit of work."""
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, 'bench', 'bench.py'), '--quick', '--rounds', '3',
          '--only', 'roundtrip'], capture_output=True, text=True, timeout=300, cwd=HERE)
@@ -5219,6 +5220,11 @@ def test_bench_rounds_turn_the_relays_and_report_the_median_with_the_spread():
     order = [re.search(re.escape(label) + r'(\w+), round %d:' % number, result.stderr)[1]
              for number in (1, 2, 3)]
     assert order == ['direct'] + relays[:2]     # each round starts one relay later
+    cpu = re.search(r'^\| echo 64 B round trips, 1 conn +\| +us/rt \|(.*)\|$', result.stdout,
+                    re.M)[1].split('|')
+    cells = dict(zip(relays, (text.strip() for text in cpu)))
+    assert float(cells['vaurien']) > 0 and float(cells['minimal']) > 0     # from /proc
+    assert cells.get('socat', '-') == '-'     # a process per connection: not counted
 
 
 def readme_runner(block):

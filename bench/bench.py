@@ -185,6 +185,7 @@ class Measured(NamedTuple):
     note: str = ''
     memory: tuple = None   # (MB resident with the connections held, KB per connection)
     stopped: float = None  # seconds to exit on SIGTERM, connections held (inf: killed)
+    cpu: float = None      # us of the relay's CPU per unit (request, MB...), if known
 
 
 class Figure(NamedTuple):
@@ -711,6 +712,28 @@ def round_trip_times(address, count):
     return times
 
 
+def cpu_seconds(pid):
+    """The CPU seconds (user and system, every thread) process `pid` used so far, or
+    None without a pid or /proc."""
+    if pid is None:
+        return None
+    try:
+        with open('/proc/%d/stat' % pid) as stat:
+            fields = stat.read().rpartition(')')[2].split()   # from the 3rd field on
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def with_cpu(result, workload, before, after, elapsed):
+    """`result` with the relay's CPU per unit of a rate (the units of `elapsed` seconds
+    at its rate: the measure's own setup counts too, a few per cent)."""
+    if before is None or after is None or result.value is None \
+            or not workload.unit.endswith('/s') or not result.value:
+        return result
+    return result._replace(cpu=(after - before) * 1e6 / (result.value * elapsed))
+
+
 def rss_mb(pid):
     """The resident memory of process `pid` in MB (VmRSS), or None without a pid."""
     if pid is None:
@@ -1037,7 +1060,10 @@ def measure_cell(workload, kind, port, scale, problems, number=None):
     with tagged(problems, where):
         try:
             with RELAYS[kind](port, problems) as relay:
+                before, started = cpu_seconds(relay.pid), time.perf_counter()
                 result = workload.measure(relay._replace(kind=kind), scale)
+                result = with_cpu(result, workload, before, cpu_seconds(relay.pid),
+                                  time.perf_counter() - started)
         except NotApplicable:
             result = Measured(None)     # n/a in the table
         except FAILURES as exc:
@@ -1282,6 +1308,22 @@ def workload_table(rows, relays):
     return markdown(header, lines)
 
 
+def cpu_table(rows, relays):
+    """The relays' CPU per unit of each rate, median of the rounds; None if none known."""
+    kinds = relays[1:]
+    lines = []
+    for workload, results in rows:
+        texts = []
+        for kind in kinds:
+            values = [result[kind].cpu for result in results
+                      if result[kind] is not None and result[kind].cpu is not None]
+            texts.append('%.1f' % statistics.median(values) if values else '-')
+        if any(text != '-' for text in texts):
+            unit = 'us/' + workload.unit.rpartition('/')[0]
+            lines.append([workload.label, unit] + texts)
+    return markdown(['relay CPU per unit', 'unit'] + kinds, lines) if lines else None
+
+
 def figure_table(figures):
     return markdown(['vaurien figure', 'value', 'target', 'met'],
                     [[figure.label, figure.value, figure.target, verdict(figure.met)]
@@ -1315,6 +1357,12 @@ def report(rows, skipped, figures, relays, missing, problems, mode, load, elapse
                   'the lowest and highest' if any(len(results) > 1 for _, results in rows)
                   else ''))
         print(workload_table(rows, relays))
+        cpu = cpu_table(rows, relays)
+        if cpu:
+            print('\nThe relay\'s own CPU (user and system, from /proc; ticks of 10 ms: '
+                  'coarse on the short bulk rows) per unit of work, in microseconds:\n')
+            print(cpu)
+            print()
         for workload, results in rows:
             for number, cells in enumerate(results):
                 where = ', round %d' % (number + 1) if len(results) > 1 else ''
