@@ -418,7 +418,7 @@ def vaurien_relay(port, problems):
         [sys.executable, VAURIEN, '--local', '%s:0' % HOST, '--distant', '%s:%d' % (HOST, port),
          '--http', '--http-host', HOST, '--http-port', '0'],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, errors='replace')
+        text=True, errors='replace', start_new_session=True)   # as every relay: see external
     lines, ready, stop = [], queue.Queue(), Stopper(process)
     reader = threading.Thread(target=read_vaurien, args=(process.stderr, lines, ready),
                               name='bench-vaurien-stderr', daemon=True)
@@ -562,7 +562,12 @@ def toxiproxy_relay(port, problems):
 def external(name, args, port, problems, quiet=None):
     """Run a tool in a session of its own until it accepts on `port`; yield its
     process; then end it with every child it forked.  What it printed on
-    stderr goes to `problems`, but for the lines the regex `quiet` matches."""
+    stderr goes to `problems`, but for the lines the regex `quiet` matches.
+
+    A session of its own is also a scheduling group of its own where Linux
+    groups by session (autogroup): a relay in the load generators' session
+    would share their half of the CPUs instead of getting its own share.
+    Vaurien's relay starts in one of its own too."""
     with tempfile.TemporaryFile('w+', errors='replace') as errors:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=errors, start_new_session=True)
