@@ -80,7 +80,6 @@ import math
 import multiprocessing
 import os
 import platform
-import queue
 import re
 import resource
 import selectors
@@ -92,7 +91,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from typing import NamedTuple
@@ -413,52 +411,55 @@ def direct_relay(port, problems):
 def vaurien_relay(port, problems):
     """``python3 vaurien.py`` in front of `port`, with its control API; what it logs
     beyond its ready line and the info lines goes to `problems`.  A workload may
-    stop it itself, through the relay's `stop`, and report the time it took."""
-    process = subprocess.Popen(
-        [sys.executable, VAURIEN, '--local', '%s:0' % HOST, '--distant', '%s:%d' % (HOST, port),
-         '--http', '--http-host', HOST, '--http-port', '0'],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, errors='replace', start_new_session=True)   # as every relay: see external
-    lines, ready, stop = [], queue.Queue(), Stopper(process)
-    reader = threading.Thread(target=read_vaurien, args=(process.stderr, lines, ready),
-                              name='bench-vaurien-stderr', daemon=True)
-    reader.start()
-    try:
+    stop it itself, through the relay's `stop`, and report the time it took.
+
+    Its stderr goes to a file, read back, as other relays' do (see `external`):
+    a thread reading a pipe in this process would take the GIL from the client
+    timing the control API at each line Vaurien logs."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'stderr')
+        with open(path, 'a') as stderr:     # appending: what this process reads moves nothing
+            process = subprocess.Popen(
+                [sys.executable, VAURIEN, '--local', '%s:0' % HOST,
+                 '--distant', '%s:%d' % (HOST, port), '--http', '--http-host', HOST,
+                 '--http-port', '0'],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True)   # as every relay: see external
+        stop = Stopper(process)
         try:
-            addresses = ready.get(timeout=START_TIMEOUT)
-        except queue.Empty:
-            addresses = None
-        if addresses is None:
-            raise RelayError('vaurien did not start: %s' % (' | '.join(lines) or 'no output'))
-        yield Relay(addresses[0], process.pid, addresses[1], stop)
-    finally:
-        reported = stop.took is not None   # the workload stopped it and reports the time
-        took = stop()
-        reader.join(5)
-        process.stderr.close()
-        problems.extend('vaurien logged: ' + line for line in lines if ' INFO ' not in line)
-        if took == math.inf:
-            problems.append('vaurien did not exit within %g s of SIGTERM: killed' % STOP_GRACE)
-        elif process.returncode not in (0, -signal.SIGTERM):
-            problems.append('vaurien exited with status %s' % process.returncode)
-        elif took > SLOW_STOP and not reported:
-            problems.append('vaurien took %.1f s to exit after SIGTERM' % took)
+            local, control = vaurien_ready(path, process)
+            yield Relay(local, process.pid, control, stop)
+        finally:
+            reported = stop.took is not None   # the workload stopped it and reports the time
+            took = stop()
+            with open(path, errors='replace') as lines:
+                problems.extend('vaurien logged: ' + line.rstrip() for line in lines
+                                if line.strip() and ' INFO ' not in line
+                                and not READY.search(line))
+            if took == math.inf:
+                problems.append('vaurien did not exit within %g s of SIGTERM: killed'
+                                % STOP_GRACE)
+            elif process.returncode not in (0, -signal.SIGTERM):
+                problems.append('vaurien exited with status %s' % process.returncode)
+            elif took > SLOW_STOP and not reported:
+                problems.append('vaurien took %.1f s to exit after SIGTERM' % took)
 
 
-def read_vaurien(stream, lines, ready):
-    """Keep Vaurien's stderr drained: put its proxy and control addresses on
-    `ready` when it announces them (None if it exits first), its other lines
-    in `lines`."""
-    announced = False
-    for line in stream:
-        match = None if announced else READY.search(line)
+def vaurien_ready(path, process):
+    """Vaurien's proxy and control addresses, from the ready line it writes to the
+    file at `path` once it serves; RelayError if it exits or takes START_TIMEOUT
+    seconds first."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        with open(path, errors='replace') as stderr:
+            text = stderr.read()
+        match = READY.search(text)
         if match:
-            ready.put((split_address(match[1]), split_address(match[2])))
-            announced = True
-        else:
-            lines.append(line.rstrip())
-    if not announced:
-        ready.put(None)
+            return split_address(match[1]), split_address(match[2])
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RelayError('vaurien did not start: %s' % (
+                ' | '.join(text.splitlines()) or 'no output'))
+        time.sleep(0.005)
 
 
 def split_address(text):
