@@ -38,23 +38,24 @@ How it is built (each role is a class or a function below, in this order):
   chain).  Faults come and go on live connections without losing or
   reordering a byte.
 - The pump (``Pump``, ``Connection``, ``Side``): one selector loop, in one
-  thread, serves every connection of every Proxy in the process: it
-  accepts, connects to backends without blocking (the connect timeout is a
-  timer; a host name is resolved in a thread), reads, calls the handlers,
-  flushes the queued writes and runs the timers.  Writes are queued on the
-  destination ``Side`` (with an optional due time) and flushed when its
-  socket is writable, so neither direction ever waits on the other.  A
-  direction stops reading while its destination holds more than
-  ``HIGH_WATER`` bytes: memory stays bounded when a peer stops reading.  EOF
-  is relayed as ``shutdown(SHUT_WR)`` (half-close), after the data before it;
-  a reset is relayed as a reset.  A handler not marked non-blocking (a
-  user's, which may sleep) runs in a thread of its connection (``_Worker``),
-  one call at a time; its writes come back to the pump in order, so a sleep
-  holds that connection only.  Out of descriptors, the pump resets the
-  excess connections at once (a spare descriptor lets it accept them).
-  A steady connection under ``normal`` is read the quick way: its socket's
-  selector callback reads a chunk and hands it on at once (sends it to the
-  other socket itself, or gives it to the first fault layer or to
+  thread, serves every connection of every Proxy in the process: it accepts,
+  connects to backends without blocking (the connect timeout is a timer; a
+  host name is resolved in a thread), reads, calls the handlers, flushes the
+  queued writes and runs the timers.  Writes are queued on the destination
+  ``Side`` (with an optional due time) and flushed when its socket is
+  writable, so neither direction ever waits on the other.  A direction stops
+  reading while its destination holds more than ``HIGH_WATER`` bytes: memory
+  stays bounded when a peer stops reading.  EOF is relayed as
+  ``shutdown(SHUT_WR)`` (half-close), after the data before it; a reset is
+  relayed as a reset (one that follows a socket's EOF, which the selector no
+  longer watches, is looked for every second).  A handler not marked
+  non-blocking (a user's, which may sleep) runs in a thread of its connection
+  (``_Worker``), one call at a time; its writes come back to the pump in
+  order, so a sleep holds that connection only.  Out of descriptors, the pump
+  resets the excess connections at once (a spare descriptor lets it accept
+  them).  A steady connection under ``normal`` is read the quick way: its
+  socket's selector callback reads a chunk and hands it on at once (sends it
+  to the other socket itself, or gives it to the first fault layer or to
   ``sendall``, which queues behind what waits), until a handler is set or the
   connection is touched (see ``Side._read_quickly``).
 - ``Proxy``: a ``socketserver.ThreadingTCPServer`` whose listener the pump
