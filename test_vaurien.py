@@ -6989,6 +6989,73 @@ def test_a_close_from_another_thread_is_no_faults_close(make_proxy):
         backend.close()
 
 
+def test_what_a_worker_holds_after_its_handler_closed_leaves_the_eof_clean(make_proxy):
+    """A blocking handler ends the connection (False) on its first chunk while the next
+    one waits in the worker: that one can never be sent (a closing connection sends
+    nothing new), so the backend keeps its clean EOF, however long the worker takes."""
+    first_sent, release, seen = threading.Event(), threading.Event(), {}
+
+    def first_only(source, dest, to_backend, name, settings, proxy):   # blocking
+        data = proxy.get_data(source)
+        if data == b'first':
+            first_sent.wait(WAIT)          # 'second' reaches the worker meanwhile
+            dest.sendall(data)
+            return False
+        release.wait(WAIT)
+        dest.sendall(data)
+
+    def backend_side(sock):
+        seen['data'] = read_all(sock)
+        seen['reset'] = reset_seen(sock, vaurien.LINGER + 1.0)
+    backend = Backend(backend_side)
+    try:
+        proxy = make_proxy(backend.address, handlers={'first_only': first_only})
+        proxy.set_handler('first_only')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'first')
+            wait_for(lambda: proxy._live() and proxy._live()[0].jobs, what='the first call')
+            conn, = proxy._live()
+            sock.sendall(b'second')
+            wait_for(lambda: conn.jobs == 2, what='the second chunk in the worker')
+            first_sent.set()
+            wait_for(lambda: 'reset' in seen, WAIT + vaurien.LINGER + 1.0, 'the backend')
+            release.set()
+        assert seen == {'data': b'first', 'reset': False}
+    finally:
+        release.set()
+        backend.close()
+
+
+def test_what_a_blocking_fault_holds_when_its_connection_ends_is_cut_with_a_reset(
+        make_proxy):
+    """A blocking fault's call holds a chunk, in the worker, past the linger of a close:
+    that chunk would have gone before the EOF, which waits behind it, so the stream
+    is cut, and the backend gets a reset, not an EOF that passes for a whole one."""
+    release, seen = threading.Event(), {}
+
+    def slow(source, dest, to_backend, name, settings, proxy):   # blocking
+        data = proxy.get_data(source)
+        if data:
+            release.wait(WAIT)
+        dest.sendall(data)
+    backend = Backend(lambda sock: seen.update(end=outcome(sock)))
+    try:
+        proxy = make_proxy(backend.address, handlers={'slow': slow})
+        proxy.add_fault('slow', direction='to_backend')
+        with connect(proxy.address) as sock:
+            sock.sendall(b'payload')
+            wait_for(lambda: proxy._live() and proxy._live()[0].backend.held,
+                     what='the chunk in the worker')
+            conn, = proxy._live()
+            threading.Thread(target=conn.close).start()     # a user's close
+            wait_for(lambda: 'end' in seen, WAIT + vaurien.LINGER, 'the backend')
+            release.set()
+        assert seen['end'] == ('rst', b'')
+    finally:
+        release.set()
+        backend.close()
+
+
 def test_an_error_answer_goes_at_once_while_faults_hold_data(make_proxy):
     backend = Backend(lambda sock: sock.recv(10) and sock.sendall(b'x' * 30000) or
                       sock.recv(10))

@@ -1631,7 +1631,7 @@ class Side(_Dest):
     __slots__ = ('connection', 'name', 'sock', 'peer', 'queue', 'queued', 'last_due', 'data',
                  'eof_read', 'eof_queued', 'eof_sent', 'broken', 'connecting', 'chunk',
                  'events', 'callback', 'delivered', 'staged', 'held', 'inlet',
-                 'pump', 'direct')
+                 'pump', 'direct', 'pending')
 
     def __init__(self, connection, name, sock=None):
         self.connection = connection
@@ -1655,8 +1655,14 @@ class Side(_Dest):
         self.delivered = 0        # bytes sent to this socket
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
         self.held = 0             # ... and in calls handed to the worker
+        self.pending = 0          # ... of which calls that send here, not to a fault layer
         self.inlet = self         # where what is sent here enters: the first Layer, if any
         self.direct = False       # read the quick way, its chunks go to its peer's socket
+
+    @property
+    def side(self):
+        """The Side a dest's chain ends at (a Layer's `side`): itself."""
+        return self
 
     def takes_directly(self):
         """Whether a chunk for this side may go straight to its socket: no fault layer,
@@ -1884,7 +1890,7 @@ class Layer(_Dest):
 
     __slots__ = ('connection', 'pump', 'fault', 'to_backend', 'source', 'side', 'next',
                  'applied', 'removed', 'sealed', 'held_eof', 'queue', 'last_due',
-                 'eof_queued', 'timer')
+                 'eof_queued', 'timer', 'pending')
 
     def __init__(self, connection, fault, to_backend, applied=True):
         self.connection = connection
@@ -1902,6 +1908,7 @@ class Layer(_Dest):
         self.last_due = 0.0         # what is sent next waits for it, as a Side's
         self.eof_queued = False
         self.timer = None
+        self.pending = 0            # bytes of calls in the worker that send through it
 
     def __repr__(self):
         return '<Layer %s to the %s of connection #%d>' % (
@@ -2038,7 +2045,7 @@ class Layer(_Dest):
             if conn.jobs:   # calls in the worker: this one follows them there, in order
                 if item is not _EOF and item is not _RST:
                     item = _frozen(item)     # what sent it may change it meanwhile
-                return conn._run_for(None, self._relay, (item,), self.side, _held_size(item))
+                return conn._run_for(None, self._relay, (item,), self, _held_size(item))
             return self._relay(item)
         fault = self.fault
         handler = fault.handler
@@ -2064,7 +2071,7 @@ class Layer(_Dest):
         data = b'' if item is _EOF else item
         if handler.blocking or conn.jobs:
             data = _frozen(data)     # what sent it may change it meanwhile
-            return conn._run_for(handler, self._handle, (data,), self.side, _held_size(data))
+            return conn._run_for(handler, self._handle, (data,), self, _held_size(data))
         self._handle(data)
 
     def _relay(self, item):
@@ -2636,7 +2643,8 @@ class Connection:
             else:   # shutdown(), without its hand-over: this is the pump
                 side.peer.inlet._end_in_pump(_EOF)
         elif handler.blocking or self.jobs:
-            self._run_for(handler, self._handle, (side, data), side.peer, _held_size(data))
+            self._run_for(handler, self._handle, (side, data), side.peer.inlet,
+                          _held_size(data))
         else:
             self._handle(side, data)
 
@@ -2668,8 +2676,10 @@ class Connection:
         """Call `function(*args)` now, or in the worker when `handler` may block.
 
         `handler` None means the worker, whatever the handler.  `size` is what
-        the call holds for the Side `dest`: it counts against HIGH_WATER until
-        the call is done, and an end from outside meanwhile resets `dest`.
+        the call holds for `dest`, the Side or Layer its bytes enter: it counts
+        against HIGH_WATER for the Side that chain ends at until the call is
+        done, and an end from outside meanwhile resets that Side, unless `dest`
+        had its end already (then what the call sends is dropped).
         """
         if handler is not None and not (handler.blocking or self.jobs):
             return function(*args)
@@ -2677,7 +2687,8 @@ class Connection:
             self.worker = _Worker()
         self.jobs += 1
         if dest is not None:
-            dest.held += size
+            dest.pending += size
+            dest.side.held += size
         self.pump.dirty.add(self)    # what it holds may stop the reading
         try:
             self.worker.submit(self._job, function, args, dest, size)
@@ -2700,7 +2711,8 @@ class Connection:
     def _job_done(self, dest, size):
         self.jobs -= 1
         if dest is not None:
-            dest.held -= size
+            dest.pending -= size
+            dest.side.held -= size
         if self.released:
             if not self.jobs:
                 self._unlink()
@@ -2968,11 +2980,12 @@ class Connection:
 
     def _bytes_wait_for(self, side):
         """Whether bytes, not only an end, wait to be sent to `side`: queued there, in a
-        fault layer on the way, or in the worker."""
-        if side.held:
-            return True
+        fault layer on the way, or in the worker (in calls that send to a layer, or to
+        `side`, which has not had its end yet: else what they send is dropped)."""
         stage = side.inlet
         while True:
+            if stage.pending and not stage.eof_queued:
+                return True
             if stage.queue and any(_size(entry[1]) for entry in stage.queue):
                 return True
             if stage is side:
