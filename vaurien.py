@@ -1655,7 +1655,7 @@ class Side(_Dest):
         self.delivered = 0        # bytes sent to this socket
         self.staged = 0           # bytes (and entries) on their way here, in fault layers
         self.held = 0             # ... and in calls handed to the worker
-        self.pending = 0          # ... of which calls that send here, not to a fault layer
+        self.pending = 0          # ... of which calls handed over to send here
         self.inlet = self         # where what is sent here enters: the first Layer, if any
         self.direct = False       # read the quick way, its chunks go to its peer's socket
 
@@ -2676,10 +2676,13 @@ class Connection:
         """Call `function(*args)` now, or in the worker when `handler` may block.
 
         `handler` None means the worker, whatever the handler.  `size` is what
-        the call holds for `dest`, the Side or Layer its bytes enter: it counts
-        against HIGH_WATER for the Side that chain ends at until the call is
-        done, and an end from outside meanwhile resets that Side, unless `dest`
-        had its end already (then what the call sends is dropped).
+        the call holds for `dest`, the Side or Layer its bytes enter (as it is
+        when handed over): it counts against HIGH_WATER for the Side that chain
+        ends at until the call is done, and an end from outside meanwhile
+        resets that Side, unless `dest` had its end already (then what the
+        call sends is dropped).  A first fault laid meanwhile makes a new
+        inlet, which the call sends to instead: then the Side may be reset
+        where its stream was whole, never the other way round.
         """
         if handler is not None and not (handler.blocking or self.jobs):
             return function(*args)
